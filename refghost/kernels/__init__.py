@@ -1,0 +1,1 @@
+"""Fast paths (BLAS, Numba) for the ops in :mod:`refghost.ops`; filled in by refghost.kernels modules."""
