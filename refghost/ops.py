@@ -169,9 +169,14 @@ def _erf(x):
     return np.frompyfunc(math.erf, 1, 1)(x.astype(np.float64)).astype(x.dtype)
 
 
-def gelu(x):
-    """Exact (erf) GELU: f(x) = x/2 * (1 + erf(x/sqrt(2)))."""
-    return x * _const(x, 0.5) * (_const(x, 1) + _erf(x * _const(x, math.sqrt(0.5))))
+def gelu(x, erf=None):
+    """Exact (erf) GELU: f(x) = x/2 * (1 + erf(x/sqrt(2))).
+
+    ``erf`` is the elementwise error function to use (default: :func:`_erf`, the C library's);
+    the fast path passes its Numba one.
+    """
+    erf = _erf if erf is None else erf
+    return x * _const(x, 0.5) * (_const(x, 1) + erf(x * _const(x, math.sqrt(0.5))))
 
 
 def silu(x):

@@ -1,0 +1,310 @@
+"""GhostNet's architecture as data: the stage table, the channel rounding, and the layer graph.
+
+Sources: Han et al., "GhostNet: More Features from Cheap Operations" (CVPR 2020,
+https://arxiv.org/abs/1911.11907); NanoDet's ``nanodet/model/backbone/ghostnet.py``; Huawei's
+``ghostnet_pytorch/ghostnet.py``. The facts used here are collected in ``docs/architecture.md``.
+
+:func:`build_graph` turns a :class:`Config` into a :class:`Graph`: a flat list of :class:`Node`
+in forward order, each named by the PyTorch module path that produces the same tensor
+(``conv_stem``, ``blocks.3.0.ghost1.primary_conv.1``, ``blocks.3.0.se``, ``blocks.3.0``) and
+naming the state_dict keys it reads. Nothing here computes; :mod:`refghost.forward` executes a
+graph, :mod:`refghost.weights` checks a weights file against :meth:`Graph.param_shapes`.
+
+Two architectures:
+
+``nanodet``
+    NanoDet's backbone: any width, any ``out_stages`` subset of 0..9, any activation of
+    :data:`refghost.ops.ACTIVATIONS` applied where NanoDet applies it (stem ``act1``, both
+    branches of every ``ghost1``, ``blocks.9.0.act1``). The SE always uses ReLU inside.
+``ghostnet``
+    Huawei's (and timm's) ImageNet classifier: the same backbone with ReLU everywhere, then
+    global average pool, ``conv_head`` (1x1, 1280 channels, bias) + ReLU, and ``classifier``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+from .errors import RefghostError
+from .ops import ACTIVATIONS
+
+ARCHITECTURES = ("nanodet", "ghostnet")
+#: NanoDet's default feature taps: strides 8, 16, 32.
+DEFAULT_OUT_STAGES = (4, 6, 9)
+#: Channels of Huawei's ``conv_head`` (not scaled by width).
+HEAD_CHANNELS = 1280
+#: Every channel count in GhostNet is rounded to a multiple of this.
+CHANNEL_DIVISOR = 4
+
+
+class Block(NamedTuple):
+    """One GhostBottleneck row of the stage table."""
+
+    kernel: int  # depthwise kernel of the stride-2 conv and of the conv shortcut (3 or 5)
+    mid: int  # expansion channels (before width scaling)
+    out: int  # output channels (before width scaling)
+    se_ratio: float  # 0 for no squeeze-excite
+    stride: int
+
+
+#: Stages 0..8 of GhostNet 1.0x; stage 9 is a 1x1 ConvBnAct to the last row's ``mid`` channels.
+STAGES = (
+    (Block(3, 16, 16, 0.0, 1),),
+    (Block(3, 48, 24, 0.0, 2),),
+    (Block(3, 72, 24, 0.0, 1),),
+    (Block(5, 72, 40, 0.25, 2),),
+    (Block(5, 120, 40, 0.25, 1),),
+    (Block(3, 240, 80, 0.0, 2),),
+    (
+        Block(3, 200, 80, 0.0, 1),
+        Block(3, 184, 80, 0.0, 1),
+        Block(3, 184, 80, 0.0, 1),
+        Block(3, 480, 112, 0.25, 1),
+        Block(3, 672, 112, 0.25, 1),
+    ),
+    (Block(5, 672, 160, 0.25, 2),),
+    (
+        Block(5, 960, 160, 0.0, 1),
+        Block(5, 960, 160, 0.25, 1),
+        Block(5, 960, 160, 0.0, 1),
+        Block(5, 960, 160, 0.25, 1),
+    ),
+)
+NUM_STAGES = len(STAGES) + 1  # + the final ConvBnAct
+
+
+def make_divisible(v: float, divisor: int = CHANNEL_DIVISOR, min_value: int | None = None) -> int:
+    """Round a channel count to a multiple of ``divisor``, never more than 10% below ``v``.
+
+    ``max(min_value, int(v + divisor/2) // divisor * divisor)``, plus ``divisor`` if that fell
+    under ``0.9 * v``; ``min_value`` defaults to ``divisor``. (TensorFlow's MobileNet rule, as
+    NanoDet, Huawei and timm compute it.)
+    """
+    if min_value is None:
+        min_value = divisor
+    new_v = max(min_value, int(v + divisor / 2) // divisor * divisor)
+    if new_v < 0.9 * v:
+        new_v += divisor
+    return new_v
+
+
+def canonical_activation(name: str) -> str:
+    """NanoDet's activation name, with its alias ``Hardswish`` mapped to ``HardSwish``."""
+    if name == "Hardswish":
+        return "HardSwish"
+    if name not in ACTIVATIONS:
+        raise RefghostError(f"unknown activation {name!r}; expected one of {', '.join(ACTIVATIONS)}")
+    return name
+
+
+@dataclass(frozen=True)
+class Config:
+    """Which GhostNet: architecture, width multiplier, activation, output stages, classes."""
+
+    arch: str = "nanodet"
+    width: float = 1.0
+    activation: str = "ReLU"
+    out_stages: tuple[int, ...] = DEFAULT_OUT_STAGES
+    num_classes: int = 0  # ghostnet only
+
+    def __post_init__(self):
+        if self.arch not in ARCHITECTURES:
+            raise RefghostError(f"unknown architecture {self.arch!r}; expected one of {ARCHITECTURES}")
+        if not (isinstance(self.width, (int, float)) and math.isfinite(self.width) and self.width > 0):
+            raise RefghostError(f"width must be a positive number, got {self.width!r}")
+        object.__setattr__(self, "width", float(self.width))
+        object.__setattr__(self, "activation", canonical_activation(self.activation))
+        stages = tuple(sorted({int(s) for s in self.out_stages}))
+        if self.arch == "nanodet":
+            if not stages or any(s < 0 or s >= NUM_STAGES for s in stages):
+                raise RefghostError(f"out_stages must be a non-empty subset of 0..{NUM_STAGES - 1}, "
+                                    f"got {tuple(self.out_stages)}")
+            if self.num_classes:
+                raise RefghostError("num_classes is only meaningful for arch 'ghostnet'")
+        else:
+            if self.activation != "ReLU":
+                raise RefghostError(f"arch 'ghostnet' uses ReLU throughout, got activation {self.activation!r}")
+            if self.num_classes < 1:
+                raise RefghostError(f"arch 'ghostnet' needs num_classes >= 1, got {self.num_classes}")
+            stages = ()
+        object.__setattr__(self, "out_stages", stages)
+
+
+@dataclass(frozen=True)
+class Node:
+    """One layer of the graph.
+
+    ``name`` is the PyTorch module path of the tensor it produces. ``op`` is one of
+    ``conv``, ``batch_norm``, ``act``, ``concat``, ``add``, ``global_avg_pool``,
+    ``hard_sigmoid``, ``scale``, ``linear``. ``inputs`` are the names of the nodes it reads
+    (``"input"`` is the network input). ``params`` maps a parameter role (``weight``, ``bias``,
+    ``running_mean``, ``running_var``) to its state_dict key; ``attrs`` holds the rest
+    (``stride``, ``padding``, ``groups``, ``activation``, ``eps``).
+    """
+
+    name: str
+    op: str
+    inputs: tuple[str, ...]
+    params: dict[str, str] = field(default_factory=dict)
+    attrs: dict = field(default_factory=dict)
+
+
+@dataclass
+class Graph:
+    """A GhostNet as nodes in forward order, its parameter shapes and its output names.
+
+    ``outputs`` maps each output name (``blocks.4``, ..., or ``classifier``) to the node that
+    produces it. ``param_shapes`` lists every state_dict key the forward pass reads, in
+    state_dict order, with its shape.
+    """
+
+    config: Config
+    nodes: list[Node] = field(default_factory=list)
+    outputs: dict[str, str] = field(default_factory=dict)
+    param_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+
+    def node(self, name: str) -> Node:
+        for n in self.nodes:
+            if n.name == name:
+                return n
+        raise KeyError(name)
+
+
+class _Builder:
+    """Appends nodes and their parameter shapes while walking the module tree."""
+
+    def __init__(self, config: Config):
+        self.graph = Graph(config)
+        self.act = config.activation
+
+    def _add(self, node: Node, shapes: dict[str, tuple[int, ...]]) -> str:
+        for role, shape in shapes.items():
+            self.graph.param_shapes[node.params[role]] = shape
+        self.graph.nodes.append(node)
+        return node.name
+
+    def conv(self, name, x, in_chs, out_chs, kernel, *, stride=1, groups=1, bias=False):
+        params = {"weight": f"{name}.weight"}
+        shapes = {"weight": (out_chs, in_chs // groups, kernel, kernel)}
+        if bias:
+            params["bias"] = f"{name}.bias"
+            shapes["bias"] = (out_chs,)
+        attrs = {"stride": stride, "padding": (kernel - 1) // 2, "groups": groups}
+        return self._add(Node(name, "conv", (x,), params, attrs), shapes)
+
+    def batch_norm(self, name, x, chs):
+        roles = ("weight", "bias", "running_mean", "running_var")
+        params = {r: f"{name}.{r}" for r in roles}
+        return self._add(Node(name, "batch_norm", (x,), params), {r: (chs,) for r in roles})
+
+    def activation(self, name, x, act):
+        if act == "PReLU":
+            return self._add(Node(name, "act", (x,), {"weight": f"{name}.weight"}, {"activation": act}),
+                             {"weight": (1,)})
+        return self._add(Node(name, "act", (x,), attrs={"activation": act}), {})
+
+    def op(self, name, op, *inputs, **attrs):
+        return self._add(Node(name, op, tuple(inputs), attrs=attrs), {})
+
+    def conv_bn(self, conv_name, bn_name, x, in_chs, out_chs, kernel, **conv_kw):
+        x = self.conv(conv_name, x, in_chs, out_chs, kernel, **conv_kw)
+        return self.batch_norm(bn_name, x, out_chs)
+
+    def ghost_module(self, name, x, in_chs, out_chs, act):
+        """GhostModule: 1x1 conv to ceil(out/2) channels, a 3x3 depthwise 'cheap' copy, concat."""
+        init = math.ceil(out_chs / 2)
+        p = f"{name}.primary_conv"
+        y = self.conv_bn(f"{p}.0", f"{p}.1", x, in_chs, init, 1)
+        if act:
+            y = self.activation(f"{p}.2", y, act)
+        c = f"{name}.cheap_operation"
+        z = self.conv_bn(f"{c}.0", f"{c}.1", y, init, init, 3, groups=init)
+        if act:
+            z = self.activation(f"{c}.2", z, act)
+        # NanoDet returns the whole concat (2*init channels); Huawei and timm slice it to out_chs.
+        # make_divisible(..., 4) keeps out_chs even, so 2*init == out_chs and the slice is a no-op.
+        assert 2 * init == out_chs, (name, out_chs)
+        return self.op(name, "concat", y, z)
+
+    def squeeze_excite(self, name, x, chs):
+        """SE: channel means -> 1x1 conv -> ReLU -> 1x1 conv -> hard-sigmoid gate -> x * gate."""
+        reduced = make_divisible(chs * 0.25)
+        s = self.op(f"{name}.avg_pool", "global_avg_pool", x)
+        s = self.conv(f"{name}.conv_reduce", s, chs, reduced, 1, bias=True)
+        s = self.activation(f"{name}.act1", s, "ReLU")  # always ReLU, whatever the backbone uses
+        s = self.conv(f"{name}.conv_expand", s, reduced, chs, 1, bias=True)
+        g = self.op(f"{name}.gate", "hard_sigmoid", s)  # a function in PyTorch, named here
+        return self.op(name, "scale", x, g)
+
+    def bottleneck(self, name, x, in_chs, mid_chs, out_chs, block: Block):
+        y = self.ghost_module(f"{name}.ghost1", x, in_chs, mid_chs, self.act)
+        if block.stride > 1:
+            y = self.conv_bn(f"{name}.conv_dw", f"{name}.bn_dw", y, mid_chs, mid_chs, block.kernel,
+                             stride=block.stride, groups=mid_chs)  # no activation after bn_dw
+        if block.se_ratio > 0:
+            y = self.squeeze_excite(f"{name}.se", y, mid_chs)
+        y = self.ghost_module(f"{name}.ghost2", y, mid_chs, out_chs, None)
+        if in_chs == out_chs and block.stride == 1:
+            shortcut = x
+        else:
+            s = f"{name}.shortcut"
+            shortcut = self.conv_bn(f"{s}.0", f"{s}.1", x, in_chs, in_chs, block.kernel,
+                                    stride=block.stride, groups=in_chs)
+            shortcut = self.conv_bn(f"{s}.2", f"{s}.3", shortcut, in_chs, out_chs, 1)
+        return self.op(name, "add", y, shortcut)  # no activation after the residual add
+
+
+def build_graph(config: Config) -> Graph:
+    """The layer graph of GhostNet for ``config`` (see the module docstring)."""
+    b = _Builder(config)
+    w = config.width
+    stem_chs = make_divisible(16 * w)
+    x = b.conv_bn("conv_stem", "bn1", "input", 3, stem_chs, 3, stride=2)
+    x = b.activation("act1", x, config.activation)
+    in_chs = stem_chs
+    stage_out = {}
+    for stage, rows in enumerate(STAGES):
+        for i, row in enumerate(rows):
+            out_chs, mid_chs = make_divisible(row.out * w), make_divisible(row.mid * w)
+            x = b.bottleneck(f"blocks.{stage}.{i}", x, in_chs, mid_chs, out_chs, row)
+            in_chs = out_chs
+        stage_out[stage] = x
+    last = len(STAGES)
+    final_chs = make_divisible(STAGES[-1][-1].mid * w)
+    p = f"blocks.{last}.0"
+    x = b.conv_bn(f"{p}.conv", f"{p}.bn1", x, in_chs, final_chs, 1)
+    x = b.activation(f"{p}.act1", x, config.activation)
+    stage_out[last] = x
+    graph = b.graph
+    if config.arch == "nanodet":
+        graph.outputs = {f"blocks.{s}": stage_out[s] for s in config.out_stages}
+    else:
+        x = b.op("global_pool", "global_avg_pool", x)
+        x = b.conv("conv_head", x, final_chs, HEAD_CHANNELS, 1, bias=True)
+        x = b.activation("act2", x, "ReLU")
+        x = b._add(Node("classifier", "linear", (x,), {"weight": "classifier.weight", "bias": "classifier.bias"}),
+                   {"weight": (config.num_classes, HEAD_CHANNELS), "bias": (config.num_classes,)})
+        graph.outputs = {"classifier": x}
+    return graph
+
+
+def output_shapes(graph: Graph, n: int, height: int, width: int) -> dict[str, tuple[int, ...]]:
+    """Shape of every node's output for an input of shape (n, 3, height, width)."""
+    shapes = {"input": (n, 3, height, width)}
+    for node in graph.nodes:
+        src = shapes[node.inputs[0]]
+        if node.op == "conv":
+            o, _, k, _ = graph.param_shapes[node.params["weight"]]
+            s, p = node.attrs["stride"], node.attrs["padding"]
+            shapes[node.name] = (src[0], o, (src[2] + 2 * p - k) // s + 1, (src[3] + 2 * p - k) // s + 1)
+        elif node.op == "concat":
+            shapes[node.name] = (src[0], sum(shapes[i][1] for i in node.inputs), src[2], src[3])
+        elif node.op == "global_avg_pool":
+            shapes[node.name] = (src[0], src[1], 1, 1)
+        elif node.op == "linear":
+            shapes[node.name] = (src[0], graph.param_shapes[node.params["weight"]][0])
+        else:
+            shapes[node.name] = src
+    return shapes

@@ -1,0 +1,142 @@
+"""refghost command line: run GhostNet from a weights file, convert checkpoints.
+
+    refghost run                                  # shipped weights on the shipped sample image
+    refghost run photo.jpg --weights my.h5 --dtype float64 --out result.npz [--intermediates]
+    refghost convert SRC --out W.h5 --arch nanodet|ghostnet [--width W] [--activation NAME]
+                     [--out-stages 4,6,9]
+
+Exit status: 0 success, 2 bad input (the message says what is wrong; no output file is left).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from . import __version__
+from .errors import RefghostError
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+DEFAULT_WEIGHTS = PACKAGE_DIR.parent / "weights" / "ghostnet_nanodet_1.0x.h5"
+SAMPLE_IMAGE = PACKAGE_DIR / "data" / "sample.png"
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="refghost", description="Reference GhostNet (NanoDet backbone) "
+                                     "in NumPy + Numba: run it, convert weights.")
+    parser.add_argument("--version", action="version", version=f"refghost {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run GhostNet on an image and print a summary of its outputs")
+    run.add_argument("image", nargs="?", default=str(SAMPLE_IMAGE),
+                     help="image file, or .npy float array (N,3,H,W)/(3,H,W) used as the network input "
+                          "as is (default: the shipped sample image)")
+    run.add_argument("--weights", default=str(DEFAULT_WEIGHTS),
+                     help="refghost weights file (default: the shipped synthetic weights)")
+    run.add_argument("--dtype", choices=("float32", "float64"), default="float32",
+                     help="float32 mimics a backend; float64 is the oracle")
+    run.add_argument("--out", help="write the outputs to this .npz file, keyed by module path")
+    run.add_argument("--intermediates", action="store_true", help="also keep every layer's output")
+    run.add_argument("--impl", choices=("fast", "plain"), default="fast",
+                     help="fast paths (BLAS, Numba) or the plain NumPy definitions")
+
+    conv = sub.add_parser("convert", help="convert a PyTorch checkpoint (or .npz state_dict) to a weights file")
+    conv.add_argument("src", help=".pth/.pt/.ckpt checkpoint (needs torch) or .npz of state_dict arrays")
+    conv.add_argument("--out", required=True, help="weights file to write (.h5)")
+    conv.add_argument("--arch", choices=("nanodet", "ghostnet"), default="nanodet")
+    conv.add_argument("--width", type=float, default=1.0, help="width multiplier (default 1.0)")
+    conv.add_argument("--activation", default="ReLU", help="NanoDet activation name (default ReLU)")
+    conv.add_argument("--out-stages", default="4,6,9", help="comma-separated stages 0..9 (nanodet)")
+    return parser
+
+
+def _load_input(image: str):
+    """A .npy file is the network input as is; anything else is an image file path."""
+    if image.endswith(".npy"):
+        try:
+            return np.load(image, allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            raise RefghostError(f"{image}: not a readable .npy file ({exc})") from None
+    return image
+
+
+def save_npz(path: str, arrays: dict) -> None:
+    """Write ``arrays`` to ``path`` atomically: a temporary file in the same folder, renamed."""
+    if not path.endswith(".npz"):
+        raise RefghostError(f"--out {path}: outputs are written as .npz; give a path ending in .npz")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise RefghostError(f"--out {path}: folder {folder} does not exist")
+    fd, tmp = tempfile.mkstemp(prefix=".refghost-", suffix=".npz", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **arrays)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _summary_line(name: str, a: np.ndarray) -> str:
+    return (f"  {name:<40} {str(tuple(a.shape)):<20} {a.dtype!s:<8} min {a.min():+.4g}  max {a.max():+.4g}  "
+            f"mean {a.mean():+.4g}")
+
+
+def cmd_run(args) -> int:
+    from .runner import run
+    from .weights import load_weights
+
+    t0 = time.perf_counter()
+    weights = load_weights(args.weights)
+    image = _load_input(args.image)
+    t1 = time.perf_counter()
+    out = run(image, weights, dtype=args.dtype, intermediates=args.intermediates, impl=args.impl)
+    t2 = time.perf_counter()
+    cfg = weights.config
+    print(f"weights  {args.weights} ({cfg.arch}, width {cfg.width:g}, {cfg.activation}, sha256 "
+          f"{weights.sha256[:12]})")
+    if "description" in weights.provenance:
+        print(f"         {weights.provenance['description']}")
+    print(f"input    {args.image}")
+    outputs = weights.graph.outputs
+    print(f"outputs  ({args.dtype}, {args.impl}; {len(out)} tensors, forward in {1e3 * (t2 - t1):.0f} ms, "
+          f"load {1e3 * (t1 - t0):.0f} ms)")
+    for name in outputs:
+        print(_summary_line(name, out[name]))
+    if args.intermediates:
+        print(f"  ... and {len(out) - len(outputs)} intermediate tensors")
+    if args.out:
+        save_npz(args.out, out)
+        print(f"wrote    {args.out}")
+    return 0
+
+
+def cmd_convert(args) -> int:
+    from .convert import convert
+
+    try:
+        stages = tuple(int(s) for s in args.out_stages.split(",") if s.strip())
+    except ValueError:
+        raise RefghostError(f"--out-stages must be comma-separated integers, got {args.out_stages!r}") from None
+    weights = convert(args.src, args.out, arch=args.arch, width=args.width, activation=args.activation,
+                      out_stages=stages)
+    n_params = sum(a.size for a in weights.tensors.values())
+    print(f"wrote {args.out}: {weights.config.arch}, width {weights.config.width:g}, "
+          f"{len(weights.tensors)} tensors, {n_params:,} values")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = make_parser().parse_args(argv)
+    try:
+        return {"run": cmd_run, "convert": cmd_convert}[args.command](args)
+    except RefghostError as exc:
+        print(f"refghost {args.command}: error: {exc}", file=sys.stderr)
+        return 2

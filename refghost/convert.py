@@ -1,0 +1,103 @@
+"""Convert a PyTorch GhostNet checkpoint into a refghost weights file.
+
+Sources understood (after unwrapping ``{"state_dict": ...}``):
+
+* a plain state_dict of NanoDet's, Huawei's or timm's GhostNet;
+* a NanoDet checkpoint: keys under ``model.``/``module.`` and ``backbone.``; when EMA weights
+  (``avg_model.``) are present they replace the raw ones, as NanoDet's ``load_model_weight`` does;
+  the FPN and head keys are left out;
+* a Huawei/timm classifier: for ``--arch nanodet`` its ``conv_head``/``classifier`` keys are
+  dropped; for ``--arch ghostnet`` they are kept and ``num_classes`` is read from them.
+
+``.pth``/``.pt``/``.ckpt`` files are read with ``torch.load(weights_only=True)``, so PyTorch must
+be installed; an ``.npz`` of state_dict arrays needs nothing but NumPy.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from . import __version__
+from .arch import Config
+from .errors import WeightsError
+from .weights import Preprocessing, Weights, default_preprocessing, file_sha256, from_tensors, save_weights
+
+HEAD_PREFIXES = ("conv_head.", "classifier.")
+
+
+def read_state_dict(path) -> dict[str, np.ndarray]:
+    """All tensors of a checkpoint file as NumPy arrays, keyed as stored (see module docstring)."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise WeightsError(f"{path}: no such checkpoint file")
+    if path.endswith(".npz"):
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                return {k: data[k] for k in data.files}
+        except (OSError, ValueError) as exc:
+            raise WeightsError(f"{path}: not a readable .npz file ({exc})") from None
+    try:
+        import torch
+    except ImportError:
+        raise WeightsError(f"{path}: reading a PyTorch checkpoint needs torch installed "
+                           f"(or save the state_dict as .npz)") from None
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for a bad or unsafe file
+        raise WeightsError(f"{path}: torch.load failed: {str(exc).splitlines()[0]}") from None
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict):
+        raise WeightsError(f"{path}: expected a state_dict (a dict of tensors), found {type(obj).__name__}")
+    out = {}
+    for key, value in obj.items():
+        if not isinstance(value, torch.Tensor):
+            continue
+        if value.dtype in (torch.float16, torch.bfloat16):
+            raise WeightsError(f"{path}: key {key!r} is {value.dtype}; refghost reads float32/float64 weights")
+        out[key] = value.detach().cpu().numpy()
+    return out
+
+
+def select_backbone(state_dict: dict, arch: str) -> dict:
+    """The GhostNet keys of a checkpoint, named as NanoDet's/Huawei's module paths.
+
+    EMA copies (``avg_model.``) win over raw weights; ``module.``, ``model.`` and ``backbone.``
+    prefixes are stripped; with a ``backbone.`` prefix only those keys are kept; for
+    ``arch="nanodet"`` the classifier head keys are dropped.
+    """
+    sd = dict(state_dict)
+    if any(k.startswith("avg_model.") for k in sd):
+        sd = {"model." + k[len("avg_model."):]: v for k, v in sd.items() if k.startswith("avg_model.")}
+    stripped = {}
+    for key, value in sd.items():
+        for prefix in ("module.", "model."):
+            if key.startswith(prefix):
+                key = key[len(prefix):]
+        stripped[key] = value
+    if any(k.startswith("backbone.") for k in stripped):
+        stripped = {k[len("backbone."):]: v for k, v in stripped.items() if k.startswith("backbone.")}
+    if arch == "nanodet":
+        stripped = {k: v for k, v in stripped.items() if not k.startswith(HEAD_PREFIXES)}
+    return stripped
+
+
+def convert(src, out, *, arch="nanodet", width=1.0, activation="ReLU", out_stages=(4, 6, 9),
+            preprocessing: Preprocessing | None = None) -> Weights:
+    """Read checkpoint ``src``, validate it as GhostNet ``arch``, write weights file ``out``."""
+    state_dict = select_backbone(read_state_dict(src), arch)
+    num_classes = 0
+    if arch == "ghostnet":
+        if "classifier.weight" not in state_dict:
+            raise WeightsError(f"{src}: arch 'ghostnet' needs the classifier head; key 'classifier.weight' "
+                               f"is missing")
+        num_classes = int(state_dict["classifier.weight"].shape[0])
+    config = Config(arch=arch, width=width, activation=activation, out_stages=tuple(out_stages),
+                    num_classes=num_classes)
+    provenance = {"source_file": os.path.basename(os.fspath(src)), "source_sha256": file_sha256(src),
+                  "converter": f"refghost {__version__} convert"}
+    weights = from_tensors(state_dict, config, preprocessing or default_preprocessing(arch), provenance)
+    save_weights(out, weights)
+    return weights

@@ -1,0 +1,111 @@
+"""Execute a GhostNet :class:`~refghost.arch.Graph` on an input, node by node.
+
+Each node op maps to a function of :mod:`refghost.ops` (``impl="plain"``, the definitions) or
+to its fast path (``impl="fast"``, the default: BLAS for dense convolutions, Numba for depthwise
+convolutions and erf). Both compute every value in the requested dtype; float64 is the oracle.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import numpy as np
+
+from . import ops
+from .arch import Graph, Node
+
+IMPLS = ("fast", "plain")
+
+
+def _plain_conv(x, w, b=None, *, stride, padding, groups):
+    return ops.conv2d(x, w, b, stride=stride, padding=padding, groups=groups)
+
+
+def _fast_conv(x, w, b=None, *, stride, padding, groups):
+    from .kernels import conv2d
+
+    return conv2d(x, w, b, stride=stride, padding=padding, groups=groups)
+
+
+def _fast_activation(name, x, weight=None):
+    from .kernels import activation
+
+    return activation(name, x, weight)
+
+
+_CONV = {"plain": _plain_conv, "fast": _fast_conv}
+_ACTIVATION = {"plain": ops.activation, "fast": _fast_activation}
+
+
+def evaluate(node: Node, inputs: list[np.ndarray], params: dict[str, np.ndarray], *, impl="fast"):
+    """The output of one node, given the outputs of its input nodes and the parameter arrays.
+
+    ``params`` maps state_dict keys to arrays already in the compute dtype.
+    """
+    p = {role: params[key] for role, key in node.params.items()}
+    x = inputs[0]
+    if node.op == "conv":
+        return _CONV[impl](x, p["weight"], p.get("bias"), **node.attrs)
+    if node.op == "batch_norm":
+        return ops.batch_norm(x, p["weight"], p["bias"], p["running_mean"], p["running_var"],
+                              eps=node.attrs.get("eps", ops.BN_EPS))
+    if node.op == "act":
+        return _ACTIVATION[impl](node.attrs["activation"], x, p.get("weight"))
+    if node.op == "concat":
+        return np.concatenate(inputs, axis=1)
+    if node.op == "add":
+        return inputs[0] + inputs[1]
+    if node.op == "global_avg_pool":
+        return ops.global_avg_pool(x)
+    if node.op == "hard_sigmoid":
+        return ops.hard_sigmoid(x)
+    if node.op == "scale":
+        return inputs[0] * inputs[1]  # (N, C, H, W) * (N, C, 1, 1)
+    if node.op == "linear":
+        return ops.linear(x.reshape(x.shape[0], -1), p["weight"], p.get("bias"))
+    raise ValueError(f"unknown op {node.op!r} in node {node.name}")
+
+
+def execute(graph: Graph, params: dict[str, np.ndarray], x: np.ndarray, *, intermediates=False,
+            impl="fast") -> dict[str, np.ndarray]:
+    """Run the graph on ``x: (N, 3, H, W)`` (already in the compute dtype).
+
+    Returns ``{name: array}`` in forward order: the graph's outputs (``blocks.4``, ... or
+    ``classifier``), and with ``intermediates=True`` every node's output too, each stage output
+    placed right after the node that produces it. Without intermediates, a tensor is dropped as
+    soon as no later node reads it.
+    """
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    last_use = {}
+    for i, node in enumerate(graph.nodes):
+        for src in node.inputs:
+            last_use[src] = i
+    produced_by = {}
+    for out_name, node_name in graph.outputs.items():
+        produced_by.setdefault(node_name, []).append(out_name)
+
+    values = {"input": x}
+    result = {}
+    for i, node in enumerate(graph.nodes):
+        y = evaluate(node, [values[src] for src in node.inputs], params, impl=impl)
+        values[node.name] = y
+        if intermediates:
+            result[node.name] = y
+        for out_name in produced_by.get(node.name, ()):
+            result[out_name] = y
+        if not intermediates:
+            for src in node.inputs:
+                if last_use[src] == i:
+                    values.pop(src, None)
+    return result
+
+
+@contextmanager
+def single_threaded_blas():
+    """Pin the BLAS pool to one thread: results then do not depend on the thread count, and
+    OpenBLAS's spinning threads do not fight Numba's for the cores."""
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=1, user_api="blas"):
+        yield

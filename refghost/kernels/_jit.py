@@ -1,0 +1,62 @@
+"""The one place where Numba compile flags are set.
+
+Every Numba kernel in :mod:`refghost.kernels` is compiled through these wrappers, so that the
+numerical contract is stated once:
+
+- ``fastmath=False``: every ``+``, ``*`` is an honest IEEE-754 operation in the array dtype, in the
+  order the source code writes it. No reassociation, no FMA contraction, no flush-to-zero, and NaN
+  and Inf behave as in NumPy.
+- ``error_model="numpy"``: division by zero gives Inf/NaN as in NumPy instead of raising, which also
+  lets LLVM drop the per-division checks.
+- ``nogil=True``: kernels release the GIL.
+- ``cache=True``: compiled code is cached next to the sources (``__pycache__``), so only the first
+  process pays the compile time.
+
+Thread-pool note (see docs/research): Numba's ``omp`` workers and OpenBLAS's pthreads both spin-wait.
+Kernels compiled with :data:`parallel_jit` must not call BLAS (NumPy ``@``/``dot``) inside, and
+callers that mix parallel Numba regions with multi-threaded BLAS must limit one of the two pools.
+"""
+
+from __future__ import annotations
+
+import numba
+
+#: Options shared by every kernel. fastmath must stay off: results are plain IEEE float ops.
+_OPTIONS = dict(cache=True, fastmath=False, error_model="numpy", nogil=True)
+
+#: Options a caller may not override (the numerical contract).
+_FIXED = frozenset(_OPTIONS) - {"cache", "nogil"}
+
+
+def _merge(kwargs, **extra):
+    bad = _FIXED & set(kwargs)
+    if bad:
+        raise TypeError(f"refghost.kernels._jit: {sorted(bad)} are fixed here and may not be overridden")
+    return {**_OPTIONS, **extra, **kwargs}
+
+
+def jit(func=None, **kwargs):
+    """``numba.njit`` with refghost's flags; use as ``@jit`` or ``@jit(signature_or_options)``."""
+    options = _merge(kwargs)
+    if func is None:
+        return numba.njit(**options)
+    return numba.njit(**options)(func)
+
+
+def parallel_jit(func=None, **kwargs):
+    """Like :func:`jit` but with ``parallel=True`` so ``numba.prange`` loops run on Numba's pool."""
+    options = _merge(kwargs, parallel=True)
+    if func is None:
+        return numba.njit(**options)
+    return numba.njit(**options)(func)
+
+
+def vectorize(signatures, **kwargs):
+    """``numba.vectorize`` (serial CPU target) with refghost's numerical flags.
+
+    ``signatures`` is a list of Numba signatures (eager compilation, so the ufunc has fixed loops).
+    """
+    options = _merge(kwargs)
+    options.pop("nogil", None)  # not a vectorize option; ufunc loops run without the GIL anyway
+    options.setdefault("target", "cpu")
+    return numba.vectorize(signatures, **options)

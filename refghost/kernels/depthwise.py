@@ -1,0 +1,201 @@
+"""Depthwise 2-D convolution (channel multiplier 1) as a parallel Numba kernel.
+
+Computes the same function as ``refghost.ops.conv2d(x, w, b, stride=s, padding=p, groups=C)``;
+only the summation order differs (see :func:`depthwise_conv2d`).
+
+How it is fast (research notes, performance.md section 4 and performance-feasibility.md section 6):
+
+- Each thread owns a zero scratch buffer. A plane is copied into it with its zero padding already
+  in place, so the convolution loops carry no bounds branches and no index can be negative.
+- For stride ``s > 1`` the padded plane is stored as ``s*s`` polyphase sub-planes
+  (``sub[r, q][u, v] = xpad[s*u + r, s*v + q]``), so every tap of a strided conv becomes a
+  contiguous, unit-stride load, exactly as for stride 1 (which is the case ``s = 1``).
+- All sub-planes share one row pitch ``P = Wo + (K-1)//s``. The conv runs as one flat loop over
+  ``t = i*P + j`` per tap, ``acc[t] += w[a, e] * sub[t + da*P + de]``; the ``P - Wo`` junk columns per
+  row are computed and dropped. The loop is a plain ``range(n)`` over array views, which LLVM
+  vectorises even on 10x10 planes.
+- Rows are processed in blocks of about ``_BLOCK`` elements so the accumulator stays in L1, and the
+  block is copied out (plus bias) while hot.
+- Parallel over the N*C planes with ``numba.prange`` over static chunks; one plane is always done by
+  one thread, so results do not depend on the thread count. No BLAS is called.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+
+from ._jit import parallel_jit
+
+#: Accumulator block length (elements). 1024 float64 = 8 KiB, well inside L1 with the sources.
+_BLOCK = 1024
+#: The flat loop length is rounded up to a multiple of this (and the buffers padded to match), so
+#: the vectorised loop (16 float32 lanes x 4 interleaved on AVX-512) runs no scalar remainder.
+_PAD = 64
+
+
+@parallel_jit
+def _depthwise_planes(x, w, b, has_bias, stride, padding, ho, wo, y, nchunks):
+    """y[pl] = depthwise conv of plane x[pl] with w[pl % C] (+ b[pl % C]); see depthwise_conv2d.
+
+    x: (NC, H, W) C-contiguous, w: (C, K, K), b: (C,), y: (NC, ho, wo), all one float dtype.
+    The planes are split into ``nchunks`` (1 <= nchunks <= NC) contiguous chunks, one per task.
+    """
+    nplanes, h, wd = x.shape
+    nch, k, _ = w.shape
+    s = stride
+    p = padding
+    d = (k - 1) // s  # taps reach d rows/cols past the output extent in each sub-plane
+    rows = ho + d  # sub-plane rows used
+    pitch = wo + d  # common row pitch of all sub-planes (and of the accumulator)
+    # + d + _PAD slack: the flat loop reads up to d + _PAD - 1 junk elements past the last row
+    sub_len = rows * pitch + d + _PAD
+    rb = max(1, _BLOCK // pitch)  # output rows per accumulator block
+    # Column geometry of each column phase q, the same for every plane: sub-plane columns
+    # v in [qv0, qv0 + qnv) hold input columns qcol0 + s*(v - qv0), the rest is zero padding.
+    qv0 = np.zeros(s, np.int64)
+    qnv = np.zeros(s, np.int64)
+    qcol0 = np.zeros(s, np.int64)
+    for q in range(s):
+        v0 = max(0, -((q - p) // s))  # first v with s*v + q - p >= 0
+        v1 = min(pitch, (wd - 1 + p - q) // s + 1)  # past the last v with s*v + q - p <= W - 1
+        if v1 > v0:
+            qv0[q] = v0
+            qnv[q] = v1 - v0
+            qcol0[q] = s * v0 + q - p
+    v0_1 = qv0[0]  # stride 1: the one phase, as scalars
+    nv_1 = qnv[0]
+    for chunk in numba.prange(nchunks):
+        lo = chunk * nplanes // nchunks
+        hi = (chunk + 1) * nplanes // nchunks
+        # Positions never written below stay zero: they are the padding, identical for every plane.
+        scratch = np.zeros(s * s * sub_len, dtype=x.dtype)
+        acc = np.empty(rb * pitch + _PAD, dtype=x.dtype)
+        for pl in range(lo, hi):
+            c = pl % nch
+            xpl = x[pl]
+            # --- copy in: sub[r, q][u, v] = x[s*u + r - p, s*v + q - p] where that is inside x
+            for r in range(min(s, k)):
+                for u in range(rows):
+                    hh = s * u + r - p
+                    if hh < 0 or hh >= h:
+                        continue
+                    xrow = xpl[hh]
+                    rbase = r * s * sub_len + u * pitch
+                    if s == 1:
+                        dst = scratch[rbase + v0_1: rbase + v0_1 + nv_1]
+                        for v in range(nv_1):
+                            dst[v] = xrow[v]
+                    elif s == 2 and k >= 2 and qnv[0] > 0 and qnv[1] > 0:
+                        # Both column phases start at input column 0 or 1: one interleaved pass
+                        # (literal stride 2, which LLVM vectorises as a deinterleave).
+                        qa = 0 if qcol0[0] == 0 else 1
+                        qb = 1 - qa
+                        da = scratch[rbase + qa * sub_len + qv0[qa]: rbase + qa * sub_len + qv0[qa] + qnv[qa]]
+                        db = scratch[rbase + qb * sub_len + qv0[qb]: rbase + qb * sub_len + qv0[qb] + qnv[qb]]
+                        m = min(qnv[qa], qnv[qb])
+                        for v in range(m):
+                            da[v] = xrow[2 * v]
+                            db[v] = xrow[2 * v + 1]
+                        for v in range(m, qnv[qa]):
+                            da[v] = xrow[2 * v]
+                        for v in range(m, qnv[qb]):
+                            db[v] = xrow[2 * v + 1]
+                    else:
+                        for q in range(min(s, k)):
+                            dst = scratch[rbase + q * sub_len + qv0[q]: rbase + q * sub_len + qv0[q] + qnv[q]]
+                            src = xrow[qcol0[q]:]
+                            for v in range(qnv[q]):
+                                dst[v] = src[s * v]
+            # --- convolve, one block of output rows at a time
+            for i0 in range(0, ho, rb):
+                i1 = min(ho, i0 + rb)
+                n = (i1 - i0 - 1) * pitch + wo  # last row's junk columns are not needed
+                n = (n + _PAD - 1) // _PAD * _PAD  # whole vector iterations: no scalar remainder
+                for a in range(k):
+                    r = a % s
+                    da = a // s
+                    for e in range(k):
+                        q = e % s
+                        de = e // s
+                        off = (r * s + q) * sub_len + (i0 + da) * pitch + de
+                        src = scratch[off: off + n]
+                        wv = w[c, a, e]
+                        if a == 0 and e == 0:
+                            for t in range(n):
+                                acc[t] = wv * src[t]
+                        else:
+                            for t in range(n):
+                                acc[t] += wv * src[t]
+                # --- copy out (bias last)
+                for i in range(i0, i1):
+                    row = acc[(i - i0) * pitch: (i - i0) * pitch + wo]
+                    out = y[pl, i]
+                    if has_bias:
+                        bv = b[c]
+                        for j in range(wo):
+                            out[j] = row[j] + bv
+                    else:
+                        for j in range(wo):
+                            out[j] = row[j]
+
+
+def depthwise_conv2d(x, w, b=None, *, stride=1, padding=0):
+    """Depthwise conv, the same function as ``ops.conv2d(x, w, b, stride=, padding=, groups=C)``.
+
+    Parameters
+    ----------
+    x : (N, C, H, W) float32 or float64 array (made C-contiguous if it is not)
+    w : (C, 1, K, K) array of x's dtype (channel multiplier 1, square kernel)
+    b : (C,) array of x's dtype, or None
+    stride : int >= 1, padding : int >= 0 (zero padding), the same along H and W
+
+    Returns
+    -------
+    (N, C, Ho, Wo) array of x's dtype, ``Ho = (H + 2*padding - K)//stride + 1`` (same for Wo).
+
+    Summation order
+    ---------------
+    Each output element is computed by one thread, in x's dtype, with no FMA contraction:
+    ``acc = w[c,0,0]*xp[..]``, then ``acc += w[c,0,a,e]*xp[s*i+a, s*j+e]`` over the remaining taps
+    in row-major order ``(a, e) = (0,1), ..., (0,K-1), (1,0), ..., (K-1,K-1)``, padding taps
+    included (they add ``w*0``), and the bias is added last: ``y = acc + b[c]``. So the result is
+    bit-identical for any thread count, and differs from the plain op only by rounding order.
+
+    Raises
+    ------
+    ValueError on shapes the op does not support (channel multiplier != 1, non-square kernel,
+    channel mismatch, stride < 1, padding < 0, padded input smaller than the kernel) or on dtypes
+    other than matching float32/float64.
+    """
+    if x.ndim != 4 or w.ndim != 4:
+        raise ValueError(f"depthwise_conv2d: need x (N, C, H, W) and w (C, 1, K, K), got x {x.shape}, w {w.shape}")
+    n, c, h, wd = x.shape
+    if w.shape[1] != 1 or w.shape[0] != c or w.shape[2] != w.shape[3]:
+        raise ValueError(f"depthwise_conv2d: x has {c} channels, so w must be ({c}, 1, K, K) "
+                         f"(channel multiplier 1, square kernel); got {w.shape}")
+    k = w.shape[2]
+    if x.dtype not in (np.float32, np.float64) or w.dtype != x.dtype or (b is not None and b.dtype != x.dtype):
+        raise ValueError(f"depthwise_conv2d: x, w, b must share one dtype, float32 or float64; got "
+                         f"x {x.dtype}, w {w.dtype}, b {None if b is None else b.dtype}")
+    if b is not None and b.shape != (c,):
+        raise ValueError(f"depthwise_conv2d: b must be ({c},), got {b.shape}")
+    stride = int(stride)
+    padding = int(padding)
+    if stride < 1 or padding < 0 or k < 1:
+        raise ValueError(f"depthwise_conv2d: need stride >= 1, padding >= 0, K >= 1; got "
+                         f"stride={stride}, padding={padding}, K={k}")
+    if h + 2 * padding < k or wd + 2 * padding < k:
+        raise ValueError(f"depthwise_conv2d: padded input {h + 2 * padding}x{wd + 2 * padding} is "
+                         f"smaller than the {k}x{k} kernel")
+    ho = (h + 2 * padding - k) // stride + 1
+    wo = (wd + 2 * padding - k) // stride + 1
+    xs = np.ascontiguousarray(x).reshape(n * c, h, wd)
+    ws = np.ascontiguousarray(w).reshape(c, k, k)
+    bs = np.zeros(c, x.dtype) if b is None else np.ascontiguousarray(b)
+    y = np.empty((n, c, ho, wo), dtype=x.dtype)
+    if y.size:
+        nchunks = min(n * c, numba.get_num_threads())
+        _depthwise_planes(xs, ws, bs, b is not None, stride, padding, ho, wo, y.reshape(n * c, ho, wo),
+                          nchunks)
+    return y

@@ -1,0 +1,254 @@
+"""The refghost weights file (HDF5, schema v1): write it, read it, check it strictly.
+
+The schema is documented in ``docs/weights-format.md``. In short: one dataset per PyTorch
+state_dict key, at the root, named exactly as the key (BatchNorm unfolded: ``weight``, ``bias``,
+``running_mean``, ``running_var``); float32 or float64; root attributes for the format, the
+architecture and its config, the preprocessing and the provenance.
+
+Loading is strict, by name and shape, against :func:`refghost.arch.build_graph` of the recorded
+config: a missing, unexpected or mis-shaped key, a non-float or non-finite tensor, a wrong
+format name or schema version is a :class:`~refghost.errors.WeightsError` naming the problem.
+``num_batches_tracked`` keys (BatchNorm's training counter) are accepted and ignored.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .arch import Config, Graph, build_graph
+from .errors import RefghostError, WeightsError
+
+FORMAT = "refghost-weights"
+SCHEMA_VERSION = 1
+#: BatchNorm's step counter: in PyTorch's state_dict, never read in eval mode.
+IGNORED_SUFFIX = ".num_batches_tracked"
+FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+#: Root attributes every weights file must have: name -> what it holds.
+REQUIRED_ATTRS = {
+    "format": f'"{FORMAT}"',
+    "schema_version": f"integer {SCHEMA_VERSION}",
+    "arch": '"nanodet" or "ghostnet"',
+    "width": "width multiplier, float",
+    "activation": "activation name (NanoDet spelling)",
+    "out_stages": "int array, subset of 0..9 (nanodet); empty for ghostnet",
+    "num_classes": "int, 0 for nanodet",
+    "input_mean": "3 floats, per channel in input channel order, 0..255 scale",
+    "input_std": "3 floats, as input_mean",
+    "channel_order": '"BGR" or "RGB"',
+    "input_size": "2 ints, [width, height]",
+}
+#: Root attributes that record where the weights came from (optional, free text).
+PROVENANCE_ATTRS = ("source_file", "source_sha256", "converter", "description")
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How an image becomes the network input: channel order, mean/std (0..255), size (w, h)."""
+
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    channel_order: str
+    input_size: tuple[int, int]
+
+    def __post_init__(self):
+        if self.channel_order not in ("BGR", "RGB"):
+            raise RefghostError(f"channel_order must be 'BGR' or 'RGB', got {self.channel_order!r}")
+        if len(self.mean) != 3 or len(self.std) != 3 or not all(s > 0 for s in self.std):
+            raise RefghostError(f"input_mean/input_std need 3 values, std > 0: got {self.mean}, {self.std}")
+        if len(self.input_size) != 2 or not all(int(v) >= 1 for v in self.input_size):
+            raise RefghostError(f"input_size must be [width, height] >= 1, got {self.input_size}")
+
+
+#: NanoDet's val pipeline: BGR, ImageNet statistics in BGR order, 320x320.
+NANODET_PREPROCESSING = Preprocessing((103.53, 116.28, 123.675), (57.375, 57.12, 58.395), "BGR", (320, 320))
+#: Huawei's ImageNet classifier: RGB, ImageNet statistics, 224x224.
+IMAGENET_PREPROCESSING = Preprocessing((123.675, 116.28, 103.53), (58.395, 57.12, 57.375), "RGB", (224, 224))
+
+
+def default_preprocessing(arch: str) -> Preprocessing:
+    return NANODET_PREPROCESSING if arch == "nanodet" else IMAGENET_PREPROCESSING
+
+
+@dataclass(frozen=True)
+class Weights:
+    """A validated weights file: config, graph, preprocessing, provenance and the tensors.
+
+    ``tensors`` maps state_dict keys (exactly ``graph.param_shapes``) to read-only arrays in
+    the file's dtype. Build one with :func:`load_weights` or :func:`from_tensors`.
+    """
+
+    config: Config
+    preprocessing: Preprocessing
+    tensors: dict[str, np.ndarray]
+    provenance: dict[str, str] = field(default_factory=dict)
+    path: str | None = None
+    sha256: str | None = None
+    graph: Graph = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self):
+        object.__setattr__(self, "graph", build_graph(self.config))
+        _check_tensors(self.tensors, self.graph, self.path or self.provenance.get("source_file", "<in memory>"))
+
+    def params(self, dtype) -> dict[str, np.ndarray]:
+        """The tensors converted to ``dtype`` (float32 or float64), cached per dtype."""
+        dtype = np.dtype(dtype)
+        cache = self.__dict__.setdefault("_params", {})
+        if dtype not in cache:
+            cache[dtype] = {k: v.astype(dtype) for k, v in self.tensors.items()}
+        return cache[dtype]
+
+
+def from_tensors(tensors: dict, config: Config, preprocessing: Preprocessing | None = None,
+                 provenance: dict | None = None) -> Weights:
+    """Validate a state_dict-like mapping (``num_batches_tracked`` dropped) as :class:`Weights`."""
+    kept = {}
+    for key, value in tensors.items():
+        if key.endswith(IGNORED_SUFFIX):
+            continue
+        array = np.array(value)  # a private copy
+        array.flags.writeable = False
+        kept[key] = array
+    return Weights(config, preprocessing or default_preprocessing(config.arch), kept, dict(provenance or {}))
+
+
+def _check_tensors(tensors: dict, graph: Graph, where: str) -> None:
+    expected = graph.param_shapes
+    missing = [k for k in expected if k not in tensors]
+    unexpected = [k for k in tensors if k not in expected]
+    cfg = graph.config
+    what = f"{cfg.arch} width {cfg.width:g} activation {cfg.activation}"
+    if missing:
+        raise WeightsError(f"{where}: missing {len(missing)} key(s) that {what} needs, first "
+                           f"{missing[0]!r} with shape {list(expected[missing[0]])}" + _more(missing))
+    if unexpected:
+        raise WeightsError(f"{where}: {len(unexpected)} unexpected key(s) for {what}, first "
+                           f"{unexpected[0]!r} with shape {list(np.shape(tensors[unexpected[0]]))}"
+                           + _more(unexpected))
+    for key, shape in expected.items():
+        array = tensors[key]
+        if tuple(array.shape) != shape:
+            raise WeightsError(f"{where}: key {key!r} has shape {list(array.shape)}, expected {list(shape)} "
+                               f"for {what}")
+        if array.dtype not in FLOAT_DTYPES:
+            raise WeightsError(f"{where}: key {key!r} has dtype {array.dtype}, expected float32 or float64")
+        if not np.isfinite(array).all():
+            bad = int(np.size(array) - np.isfinite(array).sum())
+            raise WeightsError(f"{where}: key {key!r} has {bad} NaN or Inf value(s)")
+    for key in graph.param_shapes:
+        if key.endswith("running_var") and (tensors[key] < 0).any():
+            raise WeightsError(f"{where}: key {key!r} has negative variances")
+
+
+def _more(keys: list) -> str:
+    return f" (all: {', '.join(keys[:8])}{', ...' if len(keys) > 8 else ''})" if len(keys) > 1 else ""
+
+
+def file_sha256(path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _attr(attrs, name, where):
+    if name not in attrs:
+        raise WeightsError(f"{where}: root attribute {name!r} is missing ({REQUIRED_ATTRS[name]})")
+    value = attrs[name]
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def load_weights(path) -> Weights:
+    """Read and validate a refghost weights file (see the module docstring). Raises WeightsError."""
+    import h5py
+
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise WeightsError(f"{path}: no such weights file")
+    try:
+        f = h5py.File(path, "r")
+    except OSError as exc:
+        raise WeightsError(f"{path}: not a readable HDF5 file ({exc})") from None
+    try:
+        with f:
+            attrs = f.attrs
+            fmt = _attr(attrs, "format", path)
+            if fmt != FORMAT:
+                raise WeightsError(f"{path}: format is {fmt!r}, expected {FORMAT!r}")
+            version = int(_attr(attrs, "schema_version", path))
+            if version != SCHEMA_VERSION:
+                raise WeightsError(f"{path}: schema version {version}, this refghost reads version "
+                                   f"{SCHEMA_VERSION}")
+            try:
+                config = Config(arch=str(_attr(attrs, "arch", path)), width=float(_attr(attrs, "width", path)),
+                                activation=str(_attr(attrs, "activation", path)),
+                                out_stages=tuple(int(s) for s in np.atleast_1d(_attr(attrs, "out_stages", path))),
+                                num_classes=int(_attr(attrs, "num_classes", path)))
+                pre = Preprocessing(
+                    tuple(float(v) for v in _attr(attrs, "input_mean", path)),
+                    tuple(float(v) for v in _attr(attrs, "input_std", path)),
+                    str(_attr(attrs, "channel_order", path)),
+                    tuple(int(v) for v in _attr(attrs, "input_size", path)))
+            except WeightsError:
+                raise
+            except (RefghostError, TypeError, ValueError) as exc:
+                raise WeightsError(f"{path}: bad root attributes: {exc}") from None
+            provenance = {k: str(_attr(attrs, k, path)) for k in PROVENANCE_ATTRS if k in attrs}
+            tensors = {}
+            for key, obj in f.items():
+                if not isinstance(obj, h5py.Dataset):
+                    raise WeightsError(f"{path}: {key!r} is a group; schema v1 keeps every tensor at the root")
+                if key.endswith(IGNORED_SUFFIX):
+                    continue
+                if obj.dtype.kind != "f":
+                    raise WeightsError(f"{path}: key {key!r} has dtype {obj.dtype}, expected float32 or float64")
+                array = obj[()]
+                array = np.asarray(array)
+                array.flags.writeable = False
+                tensors[key] = array
+    except OSError as exc:  # truncated or corrupt data blocks surface while reading
+        raise WeightsError(f"{path}: HDF5 read error ({exc})") from None
+    return Weights(config, pre, tensors, provenance, path=path, sha256=file_sha256(path))
+
+
+def save_weights(path, weights: Weights) -> None:
+    """Write ``weights`` as a schema-v1 file, atomically (a temporary file renamed into place).
+
+    Datasets are written in state_dict order, uncompressed, without timestamps, so the same
+    weights give the same bytes.
+    """
+    import h5py
+
+    path = Path(path)
+    cfg, pre = weights.config, weights.preprocessing
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
+    os.close(fd)
+    try:
+        with h5py.File(tmp, "w", track_order=True) as f:
+            f.attrs["format"] = FORMAT
+            f.attrs["schema_version"] = SCHEMA_VERSION
+            f.attrs["arch"] = cfg.arch
+            f.attrs["width"] = cfg.width
+            f.attrs["activation"] = cfg.activation
+            f.attrs["out_stages"] = np.array(cfg.out_stages, dtype=np.int64)
+            f.attrs["num_classes"] = cfg.num_classes
+            f.attrs["input_mean"] = np.array(pre.mean, dtype=np.float64)
+            f.attrs["input_std"] = np.array(pre.std, dtype=np.float64)
+            f.attrs["channel_order"] = pre.channel_order
+            f.attrs["input_size"] = np.array(pre.input_size, dtype=np.int64)
+            for key in PROVENANCE_ATTRS:
+                if key in weights.provenance:
+                    f.attrs[key] = str(weights.provenance[key])
+            for key in weights.graph.param_shapes:
+                f.create_dataset(key, data=weights.tensors[key], track_times=False)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
