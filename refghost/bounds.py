@@ -1,0 +1,198 @@
+"""How far may an honest low-precision run of a GhostNet graph be from the exact result?
+
+:func:`error_bounds` walks a graph once in float64 and carries, for every element of every
+tensor, a first-order worst-case bound on ``|computed - exact|`` for *any* implementation that
+rounds each operation to unit roundoff ``u`` (float32: 2^-24), sums dot products in any order,
+and computes BatchNorm unfolded in PyTorch's order. The derivation (``docs/tolerances.md``) is
+Higham's, *Accuracy and Stability of Numerical Algorithms* (2nd ed.), ch. 3:
+
+* a dot product of ``n`` terms (plus bias) in any order: ``|err| <= gamma_n * sum |w_i x_i|``,
+  ``gamma_n = n u / (1 - n u)``; the error already in the inputs is carried by ``|W| * err_x``;
+* BatchNorm ``y = x*alpha + beta``: alpha and beta each carry a few roundings (sqrt, add,
+  divide, multiply): ``|err| <= |alpha| err_x + 7u (|alpha x| + |bias| + |mean alpha|)``;
+* activations: Lipschitz constant ``L`` times the input error, plus their own rounding
+  (``ACTIVATION_ERROR``; exp/erf assumed within 4 ulp, the usual float32 libm accuracy);
+* hard-sigmoid: slope 1/6 times the input error, plus the add and the divide;
+* residual add, SE scaling: one rounding plus the propagated errors of both operands;
+* global average pool over ``m`` values: ``gamma_m`` on the sum, plus the divide.
+
+Terms of second order in ``u`` are dropped. The bounds are rigorous in that model and
+pessimistic in practice: an honest float32 backend typically uses a small fraction of them
+(``docs/tolerances.md`` gives measured fractions).
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+
+from . import ops
+from .arch import Graph
+from .forward import evaluate
+
+FLOAT32_U = 2.0 ** -24
+FLOAT64_U = 2.0 ** -53
+
+def _sigmoid(x):
+    return 0.5 * (1.0 + np.tanh(0.5 * x))
+
+
+def _gelu_slope(x):
+    from math import pi, sqrt
+
+    return 0.5 * (1.0 + ops._erf(x / sqrt(2.0))) + x * np.exp(-0.5 * x * x) / sqrt(2.0 * pi)
+
+
+#: Per activation: (derivative f'(x), Lipschitz constant L, c_x, c_y, c_abs), where the
+#: activation's own rounding is ``u*(c_x*|x| + c_y*|y| + c_abs)``. ReLU, ReLU6, identity are
+#: exact. LeakyReLU is one multiply by the float32-rounded 0.1 (relative error 1.5e-8 = 0.25u, so
+#: c_y = 2); PReLU one multiply by a stored slope. exp/erf are taken to be within 4 ulp (the
+#: usual float32 libm accuracy) with up to 4 more roundings of the arithmetic around them,
+#: relative to |x| and |y|; ELU and SELU compute alpha*(exp(x) - 1) for x < 0, whose rounding is
+#: absolute (<= 6 alpha*scale u). The slopes of LeakyReLU and PReLU are filled in per node.
+ACTIVATION_ERROR = {
+    "Identity": (lambda x: np.ones_like(x), 1.0, 0.0, 0.0, 0.0),
+    "ReLU": (lambda x: (x > 0).astype(x.dtype), 1.0, 0.0, 0.0, 0.0),
+    "ReLU6": (lambda x: ((x > 0) & (x < 6)).astype(x.dtype), 1.0, 0.0, 0.0, 0.0),
+    "LeakyReLU": (None, None, 0.0, 2.0, 0.0),
+    "PReLU": (None, None, 0.0, 1.0, 0.0),
+    "ELU": (lambda x: np.where(x > 0, 1.0, ops.ELU_ALPHA * np.exp(np.minimum(x, 0))), 1.0,
+            0.0, 8.0, 6.0 * ops.ELU_ALPHA),
+    "SELU": (lambda x: ops.SELU_SCALE * np.where(x > 0, 1.0, ops.SELU_ALPHA * np.exp(np.minimum(x, 0))),
+             ops.SELU_SCALE * ops.SELU_ALPHA, 0.0, 8.0, 6.0 * ops.SELU_SCALE * ops.SELU_ALPHA),
+    "SiLU": (lambda x: _sigmoid(x) * (1.0 + x * (1.0 - _sigmoid(x))), 1.1, 8.0, 8.0, 0.0),  # max 1.0998
+    "GELU": (_gelu_slope, 1.13, 8.0, 8.0, 0.0),  # max slope 1.1289
+    "HardSwish": (lambda x: np.where(x < -3, 0.0, np.where(x > 3, 1.0, (2.0 * x + 3.0) / 6.0)), 1.5,
+                  8.0, 8.0, 0.0),  # (2x+3)/6 on [-3, 3]
+}
+
+
+def gamma(n, u):
+    """Higham's gamma_n = n u / (1 - n u): the relative error bound of an n-term sum."""
+    n = np.asarray(n, dtype=np.float64)
+    return n * u / (1.0 - n * u)
+
+
+MODELS = ("worst", "probabilistic")
+#: Default lambda of the probabilistic model: a bound of lambda standard deviations fails with
+#: probability about exp(-lambda^2/2) per element (1e-14 at lambda = 8).
+DEFAULT_LAMBDA = 8.0
+
+
+def error_bounds(graph: Graph, params: dict[str, np.ndarray], x: np.ndarray, *, u: float = FLOAT32_U,
+                 model: str = "probabilistic", lam: float = DEFAULT_LAMBDA, isolated_from=None):
+    """Oracle values and elementwise error bounds of every node.
+
+    Parameters
+    ----------
+    graph : the network
+    params : state_dict arrays in float64 (the values the backend also uses, upcast exactly)
+    x : (N, 3, H, W) float64, the input (exactly representable in the backend's precision)
+    u : unit roundoff of the backend's arithmetic (float32 2^-24, float16 2^-11, bfloat16 2^-8)
+    model : ``"worst"``: rigorous for any summation order, but compounding through depth makes it
+        vacuous after a few layers, so use it for one layer at a time (``isolated_from``).
+        ``"probabilistic"``: rounding errors as independent, zero-mean, ``|delta| <= u``;
+        variances propagate (squared coefficients), the bound is ``lam`` standard deviations.
+    isolated_from : optional ``{node name: array}`` of a candidate's own tensors. When given,
+        every node is evaluated on the candidate's inputs to that node (not the oracle's), and
+        its bound covers that node's own rounding only: the isolated check.
+
+    Returns
+    -------
+    (values, bounds): two dicts ``{node name: array}`` (float64) in forward order. ``bounds[name]``
+    bounds ``|backend - values[name]|`` elementwise.
+    """
+    if model not in MODELS:
+        raise ValueError(f"model must be one of {MODELS}, got {model!r}")
+    worst = model == "worst"
+    values = {"input": x}
+    state = {"input": np.zeros_like(x)}  # worst: error bound; probabilistic: error variance
+    bounds = {}
+    for node in graph.nodes:
+        if isolated_from is None:
+            ins = [values[s] for s in node.inputs]
+            errs = [state[s] for s in node.inputs]
+        else:
+            ins = [x if s == "input" else np.asarray(isolated_from[s], dtype=np.float64) for s in node.inputs]
+            errs = [np.zeros_like(a) for a in ins]
+        y = evaluate(node, ins, params)
+        p = {role: params[key] for role, key in node.params.items()}
+        values[node.name] = y
+        state[node.name] = _node_error(node, ins, errs, y, p, u, worst, lam)
+        bounds[node.name] = state[node.name] if worst else lam * np.sqrt(state[node.name])
+        if isolated_from is not None:
+            del state[node.name]
+    del values["input"]
+    return values, bounds
+
+
+def _node_error(node, ins, errs, y, p, u, worst, lam):
+    """One node's error state from its inputs' (bound if ``worst``, else variance)."""
+    x, e = ins[0], errs[0]
+    op = node.op
+    if op == "conv":
+        key = node.params["weight"]
+        coeff = np.abs(p["weight"]) if worst else p["weight"] ** 2
+        weight_only = replace(node, params={"weight": key})
+        n = coeff[0].size  # C/groups * KH * KW products per output
+
+        def apply(t):  # the same conv with |W| (worst) or W^2 (variance), no bias
+            return evaluate(weight_only, [t], {key: coeff})
+
+        magnitude = apply(np.abs(x) + e if worst else x ** 2)
+        if "bias" in p:
+            magnitude += (np.abs(p["bias"]) if worst else p["bias"] ** 2)[None, :, None, None]
+            n += 1
+        carried = apply(e) if e.any() else 0.0
+        return carried + (gamma(n, u) * magnitude if worst else n * u * u * magnitude)
+    if op == "linear":
+        flat_x, flat_e = x.reshape(x.shape[0], -1), e.reshape(e.shape[0], -1)
+        w, b = p["weight"], p["bias"]
+        n = w.shape[1] + 1
+        if worst:
+            return flat_e @ np.abs(w).T + gamma(n, u) * ((np.abs(flat_x) + flat_e) @ np.abs(w).T + np.abs(b))
+        return flat_e @ (w ** 2).T + n * u * u * (flat_x ** 2 @ (w ** 2).T + b ** 2)
+    if op == "batch_norm":
+        alpha, _ = ops.batch_norm_coefficients(p["weight"], p["bias"], p["running_mean"], p["running_var"],
+                                               eps=node.attrs.get("eps", ops.BN_EPS))
+        a = np.abs(alpha)[None, :, None, None]
+        const = (np.abs(p["bias"]) + np.abs(p["running_mean"] * alpha))[None, :, None, None]
+        if worst:
+            return a * e + 7 * u * (a * (np.abs(x) + e) + const)
+        return a * a * e + 7 * (u * (a * np.abs(x) + const)) ** 2
+    if op == "act":
+        name = node.attrs["activation"]
+        slope_fn, lip, c_x, c_y, c_abs = ACTIVATION_ERROR[name]
+        if name in ("LeakyReLU", "PReLU"):
+            slope = ops.LEAKY_RELU_SLOPE if name == "LeakyReLU" else float(p["weight"].reshape(()))
+            lip = max(1.0, abs(slope))
+            slope_fn = lambda t: np.where(t > 0, 1.0, abs(slope))  # noqa: E731
+        own = u * (c_x * np.abs(x) + c_y * np.abs(y) + c_abs)
+        if worst:
+            return lip * e + own
+        # First order: the local slope, its largest over x -/+ lam*sigma (an error may cross a kink).
+        reach = lam * np.sqrt(e)
+        local = np.maximum(np.abs(slope_fn(x)), np.maximum(np.abs(slope_fn(x - reach)), np.abs(slope_fn(x + reach))))
+        return local * local * e + own ** 2
+    if op == "concat":
+        return np.concatenate(errs, axis=1)
+    if op == "add":
+        if worst:
+            return errs[0] + errs[1] + u * (np.abs(y) + errs[0] + errs[1])
+        return errs[0] + errs[1] + (u * y) ** 2
+    if op == "global_avg_pool":
+        m = x.shape[2] * x.shape[3]
+        if worst:
+            return ops.global_avg_pool(e) + (gamma(m, u) + u) * ops.global_avg_pool(np.abs(x) + e)
+        # sum of m terms: variance <= m u^2 sum(x^2); divided by m^2; then the divide's rounding
+        return ops.global_avg_pool(e) / m + u * u * (ops.global_avg_pool(x ** 2) + y ** 2)
+    if op == "hard_sigmoid":
+        own = u * ((np.abs(x) + 3) / 6 + np.abs(y))  # the add, then the divide
+        return e / 6 + own if worst else e / 36 + own ** 2
+    if op == "scale":
+        g, e_g = ins[1], errs[1]
+        if worst:
+            return np.abs(g) * e + (np.abs(x) + e) * e_g + u * np.abs(y)
+        return g * g * e + x * x * e_g + (u * y) ** 2
+    raise ValueError(f"no error rule for op {op!r} (node {node.name})")
