@@ -403,7 +403,9 @@ def capture(model: nn.Module, x) -> tuple[object, "OrderedDict[str, torch.Tensor
 
     Returns ``(output, intermediates)`` where ``intermediates`` maps module names (as in
     ``named_modules()``, root excluded) to a detached *clone* of that module's output, in the
-    order the forward hooks fired (children before their parents).  Cloning is required because
+    order the forward hooks fired (children before their parents).  Modules that are never called
+    do not appear: NanoDet's forward runs ``blocks[i]`` one by one, so the ``blocks`` container
+    itself is absent for ``arch="nanodet"`` (present for ``arch="ghostnet"``).  Cloning is required because
     in-place activations and ``x += shortcut(res)`` overwrite tensors after their hook ran.
     ``x`` may be a tensor or a NumPy array (converted to the model's parameter dtype).
     """
