@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import preprocess
 from .arch import Config, Graph, build_graph
 from .errors import RefghostError, WeightsError
 
@@ -64,11 +65,16 @@ class Preprocessing:
         if len(self.input_size) != 2 or not all(int(v) >= 1 for v in self.input_size):
             raise RefghostError(f"input_size must be [width, height] >= 1, got {self.input_size}")
 
+    @classmethod
+    def from_preset(cls, preset: dict) -> "Preprocessing":
+        """From one of :mod:`refghost.preprocess`'s preset dictionaries."""
+        return cls(tuple(preset["mean"]), tuple(preset["std"]), preset["channel_order"], tuple(preset["input_size"]))
+
 
 #: NanoDet's val pipeline: BGR, ImageNet statistics in BGR order, 320x320.
-NANODET_PREPROCESSING = Preprocessing((103.53, 116.28, 123.675), (57.375, 57.12, 58.395), "BGR", (320, 320))
+NANODET_PREPROCESSING = Preprocessing.from_preset(preprocess.NANODET_PREPROCESSING)
 #: Huawei's ImageNet classifier: RGB, ImageNet statistics, 224x224.
-IMAGENET_PREPROCESSING = Preprocessing((123.675, 116.28, 103.53), (58.395, 57.12, 57.375), "RGB", (224, 224))
+IMAGENET_PREPROCESSING = Preprocessing.from_preset(preprocess.IMAGENET_PREPROCESSING)
 
 
 def default_preprocessing(arch: str) -> Preprocessing:

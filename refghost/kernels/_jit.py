@@ -12,9 +12,10 @@ numerical contract is stated once:
 - ``cache=True``: compiled code is cached next to the sources (``__pycache__``), so only the first
   process pays the compile time.
 
-Thread-pool note (see docs/research): Numba's ``omp`` workers and OpenBLAS's pthreads both spin-wait.
-Kernels compiled with :data:`parallel_jit` must not call BLAS (NumPy ``@``/``dot``) inside, and
-callers that mix parallel Numba regions with multi-threaded BLAS must limit one of the two pools.
+Thread-pool note (research/performance.md section 4): Numba's ``omp`` workers and OpenBLAS's
+pthreads both spin-wait. Kernels compiled with :func:`parallel_jit` must not call BLAS (NumPy
+``@``/``dot``) inside, and callers that mix parallel Numba regions with multi-threaded BLAS must
+limit one of the two pools.
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ _FIXED = frozenset(_OPTIONS) - {"cache", "nogil"}
 def _merge(kwargs, **extra):
     bad = _FIXED & set(kwargs)
     if bad:
-        raise TypeError(f"refghost.kernels._jit: {sorted(bad)} are fixed here and may not be overridden")
+        raise TypeError(f"refghost.kernels._jit: {sorted(bad)} are fixed here and may not be "
+                        f"overridden")
     return {**_OPTIONS, **extra, **kwargs}
 
 
@@ -57,6 +59,9 @@ def vectorize(signatures, **kwargs):
     ``signatures`` is a list of Numba signatures (eager compilation, so the ufunc has fixed loops).
     """
     options = _merge(kwargs)
-    options.pop("nogil", None)  # not a vectorize option; ufunc loops run without the GIL anyway
+    # Not vectorize options: ufunc inner loops run without the GIL anyway, and numba.vectorize has
+    # no error_model (keep divisions out of vectorized kernels, or use jit).
+    options.pop("nogil", None)
+    options.pop("error_model", None)
     options.setdefault("target", "cpu")
     return numba.vectorize(signatures, **options)

@@ -1,0 +1,533 @@
+"""Image preprocessing: turn an image into the network input the way NanoDet's val pipeline does.
+
+NanoDet's PyTorch inference pipeline (``demo/demo.py`` -> ``Pipeline(cfg.data.val.pipeline,
+keep_ratio=False)``) does, for an input size ``(w, h)``:
+
+1. ``cv2.imread(path)``: BGR uint8 (H, W, 3), EXIF orientation applied.
+2. ``cv2.warpPerspective(img, M, dsize=(w, h))`` with ``M = diag(w/W, h/H, 1)`` and default
+   flags (INTER_LINEAR, BORDER_CONSTANT with value 0). This is *not* ``cv2.resize``:
+   destination pixel ``x`` samples the source at ``x*W/w`` (no half-pixel centring), and pixels
+   whose 2x2 bilinear neighbourhood leaves the image are mixed with the black border.
+3. ``_normalize``: ``(img.astype(float32)/255 - float32(mean)/255) / (float32(std)/255)``, with
+   mean/std in BGR order, then HWC -> CHW, then a batch axis.
+
+This module reproduces those steps with NumPy and Pillow only (refghost never imports OpenCV).
+
+Bit-exactness of :func:`warp_resize`
+------------------------------------
+OpenCV changed its ``warpPerspective`` kernel for 8-bit 1/3/4-channel images with INTER_LINEAR in
+5.0, so "what OpenCV does" depends on the installed version. :func:`warp_resize` implements all
+three variants and is **bit-exact (max abs difference 0)** to each on every input tested
+(random images, 1-pixel images, odd and non-integer ratios, tie-heavy ratios such as 7 -> 320):
+
+``"fixed_point"`` (the default)
+    OpenCV 4.x; measured against opencv-python-headless 4.10.0, 4.11.0 and 4.12.0 on x86-64.
+    The inverse matrix is computed in double (``cv::invert``'s 3x3 formula, so ``M^-1[2, 2]`` is
+    not always exactly 1), the source coordinate is quantised to 1/32 pixel
+    (``X = rint((M^-1[0,0]*x_block + M^-1[0,0]*x_in_block) * (32 / M^-1[2,2]))`` in double,
+    where ``x_block`` is the first column of OpenCV's destination tile, ``min(1024 // min(16, h),
+    w)`` columns wide; the split sum changes the rounding of exact 1/64 ties), and the remap uses 15-bit
+    fixed-point bilinear weights. For a diagonal ``M`` every weight of OpenCV's table is
+    ``32*(32-fy or fy)*(32-fx or fx)``, except fraction (0, 0) whose table entry is
+    (32767, 0, 0, 1) and still returns the top-left pixel exactly, so the result is
+    ``(sum_of(wy*wx*pixel) + 512) >> 10`` with integer weights ``wx, wy`` in 0..32.
+    Untested: ARM builds of OpenCV 4.x may compute that sum with a fused multiply-add, which
+    could move a coordinate lying exactly on a 1/64 tie by 1/32 pixel; that is not reproduced.
+``"float32_fma"``
+    OpenCV 5.x (measured against opencv-python-headless 5.0.0) on CPUs where its SIMD dispatch
+    uses FMA (x86-64 with AVX2/FMA3, the usual case; expected but untested on AArch64). Coordinates are
+    float32 (``fl(x*m0)/m8`` with the inverse matrix rounded to float32), the fraction is
+    ``sx - floor(sx)``, and the interpolation is ``v0 = fma(fx, p01-p00, p00)``,
+    ``v1 = fma(fx, p11-p10, p10)``, ``v = fma(fy, v1-v0, v0)`` in float32, rounded half-to-even.
+    NumPy has no FMA, so the fused operations are emulated exactly (double product, TwoSum, and
+    a correction of double rounding at float32 ties).
+``"float32"``
+    OpenCV 5.x without FMA (``cv2.setUseOptimized(False)``, or a CPU without AVX2): the same as
+    ``"float32_fma"`` with separately rounded multiply and add.
+
+OpenCV 5's ``ALGO_HINT_APPROX`` kernels (not the pip wheels' default, which is
+``ALGO_HINT_ACCURATE``) are not reproduced. The kernels differ from each other by a few 8-bit
+levels in a small fraction of pixels (fixed_point vs float32: up to 4 levels in 2-8 % of the
+pixels of ``refghost/data/sample.png`` resized to 320x320 or 416x416; float32_fma and float32
+agree on that image but not on every input), so pick the kernel that matches the OpenCV you
+compare against.
+
+Reading images
+--------------
+:func:`read_image` uses Pillow and mirrors ``cv2.imread(path, IMREAD_COLOR)``: EXIF
+orientation is applied, grayscale/palette/1-bit images are expanded to 3 channels, an alpha
+channel is dropped (not composited), and 16-bit images keep their high byte (``v >> 8``, which is
+what ``cv2.imread`` gives for 16-bit PNGs). PNG, BMP and other lossless formats give identical
+pixels to OpenCV; JPEG decoders (Pillow's libjpeg vs OpenCV's) can differ in rare pixels, and
+CMYK JPEGs are converted with Pillow's simple CMYK -> RGB formula.
+"""
+
+from __future__ import annotations
+
+import numbers
+import os
+from typing import Any, Sequence
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from refghost.errors import ImageError, RefghostError
+
+__all__ = [
+    "DEFAULT_WARP_KERNEL",
+    "IMAGENET_PREPROCESSING",
+    "NANODET_PREPROCESSING",
+    "WARP_KERNELS",
+    "normalize",
+    "prepare_image",
+    "read_image",
+    "warp_resize",
+]
+
+#: NanoDet-Plus val pipeline (COCO configs): BGR, keep_ratio False, warpPerspective resize.
+#: mean/std are the ImageNet RGB statistics in BGR order, in 0..255 units.
+NANODET_PREPROCESSING: dict[str, Any] = {
+    "mean": [103.53, 116.28, 123.675],
+    "std": [57.375, 57.12, 58.395],
+    "channel_order": "BGR",
+    "input_size": [320, 320],
+    "resize": "warp_perspective",
+}
+
+#: ImageNet classification preprocessing for the Huawei/timm GhostNet weights: RGB, mean/std of
+#: 0.485/0.456/0.406 and 0.229/0.224/0.225 scaled to 0..255.
+#: Huawei's evaluation resizes the short side to 256 and then centre-crops 224x224; refghost
+#: deliberately uses the single warpPerspective resize to 224x224 instead, so that both weight
+#: sets go through the same, exactly reproducible, resize.
+IMAGENET_PREPROCESSING: dict[str, Any] = {
+    "mean": [0.485 * 255, 0.456 * 255, 0.406 * 255],
+    "std": [0.229 * 255, 0.224 * 255, 0.225 * 255],
+    "channel_order": "RGB",
+    "input_size": [224, 224],
+    "resize": "warp_perspective",
+}
+
+#: Interpolation kernels of :func:`warp_resize`, see the module docstring.
+WARP_KERNELS = ("fixed_point", "float32_fma", "float32")
+#: OpenCV 4.x behaviour, the one NanoDet was developed and trained with.
+DEFAULT_WARP_KERNEL = "fixed_point"
+
+_CHANNEL_ORDERS = ("BGR", "RGB")
+_RESIZE_METHODS = ("warp_perspective",)
+# OpenCV's remap stores integer source coordinates as int16; keep every side within that range.
+_MAX_SIDE = 32767
+_INTER_BITS = 5
+_INTER_TAB_SIZE = 1 << _INTER_BITS  # 32 sub-pixel positions per pixel
+_BLOCK_SZ = 32  # OpenCV's WarpPerspectiveInvoker tile: bh0 = min(16, H), bw0 = min(1024 // bh0, W)
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+# --------------------------------------------------------------------------------------------
+# Validation helpers
+# --------------------------------------------------------------------------------------------
+
+
+def _describe(obj: Any) -> str:
+    if isinstance(obj, np.ndarray):
+        return f"numpy array with shape {obj.shape} and dtype {obj.dtype}"
+    return f"object of type {type(obj).__name__}"
+
+
+def _check_image(img: Any, what: str = "image") -> np.ndarray:
+    """Return ``img`` if it is a uint8 (H, W, 3) array with H, W >= 1, else raise ImageError."""
+    if not isinstance(img, np.ndarray):
+        raise ImageError(f"{what}: expected a uint8 numpy array of shape (H, W, 3), got {_describe(img)}")
+    if img.dtype != np.uint8:
+        raise ImageError(
+            f"{what}: expected dtype uint8, found dtype {img.dtype} (shape {img.shape}); "
+            "convert 8-bit pixel data with .astype(np.uint8) only if it is already in 0..255"
+        )
+    if img.ndim != 3:
+        raise ImageError(
+            f"{what}: expected 3 dimensions (H, W, 3), found ndim {img.ndim} with shape {img.shape}"
+        )
+    if img.shape[2] != 3:
+        raise ImageError(
+            f"{what}: expected 3 channels in the last axis (H, W, 3), found {img.shape[2]} channels "
+            f"(shape {img.shape})"
+        )
+    if img.shape[0] < 1 or img.shape[1] < 1:
+        raise ImageError(f"{what}: expected H >= 1 and W >= 1, found zero-size image with shape {img.shape}")
+    if img.shape[0] > _MAX_SIDE or img.shape[1] > _MAX_SIDE:
+        raise ImageError(f"{what}: sides must be at most {_MAX_SIDE} pixels, found shape {img.shape}")
+    return img
+
+
+def _check_channel_order(channel_order: Any) -> str:
+    if not isinstance(channel_order, str) or channel_order.upper() not in _CHANNEL_ORDERS:
+        raise RefghostError(f"channel_order must be 'BGR' or 'RGB', got {channel_order!r}")
+    return channel_order.upper()
+
+
+def _check_size(size: Any, name: str) -> tuple[int, int]:
+    """Validate a (w, h) pair of positive ints (numpy ints allowed, bools and floats not)."""
+    try:
+        items = list(size)
+    except TypeError:
+        items = None
+    if (
+        items is None
+        or len(items) != 2
+        or not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in items)
+        or not all(1 <= int(v) <= _MAX_SIDE for v in items)
+    ):
+        raise RefghostError(f"{name} must be two integers (w, h) in 1..{_MAX_SIDE}, got {size!r}")
+    return int(items[0]), int(items[1])
+
+
+def _check_stats(values: Any, name: str) -> np.ndarray:
+    try:
+        arr = np.asarray(values, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise RefghostError(f"{name} must be 3 numbers (one per channel), got {values!r}") from None
+    if arr.shape != (3,) or not np.all(np.isfinite(arr)):
+        raise RefghostError(f"{name} must be 3 finite numbers (one per channel), got {values!r}")
+    if name == "std" and np.any(arr == 0):
+        raise RefghostError(f"std must be non-zero for every channel, got {values!r}")
+    return arr
+
+
+# --------------------------------------------------------------------------------------------
+# Reading
+# --------------------------------------------------------------------------------------------
+
+
+def _pil_to_rgb(im: Image.Image, path: str) -> np.ndarray:
+    """Pillow image -> uint8 (H, W, 3) RGB, following cv2.imread(IMREAD_COLOR) conventions."""
+    mode = im.mode
+    if mode in _SIXTEEN_BIT_MODES:
+        gray = np.asarray(im)
+        if gray.size and (gray.min() < 0 or gray.max() > 65535):
+            raise ImageError(
+                f"cannot read image {path!r}: {mode!r} pixels outside the 16-bit range "
+                f"(found {gray.min()}..{gray.max()})"
+            )
+        gray8 = (gray.astype(np.uint32) >> 8).astype(np.uint8)
+        return np.repeat(gray8[:, :, None], 3, axis=2)
+    if mode == "F":
+        raise ImageError(
+            f"cannot read image {path!r}: floating-point images (Pillow mode 'F') are not supported"
+        )
+    if mode != "RGB":
+        im = im.convert("RGB")  # L, 1, P (palette), LA, PA, RGBA (alpha dropped), CMYK, YCbCr, ...
+    return np.array(im, dtype=np.uint8)
+
+
+def read_image(path: str | os.PathLike, channel_order: str = "BGR") -> np.ndarray:
+    """Read an image file into a uint8 (H, W, 3) array, like ``cv2.imread(path)``.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        Image file (any format Pillow reads: PNG, JPEG, BMP, TIFF, WebP, ...).
+    channel_order : {"BGR", "RGB"}
+        "BGR" gives the channel order of ``cv2.imread``; "RGB" the natural order.
+
+    Returns
+    -------
+    img : (H, W, 3) uint8, C-contiguous
+        EXIF orientation is applied (as ``cv2.imread`` does). Grayscale, 1-bit and palette
+        images are expanded to 3 channels; an alpha channel is **dropped**, not composited over
+        a background (also as ``cv2.imread(IMREAD_COLOR)`` does); 16-bit images keep the high
+        byte of each sample. Multi-frame files give their first frame.
+
+    Raises
+    ------
+    ImageError
+        The file is missing, is a directory, cannot be opened, is not an image Pillow
+        recognises, is truncated/corrupt, or has an unsupported pixel mode. The message names
+        the path and the reason.
+    """
+    order = _check_channel_order(channel_order)
+    try:
+        p = os.fspath(path)
+    except TypeError:
+        raise ImageError(f"image path must be a str or os.PathLike, got {_describe(path)}") from None
+    if isinstance(p, bytes):
+        p = os.fsdecode(p)
+    if not os.path.exists(p):
+        raise ImageError(f"cannot read image {p!r}: file does not exist")
+    if os.path.isdir(p):
+        raise ImageError(f"cannot read image {p!r}: it is a directory, not a file")
+    try:
+        with Image.open(p) as im:
+            im = ImageOps.exif_transpose(im)
+            rgb = _pil_to_rgb(im, p)
+    except ImageError:
+        raise
+    except UnidentifiedImageError:
+        raise ImageError(
+            f"cannot read image {p!r}: not an image file (Pillow cannot identify its format)"
+        ) from None
+    except Image.DecompressionBombError as exc:
+        raise ImageError(
+            f"cannot read image {p!r}: refused as a possible decompression bomb ({exc})"
+        ) from None
+    except (OSError, ValueError, SyntaxError, EOFError) as exc:
+        raise ImageError(f"cannot read image {p!r}: {type(exc).__name__}: {exc}") from None
+    if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.shape[0] < 1 or rgb.shape[1] < 1:
+        raise ImageError(f"cannot read image {p!r}: decoded to an unusable shape {rgb.shape}")
+    if order == "BGR":
+        return np.ascontiguousarray(rgb[:, :, ::-1])
+    return np.ascontiguousarray(rgb)
+
+
+# --------------------------------------------------------------------------------------------
+# Resize (cv2.warpPerspective with a diagonal matrix)
+# --------------------------------------------------------------------------------------------
+
+
+def _inverse_diagonal(src_w: int, src_h: int, dst_w: int, dst_h: int) -> tuple[float, float, float]:
+    """Entries (0,0), (1,1), (2,2) of inv(diag(dst_w/src_w, dst_h/src_h, 1)), as cv::invert computes them.
+
+    cv::invert (DECOMP_LU) on a 3x3 double matrix uses the adjugate divided by the determinant:
+    ``d = 1/det``, ``inv[0,0] = (a11*a22 - a12*a21)*d`` and so on. For a diagonal matrix
+    ``diag(a, b, 1)`` that is ``b*d``, ``a*d`` and ``(a*b)*d`` with ``d = 1/(a*b)``, which in
+    floating point is not always ``1/a``, ``1/b`` and ``1``. The off-diagonal entries are zero.
+    """
+    a = dst_w / src_w
+    b = dst_h / src_h
+    d = 1.0 / (a * b)
+    return b * d, a * d, (a * b) * d
+
+
+def _border_index(idx: np.ndarray, n: int) -> np.ndarray:
+    """Map source indices to rows/cols of a 1-pixel zero-padded array; out-of-range -> 0 (zero)."""
+    return np.where((idx >= 0) & (idx < n), idx + 1, 0)
+
+
+def _fixed_point_coords(n_dst: int, m: float, w: float, block: int) -> tuple[np.ndarray, np.ndarray]:
+    """Integer source position and 1/32 fraction for destination indices 0..n_dst-1 (OpenCV 4.x).
+
+    OpenCV processes the destination in tiles; within a tile starting at column ``xb`` it computes
+    ``X0 = m*xb`` once and then ``(X0 + m*x1) * (32/w)`` in double for ``x1 = 0..bw-1`` and
+    rounds half-to-even. ``block`` is the tile width (use ``n_dst`` for rows, which are not tiled
+    this way).
+    """
+    x = np.arange(n_dst, dtype=np.int64)
+    xb = (x // block) * block
+    x1 = x - xb
+    scale = float(_INTER_TAB_SIZE) / w
+    f = (m * xb.astype(np.float64) + m * x1.astype(np.float64)) * scale
+    q = np.rint(np.clip(f, -(2.0**31), 2.0**31 - 1)).astype(np.int64)
+    return q >> _INTER_BITS, q & (_INTER_TAB_SIZE - 1)
+
+
+def _warp_fixed_point(img: np.ndarray, dst_w: int, dst_h: int) -> np.ndarray:
+    src_h, src_w = img.shape[:2]
+    m0, m4, m8 = _inverse_diagonal(src_w, src_h, dst_w, dst_h)
+    bh0 = min(_BLOCK_SZ // 2, dst_h)
+    bw0 = min(_BLOCK_SZ * _BLOCK_SZ // bh0, dst_w)
+    ix, fx = _fixed_point_coords(dst_w, m0, m8, bw0)
+    iy, fy = _fixed_point_coords(dst_h, m4, m8, dst_h)
+
+    pad = np.zeros((src_h + 2, src_w + 2, 3), dtype=np.int32)
+    pad[1:-1, 1:-1] = img
+    cx0, cx1 = _border_index(ix, src_w), _border_index(ix + 1, src_w)
+    ry0, ry1 = _border_index(iy, src_h), _border_index(iy + 1, src_h)
+    wx1 = fx.astype(np.int32)[None, :, None]
+    wx0 = _INTER_TAB_SIZE - wx1
+    wy1 = fy.astype(np.int32)[:, None, None]
+    wy0 = _INTER_TAB_SIZE - wy1
+
+    # The 2-D weights are products of 1-D weights, so the exact integer sum is separable.
+    rows0 = pad[ry0]
+    rows1 = pad[ry1]
+    h0 = rows0[:, cx0] * wx0 + rows0[:, cx1] * wx1
+    h1 = rows1[:, cx0] * wx0 + rows1[:, cx1] * wx1
+    acc = h0 * wy0 + h1 * wy1  # <= 1024 * 255
+    return ((acc + 512) >> 10).astype(np.uint8)
+
+
+def _fma32(a: np.ndarray, b: np.ndarray, c: np.ndarray) -> np.ndarray:
+    """Correctly rounded float32 ``a*b + c`` (one rounding), for float32 inputs.
+
+    The product of two float32 values is exact in float64. The float64 sum may be inexact; its
+    error is recovered with TwoSum, and the only case where rounding the float64 sum to float32
+    differs from rounding the exact sum (the float64 sum lying exactly on a float32 tie) is fixed
+    by pushing the result towards the side of the error.
+    """
+    p = a.astype(np.float64) * b.astype(np.float64)
+    c64 = c.astype(np.float64)
+    s = p + c64
+    bv = s - p
+    err = (p - (s - bv)) + (c64 - bv)
+    r = s.astype(np.float32)
+    if not np.any(err):
+        return r
+    r64 = r.astype(np.float64)
+    toward = np.nextafter(r, np.where(s > r64, np.float32(np.inf), np.float32(-np.inf)))
+    t64 = toward.astype(np.float64)
+    tie = (s == (r64 + t64) * 0.5) & (err != 0)
+    go = tie & ((err > 0) == (t64 > r64))
+    return np.where(go, toward, r)
+
+
+def _warp_float32(img: np.ndarray, dst_w: int, dst_h: int, fused: bool) -> np.ndarray:
+    src_h, src_w = img.shape[:2]
+    m0, m4, m8 = (np.float32(v) for v in _inverse_diagonal(src_w, src_h, dst_w, dst_h))
+    sx = (np.arange(dst_w, dtype=np.float32) * m0) / m8
+    sy = (np.arange(dst_h, dtype=np.float32) * m4) / m8
+    ix = np.floor(sx).astype(np.int64)
+    iy = np.floor(sy).astype(np.int64)
+    fx = (sx - ix.astype(np.float32))[None, :, None]
+    fy = (sy - iy.astype(np.float32))[:, None, None]
+
+    pad = np.zeros((src_h + 2, src_w + 2, 3), dtype=np.float32)
+    pad[1:-1, 1:-1] = img
+    cx0, cx1 = _border_index(ix, src_w), _border_index(ix + 1, src_w)
+    rows0 = pad[_border_index(iy, src_h)]
+    rows1 = pad[_border_index(iy + 1, src_h)]
+    p00, p01 = rows0[:, cx0], rows0[:, cx1]
+    p10, p11 = rows1[:, cx0], rows1[:, cx1]
+    fx = np.broadcast_to(fx, p00.shape)
+    fy = np.broadcast_to(fy, p00.shape)
+    if fused:
+        v0 = _fma32(fx, p01 - p00, p00)
+        v1 = _fma32(fx, p11 - p10, p10)
+        v = _fma32(fy, v1 - v0, v0)
+    else:
+        v0 = p00 + fx * (p01 - p00)
+        v1 = p10 + fx * (p11 - p10)
+        v = v0 + fy * (v1 - v0)
+    return np.clip(np.rint(v), 0, 255).astype(np.uint8)
+
+
+def warp_resize(img: np.ndarray, size: Sequence[int], *, kernel: str = DEFAULT_WARP_KERNEL) -> np.ndarray:
+    """Resize like NanoDet: ``cv2.warpPerspective(img, diag(dst_w/W, dst_h/H, 1), (dst_w, dst_h))``.
+
+    Default flags are reproduced: INTER_LINEAR, BORDER_CONSTANT with value 0. Destination pixel
+    (x, y) samples the source at (x*W/dst_w, y*H/dst_h), without the half-pixel offset of
+    ``cv2.resize``; on the right/bottom edge of an upscale the bilinear neighbourhood leaves the
+    image and mixes with black.
+
+    Parameters
+    ----------
+    img : (H, W, 3) uint8
+        Source image, any channel order (channels are independent).
+    size : (dst_w, dst_h)
+        Output width and height, integers in 1..32767.
+    kernel : {"fixed_point", "float32_fma", "float32"}
+        Which OpenCV implementation to reproduce bit for bit: "fixed_point" is OpenCV 4.x (the
+        default); "float32_fma" is OpenCV 5.x on FMA-capable CPUs (x86-64 AVX2); "float32" is
+        OpenCV 5.x without FMA. See the module docstring.
+
+    Returns
+    -------
+    out : (dst_h, dst_w, 3) uint8
+        The warped image. When ``size`` equals (W, H) this is an exact copy of ``img``.
+
+    Raises
+    ------
+    ImageError
+        ``img`` is not a uint8 (H, W, 3) array with H, W >= 1.
+    RefghostError
+        ``size`` is not two integers in 1..32767, or ``kernel`` is unknown.
+    """
+    img = _check_image(img)
+    dst_w, dst_h = _check_size(size, "size")
+    if kernel not in WARP_KERNELS:
+        raise RefghostError(f"kernel must be one of {', '.join(WARP_KERNELS)}; got {kernel!r}")
+    if kernel == "fixed_point":
+        return _warp_fixed_point(img, dst_w, dst_h)
+    return _warp_float32(img, dst_w, dst_h, fused=(kernel == "float32_fma"))
+
+
+# --------------------------------------------------------------------------------------------
+# Normalisation and the full pipeline
+# --------------------------------------------------------------------------------------------
+
+
+def normalize(img: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
+    """NanoDet's ``_normalize`` followed by HWC -> CHW, exactly in float32.
+
+    Computes ``x = img.astype(float32) / 255``, ``m = float32(mean) / 255``,
+    ``s = float32(std) / 255`` and ``(x - m) / s``, every operation rounded to float32 in that
+    order, so the result is bit-identical to NanoDet's ``color_aug_and_norm`` at val time.
+
+    Parameters
+    ----------
+    img : (H, W, 3) uint8
+    mean, std : 3 numbers each
+        Per-channel statistics in 0..255 units, in the channel order of ``img`` (NanoDet: BGR
+        mean [103.53, 116.28, 123.675], std [57.375, 57.12, 58.395]).
+
+    Returns
+    -------
+    x : (3, H, W) float32, C-contiguous
+    """
+    img = _check_image(img)
+    mean_arr = _check_stats(mean, "mean")
+    std_arr = _check_stats(std, "std")
+    x = img.astype(np.float32) / np.float32(255)
+    m = mean_arr.astype(np.float32).reshape(1, 1, 3) / np.float32(255)
+    s = std_arr.astype(np.float32).reshape(1, 1, 3) / np.float32(255)
+    out = (x - m) / s
+    return np.ascontiguousarray(out.transpose(2, 0, 1))
+
+
+def prepare_image(
+    image: str | os.PathLike | np.ndarray,
+    *,
+    mean: Sequence[float],
+    std: Sequence[float],
+    channel_order: str,
+    input_size: Sequence[int],
+    resize: str = "warp_perspective",
+    warp_kernel: str = DEFAULT_WARP_KERNEL,
+) -> np.ndarray:
+    """Image file or array -> network input batch, as NanoDet's val pipeline builds it.
+
+    ``prepare_image(path, **NANODET_PREPROCESSING)`` reproduces NanoDet; the ``resize`` key of
+    the preset dictionaries is accepted for that reason.
+
+    Parameters
+    ----------
+    image : str, os.PathLike or (H, W, 3) uint8 array
+        A path is read with :func:`read_image` in ``channel_order``. An array is taken to be in
+        ``channel_order`` already.
+    mean, std : 3 numbers each
+        Per-channel statistics in 0..255 units, in ``channel_order``.
+    channel_order : {"BGR", "RGB"}
+        Channel order the network expects (NanoDet: BGR).
+    input_size : (w, h)
+        Network input width and height.
+    resize : {"warp_perspective"}
+        The only supported resize, NanoDet's ``warpPerspective`` with keep_ratio False.
+    warp_kernel : {"fixed_point", "float32_fma", "float32"}
+        Which OpenCV implementation of the warp to reproduce; see :func:`warp_resize`.
+
+    Returns
+    -------
+    batch : (1, 3, h, w) float32, C-contiguous
+
+    Raises
+    ------
+    ImageError
+        The file cannot be read, or the array is not uint8 with shape (H, W, 3), H, W >= 1;
+        the message names what was found.
+    RefghostError
+        Bad mean/std/channel_order/input_size/resize/warp_kernel.
+    """
+    order = _check_channel_order(channel_order)
+    dst_w, dst_h = _check_size(input_size, "input_size")
+    if resize not in _RESIZE_METHODS:
+        raise RefghostError(f"resize must be one of {', '.join(_RESIZE_METHODS)}; got {resize!r}")
+    if warp_kernel not in WARP_KERNELS:
+        raise RefghostError(f"warp_kernel must be one of {', '.join(WARP_KERNELS)}; got {warp_kernel!r}")
+    mean_arr = _check_stats(mean, "mean")
+    std_arr = _check_stats(std, "std")
+
+    if isinstance(image, (str, os.PathLike)):
+        img = read_image(image, order)
+    else:
+        img = _check_image(image)
+    if img.shape[:2] != (dst_h, dst_w):
+        # With equal sizes the identity warp is exact for every kernel, so skipping it is safe.
+        img = warp_resize(img, (dst_w, dst_h), kernel=warp_kernel)
+    return normalize(img, mean_arr, std_arr)[None]

@@ -1,0 +1,90 @@
+"""The command line, through ``main(argv)``: what it prints, writes and returns."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch_ghostnet as tg
+
+from refghost.cli import DEFAULT_WEIGHTS, SAMPLE_IMAGE, main
+
+
+def test_run_with_no_arguments_uses_shipped_weights_and_image(capsys):
+    assert DEFAULT_WEIGHTS.is_file() and SAMPLE_IMAGE.is_file()
+    assert main(["run"]) == 0
+    out = capsys.readouterr().out
+    assert "ghostnet_nanodet_1.0x.h5" in out and "sample.png" in out and "SYNTHETIC" in out
+    for line in ("blocks.4 ", "(1, 40, 40, 40)", "blocks.6 ", "(1, 112, 20, 20)", "blocks.9 ", "(1, 960, 10, 10)"):
+        assert line in out
+
+
+def test_run_npy_float64_intermediates_to_npz(tmp_path, weights_file, capsys):
+    x = np.random.default_rng(0).standard_normal((2, 3, 33, 47)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    out_file = tmp_path / "r.npz"
+    assert main(["run", str(tmp_path / "x.npy"), "--weights", str(weights_file), "--dtype", "float64",
+                 "--intermediates", "--out", str(out_file)]) == 0
+    assert "intermediate tensors" in capsys.readouterr().out
+    with np.load(out_file) as saved:
+        names = list(saved.files)
+        assert names[:3] == ["conv_stem", "bn1", "act1"]
+        assert {"blocks.4", "blocks.6", "blocks.9", "blocks.3.0.se.gate"} <= set(names)
+        assert saved["blocks.9"].shape == (2, 960, 2, 2) and saved["blocks.9"].dtype == np.float64
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_python_dash_m(weights_file, tmp_path):
+    np.save(tmp_path / "x.npy", np.zeros((3, 16, 16), np.float32))
+    done = subprocess.run([sys.executable, "-m", "refghost", "run", str(tmp_path / "x.npy"), "--weights",
+                           str(weights_file)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "blocks.9" in done.stdout
+
+
+@pytest.mark.parametrize("argv_tail, message", [
+    (["--weights", "{tmp}/missing.h5"], "no such weights file"),
+    (["{tmp}/missing.png"], "missing.png"),
+    (["{tmp}/nan.npy"], "NaN"),
+    (["{tmp}/gray.npy"], r"\(N, 3, H, W\)"),
+    (["--out", "{tmp}/r.txt"], "ending in .npz"),
+    (["--out", "{tmp}/no/such/dir/r.npz"], "does not exist"),
+])
+def test_run_bad_input_exits_2_without_output(tmp_path, weights_file, capsys, argv_tail, message):
+    x = np.zeros((1, 3, 8, 8), np.float32)
+    x[0, 0, 0, 0] = np.nan
+    np.save(tmp_path / "nan.npy", x)
+    np.save(tmp_path / "gray.npy", np.zeros((1, 1, 8, 8), np.float32))
+    argv = ["run", "--weights", str(weights_file)] + [a.format(tmp=tmp_path) for a in argv_tail]
+    before = set(tmp_path.rglob("*"))
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("refghost run: error:")
+    import re
+
+    assert re.search(message, err), err
+    assert set(tmp_path.rglob("*")) == before
+
+
+def test_convert_then_run(tmp_path, capsys):
+    model = tg.randomize(tg.build("nanodet", 0.75, "SiLU", (2, 9)), seed=4)
+    torch.save({"state_dict": {f"model.backbone.{k}": v for k, v in model.state_dict().items()}},
+               tmp_path / "m.ckpt")
+    argv = ["convert", str(tmp_path / "m.ckpt"), "--out", str(tmp_path / "w.h5"), "--width", "0.75",
+            "--activation", "SiLU", "--out-stages", "9,2"]
+    assert main(argv) == 0
+    assert "wrote" in capsys.readouterr().out
+    np.save(tmp_path / "x.npy", np.ones((1, 3, 32, 32), np.float32))
+    assert main(["run", str(tmp_path / "x.npy"), "--weights", str(tmp_path / "w.h5")]) == 0
+    out = capsys.readouterr().out
+    assert "blocks.2 " in out and "blocks.9 " in out and "blocks.4 " not in out
+
+
+def test_convert_bad_exits_2(tmp_path, capsys):
+    assert main(["convert", str(tmp_path / "none.pth"), "--out", str(tmp_path / "w.h5")]) == 2
+    assert "no such checkpoint" in capsys.readouterr().err
+    assert main(["convert", str(tmp_path / "none.pth"), "--out", str(tmp_path / "w.h5"),
+                 "--out-stages", "4,x"]) == 2
+    assert "--out-stages" in capsys.readouterr().err
+    assert not (tmp_path / "w.h5").exists()
