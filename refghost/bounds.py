@@ -33,6 +33,8 @@ from .forward import evaluate
 
 FLOAT32_U = 2.0 ** -24
 FLOAT64_U = 2.0 ** -53
+#: Unit roundoff of the arithmetic of each precision policy.
+UNIT_ROUNDOFF = {"float64": FLOAT64_U, "float32": FLOAT32_U, "float16": 2.0 ** -11, "bfloat16": 2.0 ** -8}
 
 def _sigmoid(x):
     return 0.5 * (1.0 + np.tanh(0.5 * x))
@@ -110,21 +112,35 @@ def error_bounds(graph: Graph, params: dict[str, np.ndarray], x: np.ndarray, *, 
     state = {"input": np.zeros_like(x)}  # worst: error bound; probabilistic: error variance
     bounds = {}
     for node in graph.nodes:
-        if isolated_from is None:
-            ins = [values[s] for s in node.inputs]
-            errs = [state[s] for s in node.inputs]
-        else:
+        if isolated_from is not None:
             ins = [x if s == "input" else np.asarray(isolated_from[s], dtype=np.float64) for s in node.inputs]
-            errs = [np.zeros_like(a) for a in ins]
+            values[node.name], bounds[node.name] = node_bound(node, ins, params, u=u, model=model, lam=lam)
+            continue
+        ins = [values[s] for s in node.inputs]
         y = evaluate(node, ins, params)
         p = {role: params[key] for role, key in node.params.items()}
         values[node.name] = y
-        state[node.name] = _node_error(node, ins, errs, y, p, u, worst, lam)
+        state[node.name] = _node_error(node, ins, [state[s] for s in node.inputs], y, p, u, worst, lam)
         bounds[node.name] = state[node.name] if worst else lam * np.sqrt(state[node.name])
-        if isolated_from is not None:
-            del state[node.name]
     del values["input"]
     return values, bounds
+
+
+def node_bound(node, inputs, params, *, u: float = FLOAT32_U, model: str = "worst", lam: float = DEFAULT_LAMBDA):
+    """The float64 value of one node and the bound on its own rounding, its inputs taken as exact.
+
+    ``inputs`` are the node's input arrays (converted to float64 here), ``params`` maps the
+    node's state_dict keys to float64 arrays. Returns ``(value, bound)``, both float64 arrays of
+    the output's shape: an honest implementation with unit roundoff ``u`` computes this node
+    from these inputs within ``bound`` of ``value``, elementwise.
+    """
+    if model not in MODELS:
+        raise ValueError(f"model must be one of {MODELS}, got {model!r}")
+    ins = [np.asarray(a, dtype=np.float64) for a in inputs]
+    y = evaluate(node, ins, params)
+    p = {role: params[key] for role, key in node.params.items()}
+    state = _node_error(node, ins, [np.zeros_like(a) for a in ins], y, p, u, model == "worst", lam)
+    return y, (state if model == "worst" else lam * np.sqrt(state))
 
 
 def _node_error(node, ins, errs, y, p, u, worst, lam):
