@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
 from . import preprocess
 from .arch import Config, Graph, build_graph
+from .atomic import atomic_path
 from .errors import RefghostError, WeightsError
 
 FORMAT = "refghost-weights"
@@ -183,44 +182,51 @@ def load_weights(path) -> Weights:
         raise WeightsError(f"{path}: not a readable HDF5 file ({exc})") from None
     try:
         with f:
-            attrs = f.attrs
-            fmt = _attr(attrs, "format", path)
-            if fmt != FORMAT:
-                raise WeightsError(f"{path}: format is {fmt!r}, expected {FORMAT!r}")
-            version = int(_attr(attrs, "schema_version", path))
-            if version != SCHEMA_VERSION:
-                raise WeightsError(f"{path}: schema version {version}, this refghost reads version "
-                                   f"{SCHEMA_VERSION}")
-            try:
-                config = Config(arch=str(_attr(attrs, "arch", path)), width=float(_attr(attrs, "width", path)),
-                                activation=str(_attr(attrs, "activation", path)),
-                                out_stages=tuple(int(s) for s in np.atleast_1d(_attr(attrs, "out_stages", path))),
-                                num_classes=int(_attr(attrs, "num_classes", path)))
-                pre = Preprocessing(
-                    tuple(float(v) for v in _attr(attrs, "input_mean", path)),
-                    tuple(float(v) for v in _attr(attrs, "input_std", path)),
-                    str(_attr(attrs, "channel_order", path)),
-                    tuple(int(v) for v in _attr(attrs, "input_size", path)))
-            except WeightsError:
-                raise
-            except (RefghostError, TypeError, ValueError) as exc:
-                raise WeightsError(f"{path}: bad root attributes: {exc}") from None
-            provenance = {k: str(_attr(attrs, k, path)) for k in PROVENANCE_ATTRS if k in attrs}
-            tensors = {}
-            for key, obj in f.items():
-                if not isinstance(obj, h5py.Dataset):
-                    raise WeightsError(f"{path}: {key!r} is a group; schema v1 keeps every tensor at the root")
-                if key.endswith(IGNORED_SUFFIX):
-                    continue
-                if obj.dtype.kind != "f":
-                    raise WeightsError(f"{path}: key {key!r} has dtype {obj.dtype}, expected float32 or float64")
-                array = obj[()]
-                array = np.asarray(array)
-                array.flags.writeable = False
-                tensors[key] = array
+            weights = read_weights_group(f, path)
     except OSError as exc:  # truncated or corrupt data blocks surface while reading
         raise WeightsError(f"{path}: HDF5 read error ({exc})") from None
-    return Weights(config, pre, tensors, provenance, path=path, sha256=file_sha256(path))
+    object.__setattr__(weights, "sha256", file_sha256(path))
+    return weights
+
+
+def read_weights_group(group, where: str) -> Weights:
+    """Validate and read the weights stored in an HDF5 group (a file's root, or a golden file's
+    ``/weights``); ``where`` names it in error messages."""
+    import h5py
+
+    attrs = group.attrs
+    fmt = _attr(attrs, "format", where)
+    if fmt != FORMAT:
+        raise WeightsError(f"{where}: format is {fmt!r}, expected {FORMAT!r}")
+    version = int(_attr(attrs, "schema_version", where))
+    if version != SCHEMA_VERSION:
+        raise WeightsError(f"{where}: schema version {version}, this refghost reads version {SCHEMA_VERSION}")
+    try:
+        config = Config(arch=str(_attr(attrs, "arch", where)), width=float(_attr(attrs, "width", where)),
+                        activation=str(_attr(attrs, "activation", where)),
+                        out_stages=tuple(int(s) for s in np.atleast_1d(_attr(attrs, "out_stages", where))),
+                        num_classes=int(_attr(attrs, "num_classes", where)))
+        pre = Preprocessing(tuple(float(v) for v in _attr(attrs, "input_mean", where)),
+                            tuple(float(v) for v in _attr(attrs, "input_std", where)),
+                            str(_attr(attrs, "channel_order", where)),
+                            tuple(int(v) for v in _attr(attrs, "input_size", where)))
+    except WeightsError:
+        raise
+    except (RefghostError, TypeError, ValueError) as exc:
+        raise WeightsError(f"{where}: bad root attributes: {exc}") from None
+    provenance = {k: str(_attr(attrs, k, where)) for k in PROVENANCE_ATTRS if k in attrs}
+    tensors = {}
+    for key, obj in group.items():
+        if not isinstance(obj, h5py.Dataset):
+            raise WeightsError(f"{where}: {key!r} is a group; schema v1 keeps every tensor at the root")
+        if key.endswith(IGNORED_SUFFIX):
+            continue
+        if obj.dtype.kind != "f":
+            raise WeightsError(f"{where}: key {key!r} has dtype {obj.dtype}, expected float32 or float64")
+        array = np.asarray(obj[()])
+        array.flags.writeable = False
+        tensors[key] = array
+    return Weights(config, pre, tensors, provenance, path=where)
 
 
 def save_weights(path, weights: Weights) -> None:
@@ -231,30 +237,26 @@ def save_weights(path, weights: Weights) -> None:
     """
     import h5py
 
-    path = Path(path)
+    with atomic_path(path) as tmp, h5py.File(tmp, "w", track_order=True) as f:
+        write_weights_group(f, weights)
+
+
+def write_weights_group(group, weights: Weights) -> None:
+    """Store ``weights`` in an HDF5 group: the schema-v1 attributes and one dataset per key."""
     cfg, pre = weights.config, weights.preprocessing
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
-    os.close(fd)
-    try:
-        with h5py.File(tmp, "w", track_order=True) as f:
-            f.attrs["format"] = FORMAT
-            f.attrs["schema_version"] = SCHEMA_VERSION
-            f.attrs["arch"] = cfg.arch
-            f.attrs["width"] = cfg.width
-            f.attrs["activation"] = cfg.activation
-            f.attrs["out_stages"] = np.array(cfg.out_stages, dtype=np.int64)
-            f.attrs["num_classes"] = cfg.num_classes
-            f.attrs["input_mean"] = np.array(pre.mean, dtype=np.float64)
-            f.attrs["input_std"] = np.array(pre.std, dtype=np.float64)
-            f.attrs["channel_order"] = pre.channel_order
-            f.attrs["input_size"] = np.array(pre.input_size, dtype=np.int64)
-            for key in PROVENANCE_ATTRS:
-                if key in weights.provenance:
-                    f.attrs[key] = str(weights.provenance[key])
-            for key in weights.graph.param_shapes:
-                f.create_dataset(key, data=weights.tensors[key], track_times=False)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    group.attrs["format"] = FORMAT
+    group.attrs["schema_version"] = SCHEMA_VERSION
+    group.attrs["arch"] = cfg.arch
+    group.attrs["width"] = cfg.width
+    group.attrs["activation"] = cfg.activation
+    group.attrs["out_stages"] = np.array(cfg.out_stages, dtype=np.int64)
+    group.attrs["num_classes"] = cfg.num_classes
+    group.attrs["input_mean"] = np.array(pre.mean, dtype=np.float64)
+    group.attrs["input_std"] = np.array(pre.std, dtype=np.float64)
+    group.attrs["channel_order"] = pre.channel_order
+    group.attrs["input_size"] = np.array(pre.input_size, dtype=np.int64)
+    for key in PROVENANCE_ATTRS:
+        if key in weights.provenance:
+            group.attrs[key] = str(weights.provenance[key])
+    for key in weights.graph.param_shapes:
+        group.create_dataset(key, data=weights.tensors[key], track_times=False)
