@@ -35,6 +35,10 @@ FLOAT32_U = 2.0 ** -24
 FLOAT64_U = 2.0 ** -53
 #: Unit roundoff of the arithmetic of each precision policy.
 UNIT_ROUNDOFF = {"float64": FLOAT64_U, "float32": FLOAT32_U, "float16": 2.0 ** -11, "bfloat16": 2.0 ** -8}
+#: Half the smallest subnormal of each precision: a rounding in the subnormal range is off by up
+#: to this much in absolute terms, not by u relatively (Higham, ch. 2.1). It matters for float16,
+#: whose subnormals start at 6.1e-5; for the others it is below 1e-38 and taken as 0.
+UNDERFLOW = {"float64": 0.0, "float32": 0.0, "float16": 2.0 ** -25, "bfloat16": 0.0}
 
 def _sigmoid(x):
     return 0.5 * (1.0 + np.tanh(0.5 * x))
@@ -126,7 +130,8 @@ def error_bounds(graph: Graph, params: dict[str, np.ndarray], x: np.ndarray, *, 
     return values, bounds
 
 
-def node_bound(node, inputs, params, *, u: float = FLOAT32_U, model: str = "worst", lam: float = DEFAULT_LAMBDA):
+def node_bound(node, inputs, params, *, u: float = FLOAT32_U, model: str = "worst", lam: float = DEFAULT_LAMBDA,
+               eta: float = 0.0):
     """The float64 value of one node and the bound on its own rounding, its inputs taken as exact.
 
     ``inputs`` are the node's input arrays (converted to float64 here), ``params`` maps the
@@ -136,11 +141,25 @@ def node_bound(node, inputs, params, *, u: float = FLOAT32_U, model: str = "wors
     """
     if model not in MODELS:
         raise ValueError(f"model must be one of {MODELS}, got {model!r}")
+    u += FLOAT64_U  # the float64 reference value is itself rounded: same rules, u = 2^-53
     ins = [np.asarray(a, dtype=np.float64) for a in inputs]
     y = evaluate(node, ins, params)
     p = {role: params[key] for role, key in node.params.items()}
     state = _node_error(node, ins, [np.zeros_like(a) for a in ins], y, p, u, model == "worst", lam)
-    return y, (state if model == "worst" else lam * np.sqrt(state))
+    if model == "worst":
+        return y, state + _roundings(node, p) * eta
+    return y, lam * np.sqrt(state + _roundings(node, p) * eta * eta)
+
+
+def _roundings(node, p) -> int:
+    """How many roundings one output element of ``node`` goes through (for the underflow term)."""
+    if node.op == "conv":
+        return p["weight"][0].size + ("bias" in p)
+    if node.op == "linear":
+        return p["weight"].shape[1] + 1
+    if node.op == "global_avg_pool":
+        return 2  # m sums, each off by eta, divided by m; then the divide
+    return {"concat": 0, "add": 1, "scale": 1, "hard_sigmoid": 2}.get(node.op, 4)  # BN, activations: <= 4
 
 
 def _node_error(node, ins, errs, y, p, u, worst, lam):
@@ -212,3 +231,56 @@ def _node_error(node, ins, errs, y, p, u, worst, lam):
             return np.abs(g) * e + (np.abs(x) + e) * e_g + u * np.abs(y)
         return g * g * e + x * x * e_g + (u * y) ** 2
     raise ValueError(f"no error rule for op {op!r} (node {node.name})")
+
+
+def fold_batch_norm(weight, bias, bn: dict, *, eps=ops.BN_EPS):
+    """Conv weight and bias with a following BatchNorm folded in, in float64.
+
+    ``W' = W * alpha[o]``, ``b' = (b or 0) * alpha + beta`` with PyTorch's alpha and beta (what
+    ONNX exporters do, there in float32). weight: (O, C/g, KH, KW); bn: ``{weight, bias,
+    running_mean, running_var}`` each (O,). Returns ``(W', b')``.
+    """
+    alpha, beta = ops.batch_norm_coefficients(bn["weight"], bn["bias"], bn["running_mean"], bn["running_var"],
+                                              eps=eps)
+    folded_bias = beta if bias is None else bias * alpha + beta
+    return weight * alpha[:, None, None, None], folded_bias
+
+
+def segment_bound(graph: Graph, names: list[str], leaves: dict, params: dict, *, u: float = FLOAT32_U,
+                  eta: float = 0.0):
+    """Value and worst-case bound of the last node of a short chain of nodes, from exact leaves.
+
+    ``names`` are node names in forward order; every input of a node in the chain is either an
+    earlier node of the chain or a key of ``leaves`` (the candidate's own tensors, or
+    ``"input"``), taken as exact. Each node adds its own rounding and carries its inputs' errors
+    (the worst-case rules of :func:`error_bounds`). A BatchNorm whose conv is in the chain may
+    have been folded into that conv by the backend (ONNX exporters do), so its bound is the
+    larger of "conv then BN" and "one conv with weights W*alpha, bias beta, themselves rounded
+    once": an honest backend computes one or the other.
+    """
+    u += FLOAT64_U  # the float64 reference value is itself rounded: same rules, u = 2^-53
+    values, errors = {}, {}
+    for name in names:
+        node = graph.node(name)
+        ins = [values[s] if s in values else np.asarray(leaves[s], dtype=np.float64) for s in node.inputs]
+        errs = [errors[s] if s in errors else np.zeros_like(a) for s, a in zip(node.inputs, ins)]
+        y = evaluate(node, ins, params)
+        p = {role: params[key] for role, key in node.params.items()}
+        err = _node_error(node, ins, errs, y, p, u, True, DEFAULT_LAMBDA) + _roundings(node, p) * eta
+        src = node.inputs[0]
+        if node.op == "batch_norm" and src in values and graph.node(src).op == "conv":
+            conv = graph.node(src)
+            first = conv.inputs[0]
+            conv_in = values[first] if first in values else np.asarray(leaves[first], dtype=np.float64)
+            conv_err = errors.get(first, np.zeros_like(conv_in))
+            conv_bias = params[conv.params["bias"]] if "bias" in conv.params else None
+            w, b = fold_batch_norm(params[conv.params["weight"]], conv_bias, p, eps=node.attrs.get("eps", ops.BN_EPS))
+            folded = replace(conv, params={"weight": "w", "bias": "b"})
+            folded_err = _node_error(folded, [conv_in], [conv_err], y, {"weight": w, "bias": b}, u, True,
+                                     DEFAULT_LAMBDA)
+            # the folding's own rounding: W*alpha and the folded bias each rounded once
+            folded_err += u * (evaluate(folded, [np.abs(conv_in)], {"w": np.abs(w), "b": np.abs(b)}))
+            folded_err += (_roundings(folded, {"weight": w, "bias": b}) + 2) * eta
+            err = np.maximum(err, folded_err)
+        values[name], errors[name] = y, err
+    return values[names[-1]], errors[names[-1]]

@@ -4,8 +4,11 @@
     refghost run photo.jpg --weights my.h5 --dtype float64 --out result.npz [--intermediates]
     refghost convert SRC --out W.h5 --arch nanodet|ghostnet [--width W] [--activation NAME]
                      [--out-stages 4,6,9]
+    refghost golden --weights W.h5 --out golden.h5 [--input x.npy | IMAGE | --seed N] [--intermediates]
+    refghost compare golden.h5 model.onnx|dump.npz|dump.h5|out.npy [--json report.json] [--map a=b]
 
-Exit status: 0 success, 2 bad input (the message says what is wrong; no output file is left).
+Exit status: 0 success (compare: every tensor within tolerance), 1 compare found a mismatch,
+2 bad input (the message says what is wrong; no output file is left).
 """
 
 from __future__ import annotations
@@ -53,6 +56,30 @@ def make_parser() -> argparse.ArgumentParser:
     conv.add_argument("--width", type=float, default=1.0, help="width multiplier (default 1.0)")
     conv.add_argument("--activation", default="ReLU", help="NanoDet activation name (default ReLU)")
     conv.add_argument("--out-stages", default="4,6,9", help="comma-separated stages 0..9 (nanodet)")
+    gold = sub.add_parser("golden", help="write a golden file: the float64 oracle's outputs and their bounds")
+    gold.add_argument("--weights", default=str(DEFAULT_WEIGHTS), help="refghost weights file")
+    gold.add_argument("--out", required=True, help="golden file to write (.h5)")
+    source = gold.add_mutually_exclusive_group()
+    source.add_argument("--input", help="image file, or .npy float array (N,3,H,W)/(3,H,W) used as is "
+                                        "(default: the shipped sample image)")
+    source.add_argument("--seed", type=int, help="use a seeded N(0,1) input of the weights' input size")
+    gold.add_argument("--batch", type=int, default=1, help="batch size of the --seed input")
+    gold.add_argument("--intermediates", action="store_true", help="also store every layer's output")
+
+    comp = sub.add_parser("compare", help="compare a backend's outputs with a golden file")
+    comp.add_argument("golden", help="golden file written by `refghost golden`")
+    comp.add_argument("candidate", help=".onnx (run with ONNX Runtime on the golden input), or .npz/.h5/.npy "
+                                        "arrays named by module path")
+    comp.add_argument("--json", help="write the full report to this JSON file")
+    comp.add_argument("--map", action="append", default=[], metavar="CAND=MODULE",
+                      help="rename a candidate array to a module path or output name (repeatable)")
+    comp.add_argument("--policy", choices=("float32", "float16", "bfloat16"), default="float32",
+                      help="precision of the backend's arithmetic (scales the derived bounds)")
+    comp.add_argument("--atol", type=float, help="override the derived bounds with atol + rtol*|reference|")
+    comp.add_argument("--rtol", type=float, help="see --atol")
+    comp.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads")
+    comp.add_argument("--ort-optimization", choices=("all", "none"), default="all",
+                      help="ONNX Runtime graph optimization level")
     return parser
 
 
@@ -126,10 +153,60 @@ def cmd_convert(args) -> int:
     return 0
 
 
+def cmd_golden(args) -> int:
+    from .golden import make_golden, write_golden
+    from .runner import prepare_input
+    from .weights import load_weights
+
+    weights = load_weights(args.weights)
+    if args.seed is not None:
+        w, h = weights.preprocessing.input_size
+        x = np.random.default_rng(args.seed).standard_normal((args.batch, 3, h, w)).astype(np.float32)
+        source = f"seed {args.seed}: N(0, 1) of shape {x.shape}"
+    else:
+        image = args.input or str(SAMPLE_IMAGE)
+        x = prepare_input(_load_input(image), weights, np.float32)
+        source = image
+    command = "refghost " + " ".join(sys.argv[1:] if args.argv is None else args.argv)
+    golden = make_golden(weights, x, intermediates=args.intermediates, input_source=source, command=command)
+    write_golden(args.out, golden)
+    print(f"wrote {args.out}: input {x.shape} ({source}), {len(golden.outputs)} outputs"
+          f"{f', {len(golden.intermediates)} intermediates' if golden.intermediates else ''}")
+    return 0
+
+
+def cmd_compare(args) -> int:
+    import json
+
+    from .candidates import load_candidate
+    from .compare import compare, format_report
+    from .golden import read_golden
+
+    maps = {}
+    for item in args.map:
+        if "=" not in item:
+            raise RefghostError(f"--map {item!r}: expected CANDIDATE_NAME=MODULE.PATH")
+        key, value = item.split("=", 1)
+        maps[key] = value
+    golden = read_golden(args.golden)
+    tensors, description, notes = load_candidate(args.candidate, golden, maps=maps, threads=args.threads,
+                                                 optimization=args.ort_optimization)
+    report = compare(golden, tensors, policy=args.policy, atol=args.atol, rtol=args.rtol,
+                     candidate_name=description, notes=notes)
+    print(format_report(report))
+    if args.json:
+        with atomic_path(args.json) as tmp, open(tmp, "w") as f:
+            json.dump(report.to_json(), f, indent=1)
+    return 0 if report.passed else 1
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = make_parser().parse_args(argv)
+    parser = make_parser()
+    args = parser.parse_args(argv)
+    args.argv = argv
+    commands = {"run": cmd_run, "convert": cmd_convert, "golden": cmd_golden, "compare": cmd_compare}
     try:
-        return {"run": cmd_run, "convert": cmd_convert}[args.command](args)
+        return commands[args.command](args)
     except RefghostError as exc:
         print(f"refghost {args.command}: error: {exc}", file=sys.stderr)
         return 2

@@ -1,0 +1,179 @@
+"""Golden files: the float64 oracle's outputs of every layer, with what checking them needs.
+
+Format (HDF5, schema v1, documented in ``docs/golden-format.md``):
+
+``/input``
+    (N, 3, H, W) float32: the input every backend must be fed.
+``/outputs/<name>``
+    float64 oracle outputs (``blocks.4``, ... or ``classifier``), in forward order.
+``/intermediates/<name>``
+    float64 output of every layer, by PyTorch module path, in forward order (optional).
+``/bounds/<name>``
+    for each tensor above, the probabilistic accumulated error bound (float32 arithmetic,
+    ``u = 2^-24``, 8 sigma; ``refghost.bounds``): how far an honest float32 backend may be from it.
+    Bounds are first order in ``u``, so other precisions scale them by ``u / 2^-24``.
+``/weights``
+    the weights, as in a weights file (so a golden file is self-contained: recomputing one
+    layer from a candidate's input, the isolated check, needs them).
+root attributes
+    ``format = "refghost-golden"``, ``schema_version``, ``refghost_version``, ``weights_sha256``,
+    ``input_source``, ``bound_unit_roundoff``, ``bound_lambda``, ``numpy_version``,
+    ``numba_version``, ``h5py_version``, ``command``.
+
+Written atomically: a crash leaves no file.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from . import __version__
+from .atomic import atomic_path
+from .bounds import DEFAULT_LAMBDA, FLOAT32_U, error_bounds
+from .errors import RefghostError, WeightsError
+from .forward import single_threaded_blas
+from .weights import Weights, read_weights_group, write_weights_group
+
+FORMAT = "refghost-golden"
+SCHEMA_VERSION = 1
+
+
+class GoldenError(RefghostError):
+    """A golden file that cannot be used: unreadable, wrong format or version, inconsistent."""
+
+
+@dataclass
+class Golden:
+    """A golden file in memory: input, oracle tensors in forward order, their bounds, weights."""
+
+    weights: Weights
+    input: np.ndarray  # (N, 3, H, W) float32
+    outputs: dict[str, np.ndarray]  # output name -> float64
+    intermediates: dict[str, np.ndarray]  # node name -> float64, forward order (may be empty)
+    bounds: dict[str, np.ndarray]  # every name above -> float32 bound for u = 2^-24
+    attrs: dict = field(default_factory=dict)
+    path: str | None = None
+
+    def tensors(self) -> dict[str, np.ndarray]:
+        """Every stored oracle tensor, in forward order (each output right after its node)."""
+        if not self.intermediates:
+            return dict(self.outputs)
+        produced_by = {node: name for name, node in self.weights.graph.outputs.items()}
+        merged = {}
+        for name, value in self.intermediates.items():
+            merged[name] = value
+            if name in produced_by:
+                merged[produced_by[name]] = self.outputs[produced_by[name]]
+        return merged
+
+    def node_of(self, name: str) -> str:
+        """The graph node a stored tensor name belongs to (an output name maps to its node)."""
+        return self.weights.graph.outputs.get(name, name)
+
+
+def make_golden(weights: Weights, x: np.ndarray, *, intermediates: bool = False, input_source: str = "",
+                command: str = "") -> Golden:
+    """Compute the float64 oracle and its bounds for input ``x`` (N, 3, H, W) float32."""
+    import h5py
+    import numba
+
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    with single_threaded_blas():  # the oracle values are refghost.run(x, weights, dtype="float64")'s
+        values, node_bounds = error_bounds(weights.graph, weights.params("float64"), x.astype(np.float64),
+                                           u=FLOAT32_U, lam=DEFAULT_LAMBDA)
+    outputs = {name: values[node] for name, node in weights.graph.outputs.items()}
+    layers = dict(values) if intermediates else {}
+    bounds = {name: node_bounds[weights.graph.outputs[name]].astype(np.float32) for name in outputs}
+    bounds.update({name: node_bounds[name].astype(np.float32) for name in layers})
+    attrs = {
+        "refghost_version": __version__,
+        "weights_sha256": weights.sha256 or "",
+        "input_source": input_source,
+        "bound_unit_roundoff": FLOAT32_U,
+        "bound_lambda": DEFAULT_LAMBDA,
+        "numpy_version": np.__version__,
+        "numba_version": numba.__version__,
+        "h5py_version": h5py.__version__,
+        "command": command,
+    }
+    return Golden(weights, x, outputs, layers, bounds, attrs)
+
+
+def write_golden(path, golden: Golden) -> None:
+    """Write ``golden`` to ``path`` atomically (see the module docstring for the layout)."""
+    import h5py
+
+    with atomic_path(path) as tmp, h5py.File(tmp, "w", track_order=True) as f:
+        f.attrs["format"] = FORMAT
+        f.attrs["schema_version"] = SCHEMA_VERSION
+        for key, value in golden.attrs.items():
+            f.attrs[key] = value
+        f.create_dataset("input", data=golden.input, track_times=False)
+        for group_name, tensors in (("outputs", golden.outputs), ("intermediates", golden.intermediates),
+                                    ("bounds", golden.bounds)):
+            group = f.create_group(group_name, track_order=True)
+            for name, value in tensors.items():
+                group.create_dataset(name, data=value, track_times=False)
+        write_weights_group(f.create_group("weights", track_order=True), golden.weights)
+
+
+def read_golden(path) -> Golden:
+    """Read and check a golden file. Raises :class:`GoldenError` naming the problem."""
+    import h5py
+
+    path = os.fspath(path)
+    hint = "regenerate it with `refghost golden --weights W.h5 --out GOLDEN.h5 ...`"
+    if not os.path.isfile(path):
+        raise GoldenError(f"{path}: no such golden file")
+    try:
+        f = h5py.File(path, "r")
+    except OSError as exc:
+        raise GoldenError(f"{path}: not a readable HDF5 file ({exc})") from None
+    try:
+        with f:
+            fmt = f.attrs.get("format")
+            fmt = fmt.decode() if isinstance(fmt, bytes) else fmt
+            if fmt != FORMAT:
+                raise GoldenError(f"{path}: format is {fmt!r}, expected {FORMAT!r}")
+            version = int(f.attrs.get("schema_version", -1))
+            if version != SCHEMA_VERSION:
+                raise GoldenError(f"{path}: golden schema version {version}, this refghost reads version "
+                                  f"{SCHEMA_VERSION}; {hint}")
+            for required in ("input", "outputs", "intermediates", "bounds", "weights"):
+                if required not in f:
+                    raise GoldenError(f"{path}: {required!r} is missing; {hint}")
+            try:
+                weights = read_weights_group(f["weights"], f"{path}:/weights")
+            except WeightsError as exc:
+                raise GoldenError(str(exc)) from None
+            x = np.asarray(f["input"][()])
+            outputs = {k: np.asarray(v[()]) for k, v in f["outputs"].items()}
+            layers = {k: np.asarray(v[()]) for k, v in f["intermediates"].items()}
+            bounds = {k: np.asarray(v[()]) for k, v in f["bounds"].items()}
+            attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items()}
+    except OSError as exc:
+        raise GoldenError(f"{path}: HDF5 read error ({exc})") from None
+    golden = Golden(weights, x, outputs, layers, bounds, attrs, path=path)
+    _check_consistent(golden, path, hint)
+    return golden
+
+
+def _check_consistent(golden: Golden, path: str, hint: str) -> None:
+    graph = golden.weights.graph
+    x = golden.input
+    if x.ndim != 4 or x.shape[1] != 3 or x.dtype != np.float32:
+        raise GoldenError(f"{path}: input has shape {x.shape} and dtype {x.dtype}, expected float32 (N, 3, H, W)")
+    if list(golden.outputs) != list(graph.outputs):
+        raise GoldenError(f"{path}: outputs {list(golden.outputs)} do not match the weights' "
+                          f"{list(graph.outputs)}; {hint}")
+    known = {n.name for n in graph.nodes}
+    for name in golden.intermediates:
+        if name not in known:
+            raise GoldenError(f"{path}: intermediate {name!r} is not a layer of this network; {hint}")
+    for name, value in golden.tensors().items():
+        bound = golden.bounds.get(name)
+        if bound is None or bound.shape != value.shape:
+            raise GoldenError(f"{path}: bound of {name!r} is missing or has the wrong shape; {hint}")
