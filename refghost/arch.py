@@ -108,6 +108,9 @@ class Config:
     activation: str = "ReLU"
     out_stages: tuple[int, ...] = DEFAULT_OUT_STAGES
     num_classes: int = 0  # ghostnet only
+    #: BatchNorm folded into the convolutions (as ONNX exporters do): each conv+BN pair is one conv
+    #: with a bias, keyed ``<conv>.weight``/``<conv>.bias`` and named after the BN it replaces.
+    folded: bool = False
 
     def __post_init__(self):
         if self.arch not in ARCHITECTURES:
@@ -185,11 +188,13 @@ class _Builder:
         self.graph.nodes.append(node)
         return node.name
 
-    def conv(self, name, x, in_chs, out_chs, kernel, *, stride=1, groups=1, bias=False):
-        params = {"weight": f"{name}.weight"}
+    def conv(self, name, x, in_chs, out_chs, kernel, *, stride=1, groups=1, bias=False, key=None):
+        """A conv node called ``name`` reading ``<key>.weight`` (and ``.bias``); key defaults to name."""
+        key = key or name
+        params = {"weight": f"{key}.weight"}
         shapes = {"weight": (out_chs, in_chs // groups, kernel, kernel)}
         if bias:
-            params["bias"] = f"{name}.bias"
+            params["bias"] = f"{key}.bias"
             shapes["bias"] = (out_chs,)
         attrs = {"stride": stride, "padding": (kernel - 1) // 2, "groups": groups}
         return self._add(Node(name, "conv", (x,), params, attrs), shapes)
@@ -209,6 +214,8 @@ class _Builder:
         return self._add(Node(name, op, tuple(inputs), attrs=attrs), {})
 
     def conv_bn(self, conv_name, bn_name, x, in_chs, out_chs, kernel, **conv_kw):
+        if self.graph.config.folded:  # one conv with a bias, producing what the BN would
+            return self.conv(bn_name, x, in_chs, out_chs, kernel, bias=True, key=conv_name, **conv_kw)
         x = self.conv(conv_name, x, in_chs, out_chs, kernel, **conv_kw)
         return self.batch_norm(bn_name, x, out_chs)
 

@@ -43,6 +43,9 @@ REQUIRED_ATTRS = {
     "channel_order": '"BGR" or "RGB"',
     "input_size": "2 ints, [width, height]",
 }
+#: Optional root attributes with their default: ``folded`` = 1 when BatchNorm is folded into the
+#: convolutions (``<conv>.weight`` + ``<conv>.bias``, no BN keys), as in weights imported from ONNX.
+OPTIONAL_ATTRS = {"folded": 0}
 #: Root attributes that record where the weights came from (optional, free text).
 PROVENANCE_ATTRS = ("source_file", "source_sha256", "converter", "description")
 
@@ -127,7 +130,7 @@ def _check_tensors(tensors: dict, graph: Graph, where: str) -> None:
     missing = [k for k in expected if k not in tensors]
     unexpected = [k for k in tensors if k not in expected]
     cfg = graph.config
-    what = f"{cfg.arch} width {cfg.width:g} activation {cfg.activation}"
+    what = f"{cfg.arch} width {cfg.width:g} activation {cfg.activation}{' (BN folded)' if cfg.folded else ''}"
     if missing:
         raise WeightsError(f"{where}: missing {len(missing)} key(s) that {what} needs, first "
                            f"{missing[0]!r} with shape {list(expected[missing[0]])}" + _more(missing))
@@ -205,7 +208,8 @@ def read_weights_group(group, where: str) -> Weights:
         config = Config(arch=str(_attr(attrs, "arch", where)), width=float(_attr(attrs, "width", where)),
                         activation=str(_attr(attrs, "activation", where)),
                         out_stages=tuple(int(s) for s in np.atleast_1d(_attr(attrs, "out_stages", where))),
-                        num_classes=int(_attr(attrs, "num_classes", where)))
+                        num_classes=int(_attr(attrs, "num_classes", where)),
+                        folded=bool(int(attrs.get("folded", OPTIONAL_ATTRS["folded"]))))
         pre = Preprocessing(tuple(float(v) for v in _attr(attrs, "input_mean", where)),
                             tuple(float(v) for v in _attr(attrs, "input_std", where)),
                             str(_attr(attrs, "channel_order", where)),
@@ -251,6 +255,8 @@ def write_weights_group(group, weights: Weights) -> None:
     group.attrs["activation"] = cfg.activation
     group.attrs["out_stages"] = np.array(cfg.out_stages, dtype=np.int64)
     group.attrs["num_classes"] = cfg.num_classes
+    if cfg.folded:
+        group.attrs["folded"] = 1
     group.attrs["input_mean"] = np.array(pre.mean, dtype=np.float64)
     group.attrs["input_std"] = np.array(pre.std, dtype=np.float64)
     group.attrs["channel_order"] = pre.channel_order
