@@ -92,11 +92,18 @@ def _ordered_ints(a: np.ndarray) -> np.ndarray:
     return np.where(i < 0, -(i & (sign_bit - 1)), i)
 
 
+def _ratio(err: np.ndarray, bound: np.ndarray) -> np.ndarray:
+    """err / bound elementwise: 0 where both are 0, inf where only the bound is 0."""
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        return np.where(err == 0, 0.0, err / bound)
+
+
 def _metrics(cand: np.ndarray, ref: np.ndarray, bound: np.ndarray, cand_dtype) -> dict:
     diff = np.abs(cand - ref)
+    ratio = _ratio(diff, bound)
     abs_ref = np.abs(ref)
     rel = diff / np.where(abs_ref > 0, abs_ref, np.inf)
-    worst = np.unravel_index(int(np.argmax(diff / np.maximum(bound, np.finfo(np.float64).tiny))), diff.shape)
+    worst = np.unravel_index(int(np.argmax(ratio)), diff.shape) if diff.size else ()
     noise = float(np.sum((cand - ref) ** 2))
     signal = float(np.sum(ref ** 2))
     norms = float(np.linalg.norm(cand) * np.linalg.norm(ref))
@@ -111,7 +118,7 @@ def _metrics(cand: np.ndarray, ref: np.ndarray, bound: np.ndarray, cand_dtype) -
         max_ulp=float(ulp.max(initial=0)),
         worst_index=[int(i) for i in worst],
         fraction_outside=float(np.mean(diff > bound)) if diff.size else 0.0,
-        accumulated_ratio=float(np.max(diff / np.maximum(bound, np.finfo(np.float64).tiny), initial=0.0)),
+        accumulated_ratio=float(np.max(ratio, initial=0.0)),
         min_atol=float(diff.max(initial=0.0)),
         min_rtol=float(rel.max(initial=0.0)),
     )
@@ -194,7 +201,7 @@ def compare(golden: Golden, candidate: dict[str, np.ndarray], *, policy: str = "
             if explicit:
                 bound = atol + rtol * np.abs(value)
             err = np.abs(own[result.name] - value)
-            result.isolated_ratio = float(np.max(err / np.maximum(bound, np.finfo(np.float64).tiny), initial=0.0))
+            result.isolated_ratio = float(np.max(_ratio(err, bound), initial=0.0))
             result.isolated_segment = segment
 
     first = None
