@@ -9,8 +9,8 @@ Sources understood (after unwrapping ``{"state_dict": ...}``):
 * a Huawei/timm classifier: for ``--arch nanodet`` its ``conv_head``/``classifier`` keys are
   dropped; for ``--arch ghostnet`` they are kept and ``num_classes`` is read from them.
 
-``.pth``/``.pt``/``.ckpt`` files are read with ``torch.load(weights_only=True)``, so PyTorch must
-be installed; an ``.npz`` of state_dict arrays needs nothing but NumPy.
+``.pth``/``.pt``/``.ckpt`` files are read by :mod:`refghost.checkpoint` (no PyTorch needed, nothing
+in the file's pickle is run); an ``.npz`` of state_dict arrays needs nothing but NumPy.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import numpy as np
 
 from . import __version__
 from .arch import Config
+from .checkpoint import load_state_dict
 from .errors import WeightsError
 from .weights import Preprocessing, Weights, default_preprocessing, file_sha256, from_tensors, save_weights
 
@@ -38,27 +39,7 @@ def read_state_dict(path) -> dict[str, np.ndarray]:
                 return {k: data[k] for k in data.files}
         except (OSError, ValueError) as exc:
             raise WeightsError(f"{path}: not a readable .npz file ({exc})") from None
-    try:
-        import torch
-    except ImportError:
-        raise WeightsError(f"{path}: reading a PyTorch checkpoint needs torch installed "
-                           f"(or save the state_dict as .npz)") from None
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises many types for a bad or unsafe file
-        raise WeightsError(f"{path}: torch.load failed: {str(exc).splitlines()[0]}") from None
-    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
-        obj = obj["state_dict"]
-    if not isinstance(obj, dict):
-        raise WeightsError(f"{path}: expected a state_dict (a dict of tensors), found {type(obj).__name__}")
-    out = {}
-    for key, value in obj.items():
-        if not isinstance(value, torch.Tensor):
-            continue
-        if value.dtype in (torch.float16, torch.bfloat16):
-            raise WeightsError(f"{path}: key {key!r} is {value.dtype}; refghost reads float32/float64 weights")
-        out[key] = value.detach().cpu().numpy()
-    return out
+    return load_state_dict(path)
 
 
 def select_backbone(state_dict: dict, arch: str) -> dict:
