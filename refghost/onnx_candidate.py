@@ -23,6 +23,7 @@ import ast
 import numpy as np
 
 from .compare import CompareError
+from .arch import Graph
 from .golden import Golden
 
 # ONNX ops that never compute a layer's output. (Identity is not among them when matching by scope:
@@ -67,7 +68,7 @@ def run_onnx(path, golden: Golden, *, threads: int = 1, optimization: str = "all
         raise CompareError(f"{path}: {len(output_names)} graph outputs, the golden has {len(graph_outputs)} "
                            f"({graph_outputs})")
     tensors = {name: deployed[onnx_name] for name, onnx_name in zip(graph_outputs, output_names)}
-    mapping, how = map_tensors(graph, golden)
+    mapping, how = map_tensors(graph, golden.weights.graph)
     notes.append(f"{len(mapping)} ONNX tensors mapped to layers {how}")
     for onnx_name, layer in mapping.items():
         tensors.setdefault(layer, values[onnx_name])
@@ -123,9 +124,10 @@ def _scope(node) -> str | None:
     return path or None
 
 
-def map_tensors(graph, golden: Golden) -> tuple[dict[str, str], str]:
-    """``{onnx tensor name: refghost node name}`` for the nodes that produce layer outputs."""
-    layers = {n.name: n for n in golden.weights.graph.nodes}
+def map_tensors(graph, network: Graph) -> tuple[dict[str, str], str]:
+    """``{onnx tensor name: refghost node name}`` for the ONNX nodes that produce layer outputs of
+    ``network``, and how they were matched. ``graph`` is an ONNX GraphProto."""
+    layers = {n.name: n for n in network.nodes}
     by_scope: dict[str, list] = {}
     for node in graph.node:
         if node.op_type in _PLUMBING:
@@ -134,21 +136,21 @@ def map_tensors(graph, golden: Golden) -> tuple[dict[str, str], str]:
         if scope is not None:
             by_scope.setdefault(scope, []).append(node)
     if any(scope in layers for scope in by_scope):
-        return _map_by_scope(by_scope, golden), "by exporter scope names"
-    return _map_by_structure(graph, golden), "by structure (the graph has no scope names)"
+        return _map_by_scope(by_scope, network), "by exporter scope names"
+    return _map_by_structure(graph, network), "by structure (the graph has no scope names)"
 
 
-def _folded_bn(layer, golden: Golden, has_nodes) -> str | None:
+def _folded_bn(layer, network: Graph, has_nodes) -> str | None:
     """The BatchNorm after conv ``layer`` if the ONNX graph has none of its own (it was folded)."""
-    nodes = golden.weights.graph.nodes
+    nodes = network.nodes
     consumers = [n for n in nodes if layer.name in n.inputs]
     if len(consumers) == 1 and consumers[0].op == "batch_norm" and not has_nodes(consumers[0].name):
         return consumers[0].name
     return None
 
 
-def _map_by_scope(by_scope, golden: Golden) -> dict[str, str]:
-    layers = {n.name: n for n in golden.weights.graph.nodes}
+def _map_by_scope(by_scope, network: Graph) -> dict[str, str]:
+    layers = {n.name: n for n in network.nodes}
     mapping = {}
     for scope, onnx_nodes in by_scope.items():
         layer = layers.get(scope)
@@ -156,7 +158,7 @@ def _map_by_scope(by_scope, golden: Golden) -> dict[str, str]:
             continue
         name = scope
         if layer.op == "conv":
-            name = _folded_bn(layer, golden, lambda n: n in by_scope) or scope
+            name = _folded_bn(layer, network, lambda n: n in by_scope) or scope
         elif layer.op == "scale":  # the SE: its gate is computed inside the same scope
             gates = [n for n in onnx_nodes[:-1] if n.op_type in _GATE_OPS]
             if gates:
@@ -180,9 +182,9 @@ _PATTERNS = {
 }
 
 
-def _map_by_structure(graph, golden: Golden) -> dict[str, str]:
+def _map_by_structure(graph, network: Graph) -> dict[str, str]:
     ops = [n for n in graph.node if n.op_type not in _PLUMBING and n.op_type != "Identity"]
-    layers = golden.weights.graph.nodes
+    layers = network.nodes
     mapping = {}
     i = 0
     k = 0
