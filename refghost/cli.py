@@ -6,6 +6,8 @@
                      [--out-stages 4,6,9]
     refghost golden --weights W.h5 --out golden.h5 [--input x.npy | IMAGE | --seed N] [--intermediates]
     refghost compare golden.h5 model.onnx|dump.npz|dump.h5|out.npy [--json report.json] [--map a=b]
+    refghost info W.h5|golden.h5 [--json]
+    refghost export W.h5 --out state_dict.npz|state_dict.pth
 
 Exit status: 0 success (compare: every tensor within tolerance), 1 compare found a mismatch,
 2 bad input (the message says what is wrong; no output file is left).
@@ -80,6 +82,13 @@ def make_parser() -> argparse.ArgumentParser:
     comp.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads")
     comp.add_argument("--ort-optimization", choices=("all", "none"), default="all",
                       help="ONNX Runtime graph optimization level")
+    info = sub.add_parser("info", help="describe and validate a weights or golden file")
+    info.add_argument("file", help="weights file or golden file")
+    info.add_argument("--json", action="store_true", help="print JSON instead of text")
+
+    export = sub.add_parser("export", help="write a weights file's tensors back as a state_dict")
+    export.add_argument("weights", help="refghost weights file")
+    export.add_argument("--out", required=True, help=".npz (NumPy) or .pth (needs torch) state_dict to write")
     return parser
 
 
@@ -200,11 +209,101 @@ def cmd_compare(args) -> int:
     return 0 if report.passed else 1
 
 
+def describe(path: str) -> dict:
+    """What a weights or golden file holds, validated (raises RefghostError if it is unusable)."""
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as f:
+            fmt = f.attrs.get("format", b"")
+    except OSError as exc:
+        raise RefghostError(f"{path}: not a readable HDF5 file ({exc})") from None
+    fmt = fmt.decode() if isinstance(fmt, bytes) else str(fmt)
+    if fmt == "refghost-golden":
+        from .golden import read_golden
+
+        golden = read_golden(path)
+        weights, extra = golden.weights, {
+            "kind": "golden", "input_shape": list(golden.input.shape), "outputs": list(golden.outputs),
+            "intermediates": len(golden.intermediates),
+            "attributes": {k: (v.item() if hasattr(v, "item") else v) for k, v in golden.attrs.items()}}
+    else:
+        from .weights import load_weights
+
+        weights = load_weights(path)
+        extra = {"kind": "weights", "sha256": weights.sha256}
+    cfg, pre = weights.config, weights.preprocessing
+    trainable = sum(a.size for k, a in weights.tensors.items() if not k.endswith(("running_mean", "running_var")))
+    return {"file": path, "valid": True, **extra,
+            "config": {"arch": cfg.arch, "width": cfg.width, "activation": cfg.activation,
+                       "out_stages": list(cfg.out_stages), "num_classes": cfg.num_classes, "folded": cfg.folded},
+            "preprocessing": {"mean": list(pre.mean), "std": list(pre.std), "channel_order": pre.channel_order,
+                              "input_size": list(pre.input_size)},
+            "provenance": dict(weights.provenance), "tensors": len(weights.tensors),
+            "parameters": int(trainable), "values": int(sum(a.size for a in weights.tensors.values()))}
+
+
+def cmd_info(args) -> int:
+    import json
+
+    if args.json:
+        try:
+            info = describe(args.file)
+        except RefghostError as exc:  # tools get the verdict as JSON too
+            print(json.dumps({"file": args.file, "valid": False, "error": str(exc)}, indent=1))
+            return 2
+        print(json.dumps(info, indent=1))
+        return 0
+    info = describe(args.file)
+    cfg = info["config"]
+    print(f"{info['file']}: valid refghost {info['kind']} file")
+    print(f"  network       {cfg['arch']}, width {cfg['width']:g}, activation {cfg['activation']}"
+          f"{', out_stages ' + ','.join(map(str, cfg['out_stages'])) if cfg['out_stages'] else ''}"
+          f"{', ' + str(cfg['num_classes']) + ' classes' if cfg['num_classes'] else ''}"
+          f"{', BatchNorm folded' if cfg['folded'] else ''}")
+    print(f"  parameters    {info['parameters']:,} ({info['tensors']} tensors, {info['values']:,} values)")
+    pre = info["preprocessing"]
+    print(f"  preprocessing {pre['channel_order']}, mean {pre['mean']}, std {pre['std']}, "
+          f"input size {pre['input_size'][0]}x{pre['input_size'][1]}")
+    for key, value in info["provenance"].items():
+        if value:
+            print(f"  {key:<13} {value}")
+    if info["kind"] == "golden":
+        print(f"  input         {tuple(info['input_shape'])}; outputs {', '.join(info['outputs'])}; "
+              f"{info['intermediates']} intermediates")
+        for key in ("refghost_version", "weights_sha256", "input_source", "command"):
+            print(f"  {key:<13} {info['attributes'].get(key, '')}")
+    else:
+        print(f"  sha256        {info['sha256']}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from .weights import load_weights
+
+    weights = load_weights(args.weights)
+    if args.out.endswith(".npz"):
+        save_npz(args.out, weights.tensors)
+    elif args.out.endswith((".pth", ".pt")):
+        try:
+            import torch
+        except ImportError:
+            raise RefghostError("writing .pth needs torch installed; write .npz instead") from None
+        state_dict = {k: torch.from_numpy(np.array(v)) for k, v in weights.tensors.items()}
+        with atomic_path(args.out) as tmp:
+            torch.save(state_dict, tmp)
+    else:
+        raise RefghostError(f"--out {args.out}: give a .npz or .pth path")
+    print(f"wrote {args.out}: {len(weights.tensors)} tensors")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = make_parser()
     args = parser.parse_args(argv)
     args.argv = argv
-    commands = {"run": cmd_run, "convert": cmd_convert, "golden": cmd_golden, "compare": cmd_compare}
+    commands = {"run": cmd_run, "convert": cmd_convert, "golden": cmd_golden, "compare": cmd_compare,
+                "info": cmd_info, "export": cmd_export}
     try:
         return commands[args.command](args)
     except RefghostError as exc:

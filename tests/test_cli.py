@@ -88,3 +88,40 @@ def test_convert_bad_exits_2(tmp_path, capsys):
                  "--out-stages", "4,x"]) == 2
     assert "--out-stages" in capsys.readouterr().err
     assert not (tmp_path / "w.h5").exists()
+
+
+def test_info_weights_and_golden(weights_file, tmp_path, capsys):
+    import json
+
+    assert main(["info", str(weights_file)]) == 0
+    out = capsys.readouterr().out
+    assert "valid refghost weights file" in out and "2,671,428" in out and "BGR" in out
+    assert main(["golden", "--weights", str(weights_file), "--seed", "0", "--out", str(tmp_path / "g.h5")]) == 0
+    capsys.readouterr()
+    assert main(["info", str(tmp_path / "g.h5"), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["kind"] == "golden" and info["valid"] and info["input_shape"] == [1, 3, 320, 320]
+    assert info["config"]["arch"] == "nanodet" and info["parameters"] == 2_671_428
+    (tmp_path / "bad.h5").write_text("no")
+    assert main(["info", str(tmp_path / "bad.h5"), "--json"]) == 2
+    assert json.loads(capsys.readouterr().out)["valid"] is False
+    assert main(["info", str(tmp_path / "bad.h5")]) == 2
+    assert "not a readable HDF5 file" in capsys.readouterr().err
+
+
+def test_export_round_trips_through_torch_and_convert(weights_file, tmp_path, capsys):
+    import refghost
+
+    assert main(["export", str(weights_file), "--out", str(tmp_path / "sd.pth")]) == 0
+    model = tg.build("nanodet", 1.0, "ReLU")
+    model.load_state_dict(torch.load(tmp_path / "sd.pth"), strict=True)  # BN counters are optional
+    assert main(["convert", str(tmp_path / "sd.pth"), "--out", str(tmp_path / "w.h5")]) == 0
+    assert main(["export", str(tmp_path / "w.h5"), "--out", str(tmp_path / "sd.npz")]) == 0
+    original = refghost.load_weights(weights_file)
+    with np.load(tmp_path / "sd.npz") as back:
+        assert sorted(back.files) == sorted(original.tensors)
+        for key, value in original.tensors.items():
+            assert np.array_equal(back[key], value)
+            assert np.array_equal(model.state_dict()[key].numpy(), value)
+    assert main(["export", str(weights_file), "--out", str(tmp_path / "sd.txt")]) == 2
+    capsys.readouterr()
