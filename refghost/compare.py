@@ -86,10 +86,14 @@ class Report:
 
 def _ordered_ints(a: np.ndarray) -> np.ndarray:
     """Map floats to integers whose differences count the representable values between them."""
-    bits = {2: np.int16, 4: np.int32, 8: np.int64}[a.dtype.itemsize]
-    i = a.view(bits).astype(np.int64)
-    sign_bit = np.int64(1) << (8 * a.dtype.itemsize - 1)
-    return np.where(i < 0, -(i & (sign_bit - 1)), i)
+    nbits = 8 * a.dtype.itemsize
+    i = a.view({16: np.int16, 32: np.int32, 64: np.int64}[nbits]).astype(np.int64)
+    return np.where(i < 0, np.int64(-(1 << (nbits - 1))) - i, i)  # negatives: count down from -0
+
+
+def _ulp_distance(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Representable values of a's dtype between a and b (as float64: it may exceed 2^63)."""
+    return np.abs(_ordered_ints(a).astype(np.float64) - _ordered_ints(b).astype(np.float64))
 
 
 def _ratio(err: np.ndarray, bound: np.ndarray) -> np.ndarray:
@@ -108,7 +112,7 @@ def _metrics(cand: np.ndarray, ref: np.ndarray, bound: np.ndarray, cand_dtype) -
     signal = float(np.sum(ref ** 2))
     norms = float(np.linalg.norm(cand) * np.linalg.norm(ref))
     dtype = np.dtype(cand_dtype) if np.dtype(cand_dtype).kind == "f" else np.dtype(np.float64)
-    ulp = np.abs(_ordered_ints(cand.astype(dtype)) - _ordered_ints(ref.astype(dtype)))
+    ulp = _ulp_distance(cand.astype(dtype), ref.astype(dtype))
     return dict(
         max_abs=float(diff.max(initial=0.0)),
         max_rel=float(rel.max(initial=0.0)),

@@ -205,3 +205,13 @@ def test_pytorch_classifier_outputs(tmp_path):
     logits[1, 3] += 1e-3
     report = compare(golden, {"classifier": logits})
     assert not report.passed and report.first_divergent == "classifier"
+
+
+def test_ulp_distance_counts_representable_values():
+    from refghost.compare import _ulp_distance
+
+    a = np.array([1.0, -1.0, 0.0, -0.0, 1e-45, 3.0e38], np.float32)
+    assert _ulp_distance(a, np.nextafter(a, np.float32(np.inf))).tolist() == [1.0] * 6
+    assert _ulp_distance(np.float32([-0.0]), np.float32([0.0])).tolist() == [0.0]
+    assert _ulp_distance(np.float32([-1e-45]), np.float32([1e-45])).tolist() == [2.0]  # -min, (+-0), +min
+    assert _ulp_distance(np.float64([-1.0]), np.float64([1.0]))[0] == 2 * 0x3FF0000000000000
