@@ -1,7 +1,10 @@
 """Shared fixtures: random but well-scaled weights for any config, written to temporary files."""
 
+import os
+
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, settings
 
 from refghost.arch import Config, build_graph
 from refghost.weights import from_tensors, save_weights
@@ -35,3 +38,15 @@ def weights_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("weights") / "random_1.0x.h5"
     save_weights(path, random_weights())
     return path
+
+
+# --- Hypothesis profiles (refghost.testing, property tests) -------------------------------------
+# dev: quick local runs; ci: derandomized, fixed example counts, fits the CI budget; thorough:
+# many examples, for before a release. Choose with HYPOTHESIS_PROFILE (default "ci" when the CI
+# env var is set, else "dev"); pytest --hypothesis-profile=NAME overrides both. deadline=None:
+# the first call of a Numba kernel compiles (or loads its cache).
+settings.register_profile("dev", max_examples=25, deadline=None)
+settings.register_profile("ci", max_examples=50, deadline=None, derandomize=True, database=None,
+                          print_blob=True, suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("thorough", max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE") or ("ci" if os.environ.get("CI") else "dev"))
