@@ -36,9 +36,9 @@ FLOAT64_U = 2.0 ** -53
 #: Unit roundoff of the arithmetic of each precision policy.
 UNIT_ROUNDOFF = {"float64": FLOAT64_U, "float32": FLOAT32_U, "float16": 2.0 ** -11, "bfloat16": 2.0 ** -8}
 #: Half the smallest subnormal of each precision: a rounding in the subnormal range is off by up
-#: to this much in absolute terms, not by u relatively (Higham, ch. 2.1). It matters for float16,
-#: whose subnormals start at 6.1e-5; for the others it is below 1e-38 and taken as 0.
-UNDERFLOW = {"float64": 0.0, "float32": 0.0, "float16": 2.0 ** -25, "bfloat16": 0.0}
+#: to this much in absolute terms, not by u relatively (Higham, ch. 2.1). It matters mostly for
+#: float16, whose subnormals start at 6.1e-5.
+UNDERFLOW = {"float64": 2.0 ** -1075, "float32": 2.0 ** -150, "float16": 2.0 ** -25, "bfloat16": 2.0 ** -134}
 
 def _sigmoid(x):
     return 0.5 * (1.0 + np.tanh(0.5 * x))
@@ -152,14 +152,15 @@ def node_bound(node, inputs, params, *, u: float = FLOAT32_U, model: str = "wors
 
 
 def _roundings(node, p) -> int:
-    """How many roundings one output element of ``node`` goes through (for the underflow term)."""
+    """A count k of roundings per output element of ``node``, for the underflow term ``k*eta``:
+    a dot product's products and partial sums (``2n + 1``), BN's few operations (8), an
+    activation's exp/erf (within 4 ulp = 8 eta, times a slope up to 1.76) and arithmetic (24)."""
     if node.op == "conv":
-        return p["weight"][0].size + ("bias" in p)
+        return 2 * (p["weight"][0].size + ("bias" in p)) + 1
     if node.op == "linear":
-        return p["weight"].shape[1] + 1
-    if node.op == "global_avg_pool":
-        return 2  # m sums, each off by eta, divided by m; then the divide
-    return {"concat": 0, "add": 1, "scale": 1, "hard_sigmoid": 2}.get(node.op, 4)  # BN, activations: <= 4
+        return 2 * (p["weight"].shape[1] + 1) + 1
+    return {"concat": 0, "add": 1, "scale": 1, "hard_sigmoid": 2, "global_avg_pool": 2, "batch_norm": 8,
+            "act": 24}[node.op]
 
 
 def _node_error(node, ins, errs, y, p, u, worst, lam):
@@ -272,15 +273,34 @@ def segment_bound(graph: Graph, names: list[str], leaves: dict, params: dict, *,
             conv = graph.node(src)
             first = conv.inputs[0]
             conv_in = values[first] if first in values else np.asarray(leaves[first], dtype=np.float64)
-            conv_err = errors.get(first, np.zeros_like(conv_in))
-            conv_bias = params[conv.params["bias"]] if "bias" in conv.params else None
-            w, b = fold_batch_norm(params[conv.params["weight"]], conv_bias, p, eps=node.attrs.get("eps", ops.BN_EPS))
-            folded = replace(conv, params={"weight": "w", "bias": "b"})
-            folded_err = _node_error(folded, [conv_in], [conv_err], y, {"weight": w, "bias": b}, u, True,
-                                     DEFAULT_LAMBDA)
-            # the folding's own rounding: W*alpha and the folded bias each rounded once
-            folded_err += u * (evaluate(folded, [np.abs(conv_in)], {"w": np.abs(w), "b": np.abs(b)}))
-            folded_err += (_roundings(folded, {"weight": w, "bias": b}) + 2) * eta
-            err = np.maximum(err, folded_err)
+            conv_p = {role: params[key] for role, key in conv.params.items()}
+            folded = _folded_conv_bn_error(conv, conv_p, node, p, conv_in, errors.get(first, 0.0), values[src], u)
+            err = np.maximum(err, folded + (_roundings(conv, conv_p) + 1) * eta)
         values[name], errors[name] = y, err
     return values[names[-1]], errors[names[-1]]
+
+
+def _folded_conv_bn_error(conv, conv_p, bn, bn_p, x, e, z, u):
+    """Worst-case error of BN(conv(x)) computed as ONE conv with folded float-``u`` weights.
+
+    Per output element, with ``z = conv(x) + b`` (float64), ``alpha, beta`` the BN coefficients,
+    ``n`` products, ``A = |alpha| (|W| * (|x| + e))`` and ``C = |alpha b| + |alpha mean| + |bias|``:
+    the backend computes ``alpha^ = alpha (1 + theta)`` with ``|theta| <= 4u`` (add eps, sqrt,
+    divide, multiply by gamma), ``W'_i = fl(W_i alpha^)`` (one more ``u`` each),
+    ``b' = fl(alpha^ (b - mean) + bias)`` (``<= 7u C``), then a conv of ``m = n + 1`` terms
+    (``gamma_m (A + |b'|) <= gamma_m (A + C)``). Total, plus the carried input error:
+    ``|alpha| (|W| * e) + gamma_m (A + C) + u A + 4u (|alpha z| + |alpha b|) + 7u C``.
+    """
+    alpha, _ = ops.batch_norm_coefficients(bn_p["weight"], bn_p["bias"], bn_p["running_mean"], bn_p["running_var"],
+                                           eps=bn.attrs.get("eps", ops.BN_EPS))
+    a = np.abs(alpha)[None, :, None, None]
+    key = conv.params["weight"]
+    weight_only = replace(conv, params={"weight": key})
+    w_abs = {key: np.abs(conv_p["weight"])}
+    carried = a * evaluate(weight_only, [e], w_abs) if np.any(e) else 0.0
+    big_a = a * evaluate(weight_only, [np.abs(x) + e], w_abs)
+    b = conv_p.get("bias", np.zeros_like(alpha))
+    ab = np.abs(alpha * b)[None, :, None, None]
+    c = ab + (np.abs(alpha * bn_p["running_mean"]) + np.abs(bn_p["bias"]))[None, :, None, None]
+    m = conv_p["weight"][0].size + 1
+    return carried + gamma(m, u) * (big_a + c) + u * big_a + 4 * u * (a * np.abs(z) + ab) + 7 * u * c

@@ -2,20 +2,12 @@
 
 Everything goes through :mod:`refghost.bounds`, the verifier's own machinery: the op becomes one
 :class:`~refghost.arch.Node` and :func:`~refghost.bounds.node_bound` (``model="worst"``) gives the
-float64 value and the worst-case bound of that node's rounding at the policy's unit roundoff.
-Two small terms are added here (``docs/testing.md`` derives them; they belong in
-``refghost.bounds`` eventually):
-
-* the float64 oracle is itself an honest implementation with ``u64 = 2^-53``, and every bound is
-  linear in ``u`` (or ``gamma``, which is sublinear), so ``|actual - oracle| <= B(u) + B(u64)
-  <= B(u) * (1 + u64/u)``;
-* gradual underflow: below the smallest normal number a rounding error is absolute, at most
-  ``eta`` = half the smallest subnormal of the policy's format, per rounded operation
-  (``k * eta``, ``k`` counted per op in :func:`_underflow_ops`). Sums whose result is subnormal
-  are exact; products of subnormal inputs are not.
+float64 value and the worst-case bound of that node's rounding at the policy's unit roundoff,
+including the float64 oracle's own rounding and gradual underflow (``k * eta`` per output,
+``eta`` = half the smallest subnormal of the policy's format; ``docs/testing.md`` derives both).
 
 ``conv_bn`` is a convolution followed by an eval-mode BatchNorm, computed unfolded or fused; its
-bound is the larger of the two derivations (see :func:`_conv_bn`).
+bound is the larger of the two derivations (``refghost.bounds.segment_bound``'s conv+BN rule).
 """
 
 from __future__ import annotations
@@ -24,8 +16,7 @@ import numpy as np
 
 from .. import ops
 from ..arch import Config, Graph, Node
-from ..bounds import UNIT_ROUNDOFF, error_bounds, gamma, node_bound
-from ..forward import evaluate
+from ..bounds import UNDERFLOW, UNIT_ROUNDOFF, error_bounds, node_bound, segment_bound
 from ._cases import (ActivationCase, BatchNormCase, BatchNormParams, ConvBNCase, ConvCase, GhostBottleneckCase,
                      GhostModuleCase, LinearCase, PoolCase, iter_arrays, map_arrays)
 
@@ -33,9 +24,6 @@ __all__ = ["OPS", "POLICIES", "assert_matches_reference", "reference_and_bound",
 
 #: Precision policies: the unit roundoff of the backend's arithmetic (refghost.bounds.UNIT_ROUNDOFF).
 POLICIES = tuple(UNIT_ROUNDOFF)
-#: Half the smallest positive subnormal of each policy's format: the largest absolute rounding
-#: error of one operation whose result underflows (gradual underflow, round to nearest).
-UNDERFLOW_ETA = {"float64": 2.0 ** -1075, "float32": 2.0 ** -150, "float16": 2.0 ** -25, "bfloat16": 2.0 ** -134}
 
 _ACTIVATION_OPS = tuple(ops.ACTIVATIONS) + ("hard_sigmoid",)
 #: Every op name :func:`assert_matches_reference` knows, with the case type it takes.
@@ -138,48 +126,15 @@ def _bn_node(bn: BatchNormParams, name="bn", src="input"):
     return node, {f"{name}.{r}": _f64(getattr(bn, r)) for r in roles}
 
 
-def _conv_terms(case: ConvCase):
-    return int(np.prod(case.w.shape[1:])) + (case.b is not None)
-
-
-def _conv_bn(case: ConvBNCase, u):
-    """Value and bound of BN(conv(x)): the larger of the unfolded and the fused derivation.
-
-    Notation (float64, per output element): ``z = conv(x, W) + b``, ``alpha, beta`` the BN
-    coefficients, ``y = alpha z + beta``; ``n`` products per output, ``A = |alpha| (|W| * |x|)``,
-    ``C = |alpha b| + |alpha mean| + |bias|``.
-
-    Unfolded (conv, then BN): refghost.bounds on the two-node graph, i.e. the conv's
-    ``gamma_n'(|W| * |x| + |b|)`` carried through BN (times ``|alpha|``) plus BN's own
-    ``7u(|alpha z| + |bias| + |mean alpha|)``.
-
-    Fused (``W' = fl(W alpha^)``, ``b' = fl(alpha^ (b - mean) + bias)``, then one conv of
-    ``m = n + 1`` terms): ``alpha^ = alpha (1 + theta)``, ``|theta| <= 4u`` (add eps, sqrt, divide,
-    multiply by gamma, eps itself stored rounded); each ``W'_i`` carries ``theta`` (common to the
-    channel) and one more rounding ``u`` of its own: ``theta |alpha (z - b)| + u A``; ``b'`` is off
-    by at most ``7u C``; the conv adds ``gamma_m (A + |b'|) <= gamma_m (A + C)``. Total
-    ``gamma_m (A + C) + u A + 4u (|alpha z| + |alpha b|) + 7u C``.
-    """
+def _conv_bn(case: ConvBNCase, u, eta):
+    """Value and bound of BN(conv(x)), computed unfolded (conv, then BN) or fused (one conv with
+    folded weights): the larger of the two derivations, ``refghost.bounds.segment_bound``'s rule
+    for a conv+BN pair (derived in ``docs/testing.md``)."""
     conv_node, p = _conv_node(case.conv)
     bn_node, pb = _bn_node(case.bn, src=conv_node.name)
     p.update(pb)
     graph = Graph(Config(), [conv_node, bn_node], {"output": bn_node.name}, {})
-    x = _f64(case.conv.x)
-    values, bounds = error_bounds(graph, p, x, u=u, model="worst")
-    z, y, unfolded = values[conv_node.name], values[bn_node.name], bounds[bn_node.name]
-
-    bn = case.bn
-    alpha, _ = ops.batch_norm_coefficients(_f64(bn.weight), _f64(bn.bias), _f64(bn.running_mean),
-                                           _f64(bn.running_var), eps=float(bn.eps))
-    a = np.abs(alpha)[None, :, None, None]
-    weight_only = Node("abs", "conv", ("input",), {"weight": "w"}, dict(conv_node.attrs))
-    A = a * evaluate(weight_only, [np.abs(x)], {"w": np.abs(_f64(case.conv.w))})
-    b = np.zeros_like(alpha) if case.conv.b is None else _f64(case.conv.b)
-    ab = np.abs(alpha * b)[None, :, None, None]
-    C = ab + (np.abs(alpha * _f64(bn.running_mean)) + np.abs(_f64(bn.bias)))[None, :, None, None]
-    m = int(np.prod(case.conv.w.shape[1:])) + 1
-    fused = gamma(m, u) * (A + C) + u * A + 4 * u * (a * np.abs(z) + ab) + 7 * u * C
-    return y, np.maximum(unfolded, fused), a
+    return segment_bound(graph, [conv_node.name, bn_node.name], {"input": case.conv.x}, p, u=u, eta=eta)
 
 
 def _graph_case(case, u):
@@ -206,46 +161,27 @@ def _resolve_op(op, case):
     return op
 
 
-def _reference(op, case, u):
-    """``(value, bound of the op's own rounding, count k of roundings for the underflow term)``."""
+def _single_node(op, case):
+    """The op as one graph node: ``(node, params, input)``."""
     if op == "conv2d":
         node, p = _conv_node(case)
-        y, bound = node_bound(node, [case.x], p, u=u)
-        return y, bound, 2 * _conv_terms(case) + 1
+        return node, p, case.x
     if op == "batch_norm":
         node, p = _bn_node(case.bn)
-        y, bound = node_bound(node, [case.x], p, u=u)
-        return y, bound, 8
-    if op == "conv_bn":
-        y, bound, a = _conv_bn(case, u)
-        k = 2 * _conv_terms(case.conv) + 3
-        return y, bound, (a + 1) * k + 8
+        return node, p, case.x
     if op == "global_avg_pool":
-        node = Node("pool", "global_avg_pool", ("input",))
-        y, bound = node_bound(node, [case.x], {}, u=u)
-        return y, bound, case.x.shape[2] * case.x.shape[3] + 1
+        return Node("pool", "global_avg_pool", ("input",)), {}, case.x
     if op == "linear":
         # refghost.bounds' linear rule wants a bias; a zero bias adds nothing but one term to n.
         b = np.zeros(case.w.shape[0]) if case.b is None else case.b
         node = Node("fc", "linear", ("input",), {"weight": "fc.weight", "bias": "fc.bias"})
-        y, bound = node_bound(node, [case.x], {"fc.weight": _f64(case.w), "fc.bias": _f64(b)}, u=u)
-        return y, bound, 2 * (case.w.shape[1] + 1) + 1
+        return node, {"fc.weight": _f64(case.w), "fc.bias": _f64(b)}, case.x
     if op == "hard_sigmoid":
-        node = Node("gate", "hard_sigmoid", ("input",))
-        y, bound = node_bound(node, [case.x], {}, u=u)
-        return y, bound, 2
-    if op in ops.ACTIVATIONS:
-        params, p = {}, {}
-        if op == "PReLU":
-            params, p = {"weight": "act.weight"}, {"act.weight": _f64(case.weight).reshape(1)}
-        node = Node("act", "act", ("input",), params, {"activation": op})
-        y, bound = node_bound(node, [case.x], p, u=u)
-        # exp/erf within 4 ulp = 8 eta in the subnormal range, scaled by up to SELU's 1.76, + roundings
-        return y, bound, 24
-    if op in ("ghost_module", "ghost_bottleneck"):
-        y, bound = _graph_case(case, u)
-        return y, bound, 0  # no underflow term through a block: keep subnormals out of block inputs
-    raise AssertionError(op)  # unreachable: _resolve_op checked
+        return Node("gate", "hard_sigmoid", ("input",)), {}, case.x
+    params, p = {}, {}
+    if op == "PReLU":
+        params, p = {"weight": "act.weight"}, {"act.weight": _f64(case.weight).reshape(1)}
+    return Node("act", "act", ("input",), params, {"activation": op}), p, case.x
 
 
 def reference_and_bound(op, case, *, policy="float32"):
@@ -258,11 +194,17 @@ def reference_and_bound(op, case, *, policy="float32"):
     u = _unit_roundoff(policy)
     name = _resolve_op(op, case)
     _check_representable(op, case, policy)
+    eta = UNDERFLOW[policy]
     with np.errstate(over="ignore", under="ignore"):  # e.g. SiLU's exp(1e4) = inf, exactly as meant
-        y, bound, k = _reference(name, case, u)
-    u64 = UNIT_ROUNDOFF["float64"]
-    bound = bound * (1.0 + u64 / u) + k * UNDERFLOW_ETA[policy]
-    return y, bound
+        if name == "conv_bn":
+            return _conv_bn(case, u, eta)
+        if name in ("ghost_module", "ghost_bottleneck"):
+            # error_bounds has no float64-oracle or underflow term: the oracle's own error is the
+            # same bound at u64 (so a factor 1 + u64/u), and block inputs keep clear of subnormals.
+            y, bound = _graph_case(case, u)
+            return y, bound * (1.0 + UNIT_ROUNDOFF["float64"] / u)
+        node, p, x = _single_node(name, case)
+        return node_bound(node, [x], p, u=u, eta=eta)
 
 
 def _as_float64(actual):
