@@ -54,10 +54,11 @@ def make_parser() -> argparse.ArgumentParser:
     conv = sub.add_parser("convert", help="convert a PyTorch checkpoint (or .npz state_dict) to a weights file")
     conv.add_argument("src", help=".pth/.pt/.ckpt checkpoint (needs torch) or .npz of state_dict arrays")
     conv.add_argument("--out", required=True, help="weights file to write (.h5)")
-    conv.add_argument("--arch", choices=("nanodet", "ghostnet"), default="nanodet")
-    conv.add_argument("--width", type=float, default=1.0, help="width multiplier (default 1.0)")
-    conv.add_argument("--activation", default="ReLU", help="NanoDet activation name (default ReLU)")
-    conv.add_argument("--out-stages", default="4,6,9", help="comma-separated stages 0..9 (nanodet)")
+    conv.add_argument("--arch", choices=("nanodet", "ghostnet"),
+                      help="default nanodet (for .onnx: read from the graph, and checked if given)")
+    conv.add_argument("--width", type=float, help="width multiplier (default 1.0; .onnx: from the graph)")
+    conv.add_argument("--activation", help="NanoDet activation name (default ReLU; .onnx: from the graph)")
+    conv.add_argument("--out-stages", help="comma-separated stages 0..9 (default 4,6,9; .onnx: from the graph)")
     gold = sub.add_parser("golden", help="write a golden file: the float64 oracle's outputs and their bounds")
     gold.add_argument("--weights", default=str(DEFAULT_WEIGHTS), help="refghost weights file")
     gold.add_argument("--out", required=True, help="golden file to write (.h5)")
@@ -150,10 +151,12 @@ def cmd_run(args) -> int:
 def cmd_convert(args) -> int:
     from .convert import convert
 
-    try:
-        stages = tuple(int(s) for s in args.out_stages.split(",") if s.strip())
-    except ValueError:
-        raise RefghostError(f"--out-stages must be comma-separated integers, got {args.out_stages!r}") from None
+    stages = None
+    if args.out_stages is not None:
+        try:
+            stages = tuple(int(s) for s in args.out_stages.split(",") if s.strip())
+        except ValueError:
+            raise RefghostError(f"--out-stages must be comma-separated integers, got {args.out_stages!r}") from None
     weights = convert(args.src, args.out, arch=args.arch, width=args.width, activation=args.activation,
                       out_stages=stages)
     n_params = sum(a.size for a in weights.tensors.values())

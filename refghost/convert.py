@@ -11,6 +11,11 @@ Sources understood (after unwrapping ``{"state_dict": ...}``):
 
 ``.pth``/``.pt``/``.ckpt`` files are read by :mod:`refghost.checkpoint` (no PyTorch needed, nothing
 in the file's pickle is run); an ``.npz`` of state_dict arrays needs nothing but NumPy.
+
+An ``.onnx`` file (a GhostNet exported by PyTorch) is read by :mod:`refghost.onnx_import`: the
+architecture, width, activation and out_stages come from the graph, and the weights file is
+written with BatchNorm folded (``Config(folded=True)``). The graph wins: an option given
+explicitly that contradicts it is an error.
 """
 
 from __future__ import annotations
@@ -65,9 +70,26 @@ def select_backbone(state_dict: dict, arch: str) -> dict:
     return stripped
 
 
-def convert(src, out, *, arch="nanodet", width=1.0, activation="ReLU", out_stages=(4, 6, 9),
+#: The options' values when not given, for checkpoints (an ONNX graph says its own).
+DEFAULTS = {"arch": "nanodet", "width": 1.0, "activation": "ReLU", "out_stages": (4, 6, 9)}
+
+
+def convert(src, out, *, arch=None, width=None, activation=None, out_stages=None,
             preprocessing: Preprocessing | None = None) -> Weights:
-    """Read checkpoint ``src``, validate it as GhostNet ``arch``, write weights file ``out``."""
+    """Read checkpoint ``src``, validate it as GhostNet ``arch``, write weights file ``out``.
+
+    For a checkpoint, an option left as None takes its value in :data:`DEFAULTS`. For an
+    ``.onnx`` file the options are read from the graph; one given (not None) must agree with it.
+    """
+    if os.fspath(src).lower().endswith(".onnx"):
+        weights = _check_onnx_options(src, _import_onnx(src, preprocessing), arch=arch, width=width,
+                                      activation=activation, out_stages=out_stages)
+        save_weights(out, weights)
+        return weights
+    arch = DEFAULTS["arch"] if arch is None else arch
+    width = DEFAULTS["width"] if width is None else width
+    activation = DEFAULTS["activation"] if activation is None else activation
+    out_stages = DEFAULTS["out_stages"] if out_stages is None else out_stages
     state_dict = select_backbone(read_state_dict(src), arch)
     num_classes = 0
     if arch == "ghostnet":
@@ -81,4 +103,50 @@ def convert(src, out, *, arch="nanodet", width=1.0, activation="ReLU", out_stage
                   "converter": f"refghost {__version__} convert"}
     weights = from_tensors(state_dict, config, preprocessing or default_preprocessing(arch), provenance)
     save_weights(out, weights)
+    return weights
+
+
+def _import_onnx(src, preprocessing):
+    from .onnx_import import import_onnx
+
+    return import_onnx(src, preprocessing=preprocessing)
+
+
+def _check_onnx_options(src, weights: Weights, **options) -> Weights:
+    """The imported weights, if every explicitly given option agrees with the graph (see :func:`convert`).
+
+    An explicit width that gives the same channel counts as the graph's is the same network and is
+    recorded as given.
+    """
+    from dataclasses import replace
+
+    from .arch import build_graph, canonical_activation
+    from .errors import RefghostError
+
+    cfg = weights.config
+    graph_says = {"arch": cfg.arch, "width": cfg.width, "activation": cfg.activation, "out_stages": cfg.out_stages}
+    for name, value in options.items():
+        flag = "--" + name.replace("_", "-")
+        try:
+            if value is None:
+                continue
+            if name == "activation":
+                value = canonical_activation(value)
+            elif name == "out_stages":
+                value = tuple(sorted({int(s) for s in value}))
+            elif name == "width":
+                value = float(value)
+                same = replace(cfg, width=value)
+                if build_graph(same).param_shapes == weights.graph.param_shapes:
+                    weights = Weights(same, weights.preprocessing, weights.tensors, weights.provenance)
+                    cfg = weights.config
+                    continue
+        except (RefghostError, TypeError, ValueError) as exc:
+            raise WeightsError(f"{src}: {flag} {value!r}: {exc}") from None
+        if value != graph_says[name]:
+            shown = ",".join(map(str, value)) if name == "out_stages" else value
+            said = ",".join(map(str, graph_says[name])) if name == "out_stages" else graph_says[name]
+            raise WeightsError(f"{src}: {flag} {shown} contradicts the ONNX graph, which is {name.replace('_', ' ')} "
+                               f"{said or '(none)'} ({cfg.arch}, width {cfg.width:g}, {cfg.activation}); the graph "
+                               f"decides: drop the option or give the graph's value")
     return weights
