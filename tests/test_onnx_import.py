@@ -445,7 +445,8 @@ def test_cli_refuses_a_non_ghostnet_onnx(tmp_path, capsys):
 def test_explicit_options_must_agree_with_the_graph(banks, tmp_path, capsys):
     path = banks("leaky").bank["ts_folded"].path
     out = tmp_path / "w.h5"
-    for option, value in (("width", 0.75), ("activation", "ReLU6"), ("out_stages", (4, 6)), ("arch", "ghostnet")):
+    for option, value in (("width", 0.75), ("width", 1.0), ("activation", "ReLU6"), ("activation", "ReLU"),
+                          ("out_stages", (4, 6)), ("arch", "ghostnet")):  # explicit defaults are checked too
         with pytest.raises(WeightsError, match=f"--{option.replace('_', '-')} .* contradicts the ONNX graph"):
             convert(path, out, **{option: value})
     assert not out.exists()
