@@ -35,7 +35,7 @@ from .atomic import atomic_path
 from .bounds import DEFAULT_LAMBDA, FLOAT32_U, error_bounds
 from .errors import RefghostError, WeightsError
 from .forward import single_threaded_blas
-from .weights import Weights, read_weights_group, write_weights_group
+from .weights import Weights, open_hdf5, read_weights_group, write_weights_group
 
 FORMAT = "refghost-golden"
 SCHEMA_VERSION = 1
@@ -122,40 +122,29 @@ def write_golden(path, golden: Golden) -> None:
 
 def read_golden(path) -> Golden:
     """Read and check a golden file. Raises :class:`GoldenError` naming the problem."""
-    import h5py
-
     path = os.fspath(path)
     hint = "regenerate it with `refghost golden --weights W.h5 --out GOLDEN.h5 ...`"
-    if not os.path.isfile(path):
-        raise GoldenError(f"{path}: no such golden file")
-    try:
-        f = h5py.File(path, "r")
-    except OSError as exc:
-        raise GoldenError(f"{path}: not a readable HDF5 file ({exc})") from None
-    try:
-        with f:
-            fmt = f.attrs.get("format")
-            fmt = fmt.decode() if isinstance(fmt, bytes) else fmt
-            if fmt != FORMAT:
-                raise GoldenError(f"{path}: format is {fmt!r}, expected {FORMAT!r}")
-            version = int(f.attrs.get("schema_version", -1))
-            if version != SCHEMA_VERSION:
-                raise GoldenError(f"{path}: golden schema version {version}, this refghost reads version "
-                                  f"{SCHEMA_VERSION}; {hint}")
-            for required in ("input", "outputs", "intermediates", "bounds", "weights"):
-                if required not in f:
-                    raise GoldenError(f"{path}: {required!r} is missing; {hint}")
-            try:
-                weights = read_weights_group(f["weights"], f"{path}:/weights")
-            except WeightsError as exc:
-                raise GoldenError(str(exc)) from None
-            x = np.asarray(f["input"][()])
-            outputs = {k: np.asarray(v[()]) for k, v in f["outputs"].items()}
-            layers = {k: np.asarray(v[()]) for k, v in f["intermediates"].items()}
-            bounds = {k: np.asarray(v[()]) for k, v in f["bounds"].items()}
-            attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items()}
-    except OSError as exc:
-        raise GoldenError(f"{path}: HDF5 read error ({exc})") from None
+    with open_hdf5(path, GoldenError, "golden") as f:
+        fmt = f.attrs.get("format")
+        fmt = fmt.decode() if isinstance(fmt, bytes) else fmt
+        if fmt != FORMAT:
+            raise GoldenError(f"{path}: format is {fmt!r}, expected {FORMAT!r}")
+        version = int(f.attrs.get("schema_version", -1))
+        if version != SCHEMA_VERSION:
+            raise GoldenError(f"{path}: golden schema version {version}, this refghost reads version "
+                              f"{SCHEMA_VERSION}; {hint}")
+        for required in ("input", "outputs", "intermediates", "bounds", "weights"):
+            if required not in f:
+                raise GoldenError(f"{path}: {required!r} is missing; {hint}")
+        try:
+            weights = read_weights_group(f["weights"], f"{path}:/weights")
+        except WeightsError as exc:
+            raise GoldenError(str(exc)) from None
+        x = np.asarray(f["input"][()])
+        outputs = {k: np.asarray(v[()]) for k, v in f["outputs"].items()}
+        layers = {k: np.asarray(v[()]) for k, v in f["intermediates"].items()}
+        bounds = {k: np.asarray(v[()]) for k, v in f["bounds"].items()}
+        attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items()}
     golden = Golden(weights, x, outputs, layers, bounds, attrs, path=path)
     _check_consistent(golden, path, hint)
     return golden

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -172,22 +173,29 @@ def _attr(attrs, name, where):
     return value.decode() if isinstance(value, bytes) else value
 
 
-def load_weights(path) -> Weights:
-    """Read and validate a refghost weights file (see the module docstring). Raises WeightsError."""
+@contextmanager
+def open_hdf5(path: str, error: type, kind: str):
+    """Open ``path`` read-only; a missing, non-HDF5 or corrupt file raises ``error`` saying so."""
     import h5py
 
-    path = os.fspath(path)
     if not os.path.isfile(path):
-        raise WeightsError(f"{path}: no such weights file")
+        raise error(f"{path}: no such {kind} file")
     try:
         f = h5py.File(path, "r")
     except OSError as exc:
-        raise WeightsError(f"{path}: not a readable HDF5 file ({exc})") from None
+        raise error(f"{path}: not a readable HDF5 file ({exc})") from None
     try:
         with f:
-            weights = read_weights_group(f, path)
+            yield f
     except OSError as exc:  # truncated or corrupt data blocks surface while reading
-        raise WeightsError(f"{path}: HDF5 read error ({exc})") from None
+        raise error(f"{path}: HDF5 read error ({exc})") from None
+
+
+def load_weights(path) -> Weights:
+    """Read and validate a refghost weights file (see the module docstring). Raises WeightsError."""
+    path = os.fspath(path)
+    with open_hdf5(path, WeightsError, "weights") as f:
+        weights = read_weights_group(f, path)
     object.__setattr__(weights, "sha256", file_sha256(path))
     return weights
 

@@ -2,30 +2,17 @@
 
 import os
 
-import numpy as np
 import pytest
 from hypothesis import HealthCheck, settings
 
 from refghost.arch import Config, build_graph
+from refghost.testing import random_params
 from refghost.weights import from_tensors, save_weights
 
 
 def random_tensors(config: Config, seed: int = 0) -> dict:
-    """float32 tensors for every key of ``config``: conv weights N(0, 1/fan_in), BN gamma
-    U(0.5, 1.5), beta/mean N(0, 0.1), var U(0.5, 1.5), biases N(0, 0.1), PReLU slopes U(0.1, 0.4)."""
-    rng = np.random.default_rng(seed)
-    tensors = {}
-    for key, shape in build_graph(config).param_shapes.items():
-        if key.endswith("running_var") or (len(shape) == 1 and key.endswith(".weight") and shape != (1,)):
-            value = rng.uniform(0.5, 1.5, shape)
-        elif shape == (1,):
-            value = rng.uniform(0.1, 0.4, shape)
-        elif len(shape) == 1:
-            value = rng.normal(0.0, 0.1, shape)
-        else:
-            value = rng.normal(0.0, 1.0 / np.sqrt(np.prod(shape[1:])), shape)
-        tensors[key] = value.astype(np.float32)
-    return tensors
+    """float32 tensors for every key of ``config`` (``refghost.testing.random_params``)."""
+    return random_params(build_graph(config), seed=seed)
 
 
 def random_weights(config: Config = Config(), seed: int = 0):

@@ -20,11 +20,12 @@ See ``docs/testing.md``.
 
 from ._cases import (ActivationCase, BatchNormCase, BatchNormParams, ConvBNCase, ConvCase, GhostBottleneckCase,
                      GhostBottleneckConfig, GhostModuleCase, GhostModuleConfig, LinearCase, PoolCase,
-                     fold_batch_norm)
+                     fold_batch_norm, random_params)
 from ._reference import OPS, POLICIES, assert_matches_reference, reference_and_bound, round_case
 
 __all__ = [
-    "assert_matches_reference", "reference_and_bound", "round_case", "fold_batch_norm", "OPS", "POLICIES",
+    "assert_matches_reference", "reference_and_bound", "round_case", "fold_batch_norm", "random_params", "OPS",
+    "POLICIES",
     "ConvCase", "BatchNormParams", "BatchNormCase", "ConvBNCase", "ActivationCase", "PoolCase", "LinearCase",
     "GhostModuleConfig", "GhostModuleCase", "GhostBottleneckConfig", "GhostBottleneckCase",
 ]

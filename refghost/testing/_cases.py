@@ -21,7 +21,7 @@ from ..arch import Block, Config, Graph, Node, _Builder
 __all__ = [
     "ConvCase", "BatchNormParams", "BatchNormCase", "ConvBNCase", "ActivationCase", "PoolCase",
     "LinearCase", "GhostModuleConfig", "GhostModuleCase", "GhostBottleneckConfig",
-    "GhostBottleneckCase", "fold_batch_norm",
+    "GhostBottleneckCase", "fold_batch_norm", "random_params",
 ]
 
 #: Arrays up to this many elements are printed in full in a case's repr (so a shrunk failing case
@@ -177,6 +177,25 @@ class LinearCase(_Case):
 
     def describe(self) -> str:
         return f"x {_shape(self.x)} {self.x.dtype}, w {_shape(self.w)}, b {_shape(self.b)}"
+
+
+def random_params(graph: Graph, *, seed: int, dtype=np.float32) -> dict:
+    """Random but well-scaled parameters for every key of ``graph`` (``np.random.default_rng(seed)``):
+    conv weights N(0, 1/fan_in), BN gamma U(0.5, 1.5), beta and mean N(0, 0.1), var U(0.5, 1.5),
+    biases N(0, 0.1), PReLU slopes U(0.1, 0.4). Activations stay O(1) through a few blocks."""
+    rng = np.random.default_rng(seed)
+    params = {}
+    for key, shape in graph.param_shapes.items():
+        if key.endswith("running_var") or (len(shape) == 1 and key.endswith(".weight") and shape != (1,)):
+            value = rng.uniform(0.5, 1.5, shape)
+        elif shape == (1,):
+            value = rng.uniform(0.1, 0.4, shape)
+        elif len(shape) == 1:
+            value = rng.normal(0.0, 0.1, shape)
+        else:
+            value = rng.normal(0.0, 1.0 / np.sqrt(np.prod(shape[1:])), shape)
+        params[key] = value.astype(dtype)
+    return params
 
 
 def fold_batch_norm(w, b, bn: BatchNormParams):

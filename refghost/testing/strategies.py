@@ -45,7 +45,7 @@ from .. import ops
 from ..arch import ARCHITECTURES, NUM_STAGES, Config
 from ..errors import RefghostError
 from ._cases import (ActivationCase, BatchNormCase, BatchNormParams, ConvBNCase, ConvCase, GhostBottleneckCase,
-                     GhostBottleneckConfig, GhostModuleCase, GhostModuleConfig, LinearCase, PoolCase)
+                     GhostBottleneckConfig, GhostModuleCase, GhostModuleConfig, LinearCase, PoolCase, random_params)
 
 __all__ = [
     "input_arrays",
@@ -714,31 +714,12 @@ def ghost_bottleneck_configs(*, in_channels=None, mid_channels=None, out_channel
                                     _option("activation", activation, _activation, activation_names()))
 
 
-def _block_params(graph, dtype, seed):
-    """Random but well-scaled parameters for every key of ``graph`` (as tests/conftest.py makes):
-    conv weights N(0, 1/fan_in), BN gamma U(0.5, 1.5), beta and mean N(0, 0.1), var U(0.5, 1.5),
-    biases N(0, 0.1), PReLU slopes U(0.1, 0.4)."""
-    rng = np.random.default_rng(seed)
-    params = {}
-    for key, shape in graph.param_shapes.items():
-        if key.endswith("running_var") or (len(shape) == 1 and key.endswith(".weight") and shape != (1,)):
-            value = rng.uniform(0.5, 1.5, shape)
-        elif shape == (1,):
-            value = rng.uniform(0.1, 0.4, shape)
-        elif len(shape) == 1:
-            value = rng.normal(0.0, 0.1, shape)
-        else:
-            value = rng.normal(0.0, 1.0 / np.sqrt(np.prod(shape[1:])), shape)
-        params[key] = value.astype(dtype)
-    return params
-
-
 @st.composite
 def _block_case(draw, cls, config, batch_size, height, width, dtype, scale, extremes):
     cfg, dt = draw(config), draw(dtype)
     shape = (draw(batch_size), cfg.in_channels, draw(height), draw(width))
     x = _input(draw, shape, dt, draw(scale), draw(extremes))
-    return cls(x, _block_params(cfg.graph(), dt, draw(_SEEDS)), cfg)
+    return cls(x, random_params(cfg.graph(), seed=draw(_SEEDS), dtype=dt), cfg)
 
 
 def _config_option(name, value, cls, default):
