@@ -48,8 +48,9 @@ def make_parser() -> argparse.ArgumentParser:
                      help="float32 mimics a backend; float64 is the oracle")
     run.add_argument("--out", help="write the outputs to this .npz file, keyed by module path")
     run.add_argument("--intermediates", action="store_true", help="also keep every layer's output")
-    run.add_argument("--impl", choices=("fast", "plain"), default="fast",
-                     help="fast paths (BLAS, Numba) or the plain NumPy definitions")
+    run.add_argument("--impl", choices=("fast", "plain", "engine", "interpreter"), default="fast",
+                     help="fast: the compiled engine (BN folded, fused kernels), or the interpreter with "
+                          "BLAS/Numba ops when --intermediates is given; plain: the NumPy definitions")
 
     conv = sub.add_parser("convert", help="convert a PyTorch checkpoint (or .npz state_dict) to a weights file")
     conv.add_argument("src", help=".pth/.pt/.ckpt checkpoint (needs torch) or .npz of state_dict arrays")

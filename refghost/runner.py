@@ -7,10 +7,15 @@ import os
 import numpy as np
 
 from .errors import ImageError, RefghostError
-from .forward import IMPLS, execute, single_threaded_blas
+from .forward import execute, single_threaded_blas
 from .weights import Weights, load_weights
 
 DTYPES = ("float32", "float64")
+#: ``impl`` values of :func:`run`: "fast" (the fastest correct path: the engine, or the fast
+#: interpreter when intermediates are asked for or the engine declines), "plain" (the
+#: interpreter on the plain definitions), "engine" (the engine or an error), "interpreter"
+#: (the interpreter with its fast ops).
+RUN_IMPLS = ("fast", "plain", "engine", "interpreter")
 
 
 def as_weights(weights) -> Weights:
@@ -58,8 +63,12 @@ def run(image, weights, *, dtype="float32", intermediates=False, impl="fast") ->
     weights : path of a weights file, or what :func:`refghost.load_weights` returned
     dtype : "float32" (mimic a backend) or "float64" (the oracle); every value is computed and
         returned in this dtype.
-    intermediates : also return every layer's output, keyed by PyTorch module path
-    impl : "fast" (BLAS + Numba, default) or "plain" (the definitions in :mod:`refghost.ops`)
+    intermediates : also return every layer's output, keyed by PyTorch module path; everything is
+        then computed by the interpreter (BN unfolded), so the outputs equal their layers'
+        tensors and differ from the engine's (``intermediates=False``) within the rounding bound
+    impl : "fast" (default: the compiled engine of :mod:`refghost.engine`, or the interpreter's
+        BLAS + Numba ops when ``intermediates`` is set), "plain" (the definitions in
+        :mod:`refghost.ops`), "engine" or "interpreter" (force one of the two fast paths)
 
     Returns
     -------
@@ -69,9 +78,28 @@ def run(image, weights, *, dtype="float32", intermediates=False, impl="fast") ->
     """
     if str(dtype) not in DTYPES:
         raise RefghostError(f"dtype must be one of {DTYPES}, got {dtype!r}")
-    if impl not in IMPLS:
-        raise RefghostError(f"impl must be one of {IMPLS}, got {impl!r}")
+    if impl not in RUN_IMPLS:
+        raise RefghostError(f"impl must be one of {RUN_IMPLS}, got {impl!r}")
+    if impl == "engine" and intermediates:
+        raise RefghostError("impl='engine' folds BatchNorm into the convolutions, so it has no per-module "
+                            "intermediates; use impl='fast' or 'interpreter'")
     w = as_weights(weights)
     x = prepare_input(image, w, dtype)
+    if impl in ("fast", "engine") and not intermediates:
+        # The compiled plan (refghost.engine): cached on w per dtype and input shape; it owns
+        # the thread settings. It declines graphs it cannot run, and "fast" then interprets.
+        from .engine import EngineUnsupported, get_plan
+
+        try:
+            plan = get_plan(w, dtype, x.shape)
+        except EngineUnsupported as exc:
+            if impl == "engine":
+                raise RefghostError(f"the engine cannot run this network: {exc}") from None
+        else:
+            return plan.run(x)
+    # Every tensor of one consistent computation, by the interpreter (BN unfolded, as PyTorch
+    # computes it; the golden files hold its float64 values): the outputs then equal their
+    # layers' tensors, and differ from the engine's only within the rounding bound.
     with single_threaded_blas():
-        return execute(w.graph, w.params(dtype), x, intermediates=intermediates, impl=impl)
+        return execute(w.graph, w.params(dtype), x, intermediates=intermediates,
+                       impl="plain" if impl == "plain" else "fast")

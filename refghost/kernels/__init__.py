@@ -5,7 +5,10 @@
 * GELU's erf: a Numba ufunc (:mod:`.elementwise`);
 * anything else falls back to the plain op.
 
-Each is tested against the plain op in ``tests/test_kernels.py``.
+Each is tested against the plain op in ``tests/test_kernels.py``. The compiled engine
+(:mod:`refghost.engine`) uses its own fused kernels, :mod:`.fused` (GEMM tiles with bias and
+activation, depthwise with bias, activation and residual, squeeze-excite) and :mod:`.blas`
+(OpenBLAS's GEMM called from inside Numba), tested against the plain ops in ``tests/test_engine.py``.
 """
 
 from __future__ import annotations

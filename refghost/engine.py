@@ -1,0 +1,598 @@
+"""The execution engine: a GhostNet graph and its weights compiled into a plan of fused kernels.
+
+:func:`refghost.run` uses it when no intermediates are asked for (``impl="fast"``); the node-by-node
+interpreter (:mod:`refghost.forward`) stays the readable definition and the path for
+``intermediates=True`` (folding removes the per-module tensors). Both compute in the requested
+dtype; they differ only in rounding order, within the bounds of :mod:`refghost.bounds`
+(``tests/test_engine.py``).
+
+What the plan does (research: /work/shared/research/performance-feasibility.md):
+
+* **BN folded** into each conv's weights and bias, in float64, then cast to the compute dtype.
+* **Layout.** Every tensor of C channels, H x W, lives in rows ``[1, 1+C)`` of a preallocated
+  buffer ``(N, R, H*W)`` whose row 0 is ones, so a 1x1 conv with weights ``[b | W]`` is one GEMM
+  with the bias included (:mod:`refghost.kernels.fused`). A ghost module's primary and cheap halves
+  are the two halves of one buffer: no concat.
+* **Buffers reused.** Buffers are assigned by liveness to slots of equal plane size; row 0 of a
+  slot is ones for every tensor placed in it, so it is written once.
+* **Fused epilogues.** ReLU / LeakyReLU / PReLU / ReLU6 run on each GEMM tile while it is in cache;
+  the depthwise kernel adds bias, activation and the residual in its copy-out, and adds the
+  residual to the primary half in its copy-in (ghost2). Other activations (SELU, ELU, GELU, SiLU,
+  HardSwish) run as a separate elementwise pass with the interpreter's fast activation.
+* **One thread pool.** GEMM tiles are called from inside Numba's ``prange``
+  (:mod:`refghost.kernels.blas`) with the BLAS library held at one thread by
+  :func:`blas_single_threaded`, the one place that touches thread settings. Numba's thread count
+  (``numba.set_num_threads`` / ``NUMBA_NUM_THREADS``) is the only knob.
+* **Deterministic.** GEMM tiles are a fixed function of the shapes; depthwise planes and SE images
+  are each computed by one thread with the same code. The results are bit-identical for any
+  thread count and from run to run.
+
+:func:`get_plan` compiles once per (dtype, input shape) and caches the plan on the
+:class:`~refghost.weights.Weights` object. :class:`EngineUnsupported` means "use the
+interpreter" (an unexpected graph, or no BLAS the kernels can call).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from . import ops
+from .arch import NUM_STAGES, Graph
+
+#: Activations with a fused epilogue, by code (see refghost.kernels.fused).
+_FAST_ACTS = {"Identity": 0, "ReLU": 1, "LeakyReLU": 2, "PReLU": 2, "ReLU6": 3}
+#: Plans kept per Weights object (each holds its buffers).
+MAX_CACHED_PLANS = 4
+#: Below this many multiply-adds a depthwise layer or the stem im2col runs serially.
+_PARALLEL_MIN_WORK = 1 << 15
+#: Stride-1 depthwise layers with at most this many output pixels per plane use the
+#: channel-blocked kernel (2-2.5x faster on 10x10 and 20x20 planes, no gain at 40x40).
+_BLOCKED_MAX_PIXELS = 576
+
+
+class EngineUnsupported(Exception):
+    """The engine cannot run this graph (the interpreter can)."""
+
+
+# --- thread settings ------------------------------------------------------------------------
+
+_controller = None
+_controller_lock = threading.Lock()
+
+
+def _blas_controller():
+    global _controller
+    with _controller_lock:
+        if _controller is None:
+            from threadpoolctl import ThreadpoolController
+
+            _controller = ThreadpoolController().select(user_api="blas")
+        return _controller
+
+
+@contextmanager
+def blas_single_threaded():
+    """Hold every BLAS library of the process at one thread for the duration.
+
+    The engine's GEMM tiles run on Numba's threads; a multi-threaded BLAS inside them would
+    oversubscribe the cores. The threadpoolctl controller is built once (discovering the
+    libraries costs about 2 ms; applying a limit about 10 us).
+    """
+    with _blas_controller().limit(limits=1):
+        yield
+
+
+# --- plan building ----------------------------------------------------------------------------
+
+
+@dataclass
+class _Tensor:
+    name: str
+    c: int
+    h: int
+    w: int
+    slot: int = -1
+
+    @property
+    def p(self):
+        return self.h * self.w
+
+
+@dataclass
+class _Op:
+    kind: str
+    reads: tuple
+    writes: tuple
+    args: dict = field(default_factory=dict)
+
+
+def _f64(tensors, key):
+    return np.asarray(tensors[key], dtype=np.float64)
+
+
+class _Builder:
+    """Walks the graph by module path and emits ops on tensors (no buffers yet)."""
+
+    def __init__(self, graph: Graph, tensors, dtype, n):
+        self.graph = graph
+        self.tensors = tensors
+        self.dtype = np.dtype(dtype)
+        self.n = n
+        self.nodes = {node.name: node for node in graph.nodes}
+        self.used = set()
+        self.ops: list[_Op] = []
+        self.count = 0
+
+    def node(self, name, op=None):
+        node = self.nodes.get(name)
+        if node is None or (op is not None and node.op != op):
+            raise EngineUnsupported(f"expected node {name!r} ({op})")
+        self.used.add(name)
+        return node
+
+    def has(self, name):
+        return name in self.nodes
+
+    def new(self, c, h, w, name=""):
+        self.count += 1
+        return _Tensor(name or f"t{self.count}", c, h, w)
+
+    def emit(self, kind, reads, writes, **args):
+        self.ops.append(_Op(kind, tuple(reads), tuple(writes), args))
+
+    # --- parameters
+    def folded(self, conv_name, bn_name):
+        """(W, b) in float64 of conv ``conv_name`` with BatchNorm ``bn_name`` folded in."""
+        conv = self.node(conv_name, "conv")
+        bn = self.node(bn_name, "batch_norm")
+        if bn.inputs != (conv_name,):
+            raise EngineUnsupported(f"{bn_name} does not follow {conv_name}")
+        t = self.tensors
+        w = _f64(t, conv.params["weight"])
+        b = _f64(t, conv.params["bias"]) if "bias" in conv.params else np.zeros(w.shape[0])
+        alpha, beta = ops.batch_norm_coefficients(*(_f64(t, bn.params[r]) for r in
+                                                    ("weight", "bias", "running_mean", "running_var")),
+                                                  eps=bn.attrs.get("eps", ops.BN_EPS))
+        return w * alpha[:, None, None, None], b * alpha + beta, conv.attrs
+
+    def activation(self, name):
+        """(code, slope, generic name or None, generic weight) of activation node ``name``."""
+        node = self.node(name, "act")
+        act = node.attrs["activation"]
+        weight = None
+        if act == "PReLU":
+            weight = _f64(self.tensors, node.params["weight"])
+        if act in _FAST_ACTS:
+            slope = ops.LEAKY_RELU_SLOPE if act == "LeakyReLU" else (float(weight.reshape(())) if act == "PReLU"
+                                                                     else 0.0)
+            return dict(code=_FAST_ACTS[act], slope=slope, generic=None, weight=None)
+        return dict(code=0, slope=0.0, generic=act, weight=weight)
+
+    # --- ops
+    def conv1x1(self, x: _Tensor, w, b, out: _Tensor, row0=0, act=None):
+        o, c = w.shape[0], w.shape[1]
+        if w.shape[2:] != (1, 1) or c != x.c:
+            raise EngineUnsupported("conv1x1 shape")
+        wb = np.concatenate([b[:, None], w.reshape(o, c)], axis=1)
+        act = act or dict(code=0, slope=0.0, generic=None, weight=None)
+        self.emit("gemm", [x], [out], w=wb, row0=row0, **act)
+
+    def depthwise(self, src, s_row0, dst, d_row0, w, b, attrs, act=None, res=None, res_row0=0, pre_row0=-1):
+        c, _, k, k2 = w.shape
+        if k != k2 or attrs["groups"] != c:
+            raise EngineUnsupported("depthwise shape")
+        act = act or dict(code=0, slope=0.0, generic=None, weight=None)
+        reads = [src] + ([res] if res is not None else [])
+        self.emit("dw", reads, [dst], src=src, s_row0=s_row0, dst=dst, d_row0=d_row0, nch=c, w=w.reshape(c, k * k),
+                  b=b, k=k, s=attrs["stride"], p=attrs["padding"], res=res, res_row0=res_row0, pre_row0=pre_row0,
+                  **act)
+
+    def ghost(self, name, x: _Tensor, residual=None):
+        """A GhostModule (with the block's residual fused when ``residual`` is given)."""
+        p = f"{name}.primary_conv"
+        wp, bp, attrs = self.folded(f"{p}.0", f"{p}.1")
+        if attrs["stride"] != 1 or attrs["groups"] != 1 or attrs["padding"] != 0:
+            raise EngineUnsupported(f"{p}.0 is not a 1x1 conv")
+        init = wp.shape[0]
+        act_p = self.activation(f"{p}.2") if self.has(f"{p}.2") else None
+        c = f"{name}.cheap_operation"
+        wc, bc, cattrs = self.folded(f"{c}.0", f"{c}.1")
+        if wc.shape[0] != init or cattrs["stride"] != 1:
+            raise EngineUnsupported(f"{c}.0 shape")
+        act_c = self.activation(f"{c}.2") if self.has(f"{c}.2") else None
+        concat = self.node(name, "concat")
+        if len(concat.inputs) != 2:
+            raise EngineUnsupported(f"{name} concat")
+        g = self.new(2 * init, x.h, x.w, name)
+        self.conv1x1(x, wp, bp, g, 0, act_p)
+        if residual is None:
+            self.depthwise(g, 0, g, init, wc, bc, cattrs, act_c)
+        else:
+            if act_p is not None or act_c is not None or residual.c != 2 * init:
+                raise EngineUnsupported(f"{name}: residual with activation or channel mismatch")
+            self.depthwise(g, 0, g, init, wc, bc, cattrs, None, residual, init, 0)
+        return g
+
+    def squeeze_excite(self, name, x: _Tensor):
+        self.node(f"{name}.avg_pool", "global_avg_pool")
+        reduce_ = self.node(f"{name}.conv_reduce", "conv")
+        act = self.node(f"{name}.act1", "act")
+        expand = self.node(f"{name}.conv_expand", "conv")
+        self.node(f"{name}.gate", "hard_sigmoid")
+        self.node(name, "scale")
+        if act.attrs["activation"] != "ReLU":
+            raise EngineUnsupported(f"{name}: SE activation {act.attrs['activation']}")
+        t = self.tensors
+        wr = _f64(t, reduce_.params["weight"])
+        we = _f64(t, expand.params["weight"])
+        r = wr.shape[0]
+        if wr.shape != (r, x.c, 1, 1) or we.shape != (x.c, r, 1, 1):
+            raise EngineUnsupported(f"{name}: SE shapes")
+        self.emit("se", [x], [x], x=x, wr_t=wr.reshape(r, x.c).T, br=_f64(t, reduce_.params["bias"]),
+                  we_t=we.reshape(x.c, r).T, be=_f64(t, expand.params["bias"]))
+
+    def bottleneck(self, name, x: _Tensor):
+        add = self.node(name, "add")
+        g1 = self.ghost(f"{name}.ghost1", x)
+        y = g1
+        if self.has(f"{name}.conv_dw"):
+            w, b, attrs = self.folded(f"{name}.conv_dw", f"{name}.bn_dw")
+            s = attrs["stride"]
+            k = w.shape[2]
+            ho = (y.h + 2 * attrs["padding"] - k) // s + 1
+            wo = (y.w + 2 * attrs["padding"] - k) // s + 1
+            d = self.new(y.c, ho, wo, f"{name}.bn_dw")
+            self.depthwise(y, 0, d, 0, w, b, attrs)
+            y = d
+        if self.has(f"{name}.se"):
+            self.squeeze_excite(f"{name}.se", y)
+        if self.has(f"{name}.shortcut.0"):
+            s = f"{name}.shortcut"
+            w, b, attrs = self.folded(f"{s}.0", f"{s}.1")
+            k, st, pad = w.shape[2], attrs["stride"], attrs["padding"]
+            sd = self.new(x.c, (x.h + 2 * pad - k) // st + 1, (x.w + 2 * pad - k) // st + 1, f"{s}.1")
+            self.depthwise(x, 0, sd, 0, w, b, attrs)
+            w2, b2, attrs2 = self.folded(f"{s}.2", f"{s}.3")
+            if attrs2["stride"] != 1 or attrs2["groups"] != 1:
+                raise EngineUnsupported(f"{s}.2 is not a 1x1 conv")
+            residual = self.new(w2.shape[0], sd.h, sd.w, f"{s}.3")
+            self.conv1x1(sd, w2, b2, residual)
+        else:
+            residual = x
+        if add.inputs != (f"{name}.ghost2", residual.name):
+            raise EngineUnsupported(f"{name}: unexpected add inputs {add.inputs}")
+        if (residual.h, residual.w) != (y.h, y.w):
+            raise EngineUnsupported(f"{name}: residual shape")
+        g2 = self.ghost(f"{name}.ghost2", y, residual)
+        g2.name = name
+        return g2
+
+    def build(self, h, w):
+        graph = self.graph
+        # stem: dense KxK conv as im2col + GEMM
+        ws, bs, attrs = self.folded("conv_stem", "bn1")
+        if attrs["groups"] != 1:
+            raise EngineUnsupported("stem")
+        k, s, p = ws.shape[2], attrs["stride"], attrs["padding"]
+        ho, wo = (h + 2 * p - k) // s + 1, (w + 2 * p - k) // s + 1
+        if ho < 1 or wo < 1:
+            raise EngineUnsupported("input smaller than the stem kernel")
+        cols = self.new(ws.shape[1] * k * k, ho, wo, "im2col")
+        self.emit("im2col", [], [cols], cols=cols, k=k, s=s, p=p)
+        x = self.new(ws.shape[0], ho, wo, "act1")
+        wsb = np.concatenate([bs[:, None], ws.reshape(ws.shape[0], -1)], axis=1)
+        act = self.activation("act1")
+        self.emit("gemm", [cols], [x], w=wsb, row0=0, **act)
+        produced = {"act1": x}
+        blocks = [node.name for node in graph.nodes if node.op == "add"]
+        for name in blocks:
+            x = self.bottleneck(name, x)
+            produced[name] = x
+        last = f"blocks.{NUM_STAGES - 1}.0"
+        wl, bl, attrs = self.folded(f"{last}.conv", f"{last}.bn1")
+        if attrs["stride"] != 1 or wl.shape[2:] != (1, 1):
+            raise EngineUnsupported("final conv")
+        y = self.new(wl.shape[0], x.h, x.w, f"{last}.act1")
+        self.conv1x1(x, wl, bl, y, 0, self.activation(f"{last}.act1"))
+        produced[f"{last}.act1"] = y
+        outputs = {}
+        for out_name, node_name in graph.outputs.items():
+            if node_name in produced:
+                outputs[out_name] = produced[node_name]
+            elif node_name != "classifier":
+                raise EngineUnsupported(f"output {out_name} from {node_name}")
+        if "classifier" in graph.outputs.values():
+            self.node("global_pool", "global_avg_pool")
+            head = self.node("conv_head", "conv")
+            act2 = self.node("act2", "act")
+            cls = self.node("classifier", "linear")
+            if act2.attrs["activation"] != "ReLU":
+                raise EngineUnsupported("act2")
+            t = self.tensors
+            wh = _f64(t, head.params["weight"])
+            self.emit("classifier", [y], [], x=y, wh=wh.reshape(wh.shape[0], -1), bh=_f64(t, head.params["bias"]),
+                      wc=_f64(t, cls.params["weight"]), bc=_f64(t, cls.params["bias"]),
+                      name=[k for k, v in graph.outputs.items() if v == "classifier"][0])
+        for out_name, tensor in outputs.items():
+            self.emit("output", [tensor], [], x=tensor, name=out_name)
+        unused = set(self.nodes) - self.used
+        if unused:
+            raise EngineUnsupported(f"nodes the engine does not handle: {sorted(unused)[:3]}")
+        # outputs must be copied right after their producer (their buffer may be reused later)
+        self._move_outputs_to_producers()
+
+    def _move_outputs_to_producers(self):
+        outs = [op for op in self.ops if op.kind == "output"]
+        body = [op for op in self.ops if op.kind != "output"]
+        for out in outs:
+            t = out.args["x"]
+            last_write = max(i for i, op in enumerate(body) if any(w is t for w in op.writes))
+            body.insert(last_write + 1, out)
+        self.ops = body
+
+
+def _assign_slots(ops):
+    """Liveness-based buffer slots: tensors with equal plane size share slots when not both alive.
+
+    Returns the list of slots as [plane size P, rows R]; sets ``tensor.slot``.
+    """
+    last_use = {}
+    for i, op in enumerate(ops):
+        for t in op.reads + op.writes:
+            last_use[id(t)] = i
+    slots = []  # [p, rows]
+    free = []
+    for i, op in enumerate(ops):
+        for t in op.writes:
+            if t.slot >= 0:
+                continue
+            need = t.c + 1
+            same = [s for s in free if slots[s][0] == t.p]
+            fitting = [s for s in same if slots[s][1] >= need]
+            if fitting:
+                s = min(fitting, key=lambda s: slots[s][1])
+            elif same:
+                s = max(same, key=lambda s: slots[s][1])
+                slots[s][1] = need
+            else:
+                s = len(slots)
+                slots.append([t.p, need])
+                free.append(s)
+            free.remove(s)
+            t.slot = s
+        done = {id(t): t for t in op.reads + op.writes if last_use[id(t)] == i}
+        free.extend(t.slot for t in done.values())
+    return slots
+
+
+def gemm_tasks(n, m, k, p):
+    """The fixed tiling of a 1x1 conv (n images, M outputs, K inputs, P pixels): (T, 5) int64.
+
+    A function of the shapes only (never of the thread count), so every run makes the same BLAS
+    calls. Large planes are split by columns (multiples of 16), small ones by output rows
+    (multiples of 8).
+    """
+    macs = m * k * p
+    parts = 1 if macs < (1 << 17) else (2 if macs < (1 << 21) else 4)
+    tasks = []
+    for img in range(n):
+        if parts > 1 and p >= 256 * parts:
+            edges = [min(p, ((p * i // parts) + 15) // 16 * 16) for i in range(parts)] + [p]
+            tasks += [(img, 0, m, edges[i], edges[i + 1]) for i in range(parts) if edges[i] < edges[i + 1]]
+        elif parts > 1 and m >= 8 * parts:
+            edges = [min(m, ((m * i // parts) + 7) // 8 * 8) for i in range(parts)] + [m]
+            tasks += [(img, edges[i], edges[i + 1], 0, p) for i in range(parts) if edges[i] < edges[i + 1]]
+        else:
+            tasks.append((img, 0, m, 0, p))
+    return np.array(tasks, dtype=np.int64).reshape(-1, 5)
+
+
+class Plan:
+    """A compiled forward pass for one dtype and one input shape. Call :meth:`run`."""
+
+    def __init__(self, graph: Graph, tensors, dtype, shape):
+        from .kernels import blas
+
+        if not blas.AVAILABLE:
+            raise EngineUnsupported("no BLAS library with the 64-bit CBLAS symbols next to NumPy")
+        self.dtype = np.dtype(dtype)
+        if self.dtype not in (np.dtype(np.float32), np.dtype(np.float64)):
+            raise EngineUnsupported(f"dtype {dtype}")
+        n, c, h, w = shape
+        if c != 3:
+            raise EngineUnsupported("input channels")
+        self.shape = tuple(shape)
+        builder = _Builder(graph, tensors, dtype, n)
+        builder.build(h, w)
+        self.slots_spec = _assign_slots(builder.ops)
+        self.buffers = []
+        for p, rows in self.slots_spec:
+            buf = np.empty((n, rows, p), dtype=self.dtype)
+            buf[:, 0, :] = 1
+            self.buffers.append(buf)
+        self.nbytes = sum(b.nbytes for b in self.buffers)
+        self._lock = threading.Lock()
+        self._steps = [self._lower(op) for op in builder.ops]
+
+    def _cast(self, a):
+        return np.ascontiguousarray(a, dtype=self.dtype)
+
+    def _lower(self, op):
+        from .kernels import fused
+
+        a = op.args
+        dt = self.dtype
+        if op.kind == "im2col":
+            cols = self.buffers[a["cols"].slot]
+            k, s, p, ho, wo = a["k"], a["s"], a["p"], a["cols"].h, a["cols"].w
+            work = cols.shape[0] * a["cols"].c * cols.shape[2]
+
+            def step(nthreads, x):
+                chunks = nthreads if work >= _PARALLEL_MIN_WORK else 1
+                fused.im2col(x, cols, k, s, p, ho, wo, chunks)
+            return step
+        if op.kind == "gemm":
+            x_t, y_t = op.reads[0], op.writes[0]
+            x, y = self.buffers[x_t.slot], self.buffers[y_t.slot]
+            w = self._cast(a["w"])
+            m = w.shape[0]
+            tasks = gemm_tasks(x.shape[0], m, w.shape[1], x_t.p)
+            row0 = 1 + a["row0"]
+            consts = fused.make_consts(dt, a["slope"])
+            code = a["code"]
+            generic = self._generic(a, y, row0, m)
+            parallel = tasks.shape[0] > 1
+
+            def step(nthreads, _x):
+                if parallel and nthreads > 1:
+                    fused.gemm_tasks_parallel(w, x, y, row0, tasks, code, consts)
+                else:
+                    fused.gemm_tasks(w, x, y, row0, tasks, code, consts)
+                if generic is not None:
+                    generic()
+            return step
+        if op.kind == "dw":
+            src_t, dst_t = a["src"], a["dst"]
+            src, dst = self.buffers[src_t.slot], self.buffers[dst_t.slot]
+            res_t = a["res"]
+            res = self.buffers[res_t.slot] if res_t is not None else dst
+            has_res = res_t is not None
+            w, b = self._cast(a["w"]), self._cast(a["b"])
+            nch, k, s, p = a["nch"], a["k"], a["s"], a["p"]
+            s_row0, d_row0 = 1 + a["s_row0"], 1 + a["d_row0"]
+            r_row0 = 1 + a["res_row0"] if has_res else 0
+            pre_row0 = 1 + a["pre_row0"] if a["pre_row0"] >= 0 else -1
+            h, wd, ho, wo = src_t.h, src_t.w, dst_t.h, dst_t.w
+            consts = fused.make_consts(dt, a["slope"])
+            code = a["code"]
+            planes = src.shape[0] * nch
+            work = planes * ho * wo * k * k
+            generic = self._generic(a, dst, d_row0, nch)
+            if s == 1 and ho * wo <= _BLOCKED_MAX_PIXELS:
+                wcb = fused.blocked_weights(w, wo)
+                units = src.shape[0] * wcb.shape[0]
+
+                def step(nthreads, _x):
+                    chunks = min(nthreads, units)
+                    if chunks > 1 and work >= _PARALLEL_MIN_WORK:
+                        fused.depthwise_blocked_parallel(src, s_row0, dst, d_row0, res, r_row0, pre_row0, nch, h, wd,
+                                                         ho, wo, wcb, b, k, s, p, code, consts, has_res, chunks)
+                    else:
+                        fused.depthwise_blocked(src, s_row0, dst, d_row0, res, r_row0, pre_row0, nch, h, wd, ho, wo,
+                                                wcb, b, k, s, p, code, consts, has_res)
+                    if generic is not None:
+                        generic()
+                return step
+
+            def step(nthreads, _x):
+                chunks = min(nthreads, planes)
+                if chunks > 1 and work >= _PARALLEL_MIN_WORK:
+                    fused.depthwise_parallel(src, s_row0, dst, d_row0, res, r_row0, pre_row0, nch, h, wd, ho, wo,
+                                             w, b, k, s, p, code, consts, has_res, chunks)
+                else:
+                    fused.depthwise(src, s_row0, dst, d_row0, res, r_row0, pre_row0, nch, h, wd, ho, wo, w, b, k,
+                                    s, p, code, consts, has_res)
+                if generic is not None:
+                    generic()
+            return step
+        if op.kind == "se":
+            x = self.buffers[a["x"].slot]
+            nch = a["x"].c
+            wr_t, br, we_t, be = (self._cast(a[key]) for key in ("wr_t", "br", "we_t", "be"))
+            consts = fused.make_consts(dt)
+
+            work = x.shape[0] * nch * a["x"].p
+
+            def step(nthreads, _x):
+                if x.shape[0] >= nthreads > 1:
+                    fused.squeeze_excite(x, nch, wr_t, br, we_t, be, consts)
+                elif nthreads > 1 and work >= _PARALLEL_MIN_WORK:
+                    fused.squeeze_excite_channels(x, nch, wr_t, br, we_t, be, consts, min(nthreads, nch))
+                else:
+                    fused.squeeze_excite_serial(x, nch, wr_t, br, we_t, be, consts)
+            return step
+        if op.kind == "output":
+            t = a["x"]
+            buf = self.buffers[t.slot]
+            name = a["name"]
+
+            def step(nthreads, _x):
+                out = np.empty((buf.shape[0], t.c, t.h, t.w), dtype=dt)
+                out.reshape(buf.shape[0], t.c, t.p)[...] = buf[:, 1:1 + t.c, :]
+                self._result[name] = out
+            return step
+        if op.kind == "classifier":
+            t = a["x"]
+            buf = self.buffers[t.slot]
+            wh_t, bh = self._cast(a["wh"].T), self._cast(a["bh"])
+            wc_t, bc = self._cast(a["wc"].T), self._cast(a["bc"])
+            name = a["name"]
+
+            def step(nthreads, _x):
+                pooled = buf[:, 1:1 + t.c, :].mean(axis=2)
+                hidden = ops.relu(np.matmul(pooled, wh_t) + bh)
+                self._result[name] = np.matmul(hidden, wc_t) + bc
+            return step
+        raise AssertionError(op.kind)
+
+    def _generic(self, a, buf, row0, nch):
+        """The slower elementwise pass for activations without a fused epilogue, or None."""
+        if a.get("generic") is None:
+            return None
+        from .kernels import activation
+
+        name = a["generic"]
+        weight = None if a["weight"] is None else self._cast(a["weight"])
+        view = buf[:, row0:row0 + nch, :]
+
+        def apply():
+            view[...] = activation(name, view, weight)
+        return apply
+
+    def run(self, x: np.ndarray) -> dict[str, np.ndarray]:
+        """Outputs ``{name: array}`` (fresh arrays) for input x of the plan's shape and dtype."""
+        import numba
+
+        if x.shape != self.shape or x.dtype != self.dtype:
+            raise ValueError(f"plan is for {self.shape} {self.dtype}, got {x.shape} {x.dtype}")
+        x = np.ascontiguousarray(x)
+        nthreads = numba.get_num_threads()
+        with self._lock, blas_single_threaded():
+            self._result = {}
+            for step in self._steps:
+                step(nthreads, x)
+            result, self._result = self._result, None
+        return result
+
+
+def get_plan(weights, dtype, shape) -> Plan:
+    """The plan for ``weights`` at (dtype, input shape), compiled once and cached on ``weights``.
+
+    Raises :class:`EngineUnsupported` (also cached) when the engine cannot run this graph.
+    """
+    key = (np.dtype(dtype).name, tuple(shape))
+    cache = weights.__dict__.setdefault("_engine_plans", OrderedDict())
+    if key in cache:
+        cache.move_to_end(key)
+        plan = cache[key]
+    else:
+        try:
+            plan = Plan(weights.graph, weights.tensors, dtype, shape)
+        except EngineUnsupported as exc:
+            plan = exc
+        cache[key] = plan
+        while len(cache) > MAX_CACHED_PLANS:
+            cache.popitem(last=False)
+    if isinstance(plan, EngineUnsupported):
+        raise plan
+    return plan
+
+
+def run(weights, x: np.ndarray) -> dict[str, np.ndarray]:
+    """The graph's outputs for input x (N, 3, H, W) in x's dtype, through the cached plan."""
+    return get_plan(weights, x.dtype, x.shape).run(x)

@@ -1,0 +1,327 @@
+"""The compiled engine (refghost/engine.py, refghost/kernels/fused.py, refghost/kernels/blas.py).
+
+Every tolerance is derived, none picked:
+
+* one kernel against the plain op, both in the same dtype: each output is a dot product of m
+  terms (taps, plus the bias, plus the residual) summed in two orders, so
+  ``|a - b| <= 2 * gamma_m * sum |terms|`` with ``gamma_m = m u / (1 - m u)`` (Higham ch. 3);
+* a whole network against the plain interpreter: both are honest implementations, each within
+  the accumulated (probabilistic) bound of :func:`refghost.bounds.error_bounds` of the exact
+  result, so they are within twice that bound of each other;
+* float64 likewise with u = 2^-53: speed never moves the oracle beyond its bound.
+"""
+
+import numba
+import numpy as np
+import pytest
+from conftest import random_weights
+
+import refghost
+from refghost import engine, ops
+from refghost.arch import Config
+from refghost.bounds import FLOAT32_U, FLOAT64_U, error_bounds, gamma
+from refghost.errors import RefghostError
+from refghost.forward import execute
+from refghost.kernels import fused
+
+U = {"float32": FLOAT32_U, "float64": FLOAT64_U}
+
+
+def _rng(seed):
+    return np.random.default_rng(seed)
+
+
+# --- kernels against the plain ops -------------------------------------------------------------
+
+
+def _buffer(x):
+    """(N, C, H, W) -> the engine layout (N, 1 + C, H*W) with the ones row first."""
+    n, c, h, w = x.shape
+    buf = np.empty((n, c + 1, h * w), x.dtype)
+    buf[:, 0] = 1
+    buf[:, 1:] = x.reshape(n, c, h * w)
+    return buf
+
+
+def _plain_act(code, slope, y):
+    if code == fused.ACT_RELU:
+        return ops.relu(y)
+    if code == fused.ACT_LEAKY:
+        return np.where(y > 0, y, y * y.dtype.type(slope))
+    if code == fused.ACT_RELU6:
+        return ops.relu6(y)
+    return y
+
+
+DW_CASES = [  # (N, C, H, W, K, stride, act, residual, pre-residual)
+    (1, 5, 16, 16, 3, 1, fused.ACT_RELU, False, False),
+    (2, 3, 13, 9, 3, 1, fused.ACT_NONE, True, True),
+    (1, 4, 10, 10, 3, 2, fused.ACT_NONE, False, False),
+    (1, 3, 11, 7, 3, 2, fused.ACT_LEAKY, False, False),
+    (2, 2, 20, 20, 5, 2, fused.ACT_RELU6, True, False),
+    (1, 2, 9, 13, 5, 2, fused.ACT_NONE, False, False),
+    (1, 3, 12, 11, 5, 1, fused.ACT_RELU, True, True),
+    (1, 2, 15, 15, 7, 3, fused.ACT_LEAKY, False, False),  # the generic tap-by-tap path
+    (3, 40, 3, 4, 3, 1, fused.ACT_RELU, False, False),  # planes smaller than the kernel reach
+    (1, 37, 10, 10, 3, 1, fused.ACT_LEAKY, True, True),  # 3 channel groups, the last partial
+    (1, 7, 1, 1, 3, 2, fused.ACT_NONE, False, False),
+]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("case", DW_CASES, ids=lambda c: "x".join(map(str, c[:6])) + f"-a{c[6]}-r{int(c[7])}{int(c[8])}")
+@pytest.mark.parametrize("variant", ["planes", "planes-parallel", "blocked", "blocked-parallel"])
+def test_fused_depthwise_matches_plain_ops(case, dtype, variant):
+    n, c, h, w, k, s, act, with_res, with_pre = case
+    rng = _rng(hash(case) % 2**32)
+    p = (k - 1) // 2
+    ho, wo = (h + 2 * p - k) // s + 1, (w + 2 * p - k) // s + 1
+    x = rng.standard_normal((n, c, h, w)).astype(dtype)
+    wt = rng.standard_normal((c, 1, k, k)).astype(dtype)
+    b = rng.standard_normal(c).astype(dtype)
+    slope = 0.1
+    # ghost layout: source in rows [1, 1+c), output in rows [1+c, 1+2c) of the same buffer
+    buf = _buffer(np.concatenate([x, np.zeros((n, c, h, w), dtype)], axis=1)) if s == 1 else _buffer(x)
+    dst = buf if s == 1 else _buffer(np.zeros((n, c, ho, wo), dtype))
+    d_row0 = 1 + c if s == 1 else 1
+    res = rng.standard_normal((n, 2 * c, ho, wo)).astype(dtype)
+    resb = _buffer(res)
+    pre_row0 = 1 if (with_pre and s == 1) else -1
+    consts = fused.make_consts(dtype, slope)
+    wk = wt.reshape(c, k * k)
+    if variant.startswith("blocked"):
+        wk = fused.blocked_weights(wk, wo)
+    args = (buf, 1, dst, d_row0, resb, 1 + c, pre_row0, c, h, w, ho, wo, wk, b, k, s, p, act, consts, with_res)
+    kernels = {"planes": fused.depthwise, "blocked": fused.depthwise_blocked,
+               "planes-parallel": fused.depthwise_parallel, "blocked-parallel": fused.depthwise_blocked_parallel}
+    if variant.endswith("parallel"):
+        kernels[variant](*args, 3)
+    else:
+        kernels[variant](*args)
+    got = dst[:, d_row0:d_row0 + c].reshape(n, c, ho, wo)
+
+    conv = ops.conv2d(x, wt, b, stride=s, padding=p, groups=c)
+    want = _plain_act(act, slope, conv)
+    r = res[:, c:] if with_res else np.zeros_like(want)
+    if with_res:
+        want = want + r
+    mag = (ops.conv2d(np.abs(x).astype(np.float64), np.abs(wt).astype(np.float64), np.abs(b).astype(np.float64),
+                      stride=s, padding=p, groups=c) + np.abs(r))
+    tol = 2 * gamma(k * k + 2, U[dtype]) * mag
+    assert got.dtype == np.dtype(dtype)
+    assert (np.abs(got.astype(np.float64) - want) <= tol).all()
+    if pre_row0 >= 0:  # the source half got the other half of the residual, exactly one rounding
+        np.testing.assert_array_equal(buf[:, 1:1 + c].reshape(n, c, h, w), x + res[:, :c])
+    else:
+        np.testing.assert_array_equal(buf[:, 1:1 + c].reshape(n, c, h, w), x)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("shape", [(1, 24, 17, 40, 40), (2, 56, 481, 20, 20), (3, 5, 9, 1, 3), (1, 960, 161, 10, 10),
+                                   (1, 16, 28, 160, 160)])
+@pytest.mark.parametrize("act", [fused.ACT_NONE, fused.ACT_RELU, fused.ACT_LEAKY, fused.ACT_RELU6])
+def test_gemm_tiles_match_plain_conv(shape, dtype, act):
+    n, m, k, h, w = shape
+    rng = _rng(m * k + h)
+    x = rng.standard_normal((n, k - 1, h, w)).astype(dtype)
+    wt = rng.standard_normal((m, k - 1, 1, 1)).astype(dtype)
+    b = rng.standard_normal(m).astype(dtype)
+    xb = _buffer(x)
+    y = np.full((n, m + 3, h * w), np.nan, dtype)
+    tasks = engine.gemm_tasks(n, m, k, h * w)
+    covered = np.zeros((n, m, h * w), int)
+    for img, m0, m1, j0, j1 in tasks:
+        covered[img, m0:m1, j0:j1] += 1
+    assert (covered == 1).all()  # the tiles partition the output exactly
+    wb = np.ascontiguousarray(np.concatenate([b[:, None], wt.reshape(m, k - 1)], axis=1))
+    consts = fused.make_consts(dtype, 0.1)
+    fused.gemm_tasks_parallel(wb, xb, y, 2, tasks, act, consts)
+    got = y[:, 2:2 + m].reshape(n, m, h, w)
+    assert np.isnan(y[:, :2]).all() and np.isnan(y[:, 2 + m:]).all()  # nothing written outside
+    want = _plain_act(act, 0.1, ops.conv2d(x, wt, b))
+    mag = ops.conv2d(np.abs(x).astype(np.float64), np.abs(wt).astype(np.float64), np.abs(b).astype(np.float64))
+    assert (np.abs(got.astype(np.float64) - want) <= 2 * gamma(k, U[dtype]) * mag).all()
+    serial = np.full_like(y, np.nan)
+    fused.gemm_tasks(wb, xb, serial, 2, tasks, act, consts)
+    np.testing.assert_array_equal(serial, y)  # the same tiles, on any thread: the same bits
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("n, c, r, hw", [(1, 72, 20, 1600), (2, 960, 240, 100), (1, 8, 4, 7)])
+def test_squeeze_excite_matches_plain_ops(dtype, n, c, r, hw):
+    rng = _rng(c + hw)
+    x = np.abs(rng.standard_normal((n, c, hw, 1))).astype(dtype)  # post-ReLU-like: all positive
+    wr = (rng.standard_normal((r, c, 1, 1)) / np.sqrt(c)).astype(dtype)
+    br = rng.standard_normal(r).astype(dtype)
+    we = (rng.standard_normal((c, r, 1, 1)) / np.sqrt(r)).astype(dtype)
+    be = rng.standard_normal(c).astype(dtype)
+    buf = _buffer(x)
+    args = (c, np.ascontiguousarray(wr.reshape(r, c).T), br, np.ascontiguousarray(we.reshape(c, r).T), be,
+            fused.make_consts(dtype))
+    fused.squeeze_excite(buf, *args)
+    got = buf[:, 1:].reshape(x.shape).astype(np.float64)
+    pooled = ops.global_avg_pool(x)
+    hidden = ops.relu(ops.conv2d(pooled, wr, br))
+    gate = ops.hard_sigmoid(ops.conv2d(hidden, we, be))
+    want = (x * gate).astype(np.float64)
+    # Error propagation, first order, both implementations counted (factor 2 on every rounding):
+    u = U[dtype]
+    x64, wr64, we64 = (a.astype(np.float64) for a in (x, wr, we))
+    m = ops.global_avg_pool(x64)
+    e_m = 2 * (gamma(hw, u) + u) * m
+    h64 = ops.conv2d(m, wr64, br.astype(np.float64))
+    e_h = 2 * gamma(c + 1, u) * ops.conv2d(m, np.abs(wr64), np.abs(br).astype(np.float64)) \
+        + ops.conv2d(e_m, np.abs(wr64))
+    hr = np.maximum(h64, 0)
+    e_g = (2 * gamma(r + 3, u) * (ops.conv2d(hr, np.abs(we64), np.abs(be).astype(np.float64)) + 3)
+           + ops.conv2d(e_h, np.abs(we64))) / 6 + 2 * u
+    tol = x64 * e_g + 2 * u * np.abs(want)
+    assert (np.abs(got - want) <= tol).all()
+    serial = _buffer(x)
+    fused.squeeze_excite_serial(serial, *args)
+    np.testing.assert_array_equal(serial, buf)
+    by_channels = _buffer(x)
+    fused.squeeze_excite_channels(by_channels, *args, 3)
+    np.testing.assert_array_equal(by_channels, buf)
+
+
+# --- whole networks against the plain interpreter ------------------------------------------------
+
+NETWORKS = [  # (config, input shape)
+    (Config(), (1, 3, 64, 64)),
+    (Config(width=0.5, activation="LeakyReLU", out_stages=tuple(range(10))), (2, 3, 37, 45)),
+    (Config(width=0.75, activation="PReLU", out_stages=(2, 5, 8)), (1, 3, 33, 47)),
+    (Config(width=1.3, activation="ReLU6", out_stages=(0, 9)), (1, 3, 40, 28)),
+    (Config(width=0.5, activation="GELU", out_stages=(4, 6, 9)), (1, 3, 32, 32)),
+    (Config(width=0.5, activation="HardSwish", out_stages=(1, 3, 7)), (1, 3, 24, 40)),
+    (Config(width=0.5, activation="SiLU", out_stages=(9,)), (1, 3, 29, 31)),
+    (Config(width=0.5, activation="SELU", out_stages=(4,)), (1, 3, 32, 32)),
+    (Config(width=0.5, activation="ELU", out_stages=(6,)), (1, 3, 17, 23)),
+    (Config(width=0.5, activation="Identity", out_stages=(9,)), (1, 3, 32, 32)),
+    (Config(arch="ghostnet", num_classes=10), (2, 3, 48, 48)),
+]
+
+
+def _network_id(case):
+    cfg, shape = case
+    return f"{cfg.arch}-{cfg.width:g}-{cfg.activation}-{'x'.join(map(str, shape))}"
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("case", NETWORKS, ids=_network_id)
+def test_engine_matches_plain_interpreter_within_twice_the_accumulated_bound(case, dtype):
+    config, shape = case
+    weights = random_weights(config, seed=3)
+    x = _rng(1).standard_normal(shape).astype(dtype)
+    got = refghost.run(x, weights, dtype=dtype, impl="engine")
+    plain = execute(weights.graph, weights.params(dtype), x, impl="plain")
+    _, bounds = error_bounds(weights.graph, weights.params("float64"), x.astype(np.float64), u=U[dtype])
+    assert list(got) == list(plain)
+    for name, node in weights.graph.outputs.items():
+        assert got[name].dtype == np.dtype(dtype) and got[name].shape == plain[name].shape
+        err = np.abs(got[name].astype(np.float64) - plain[name])
+        assert (err <= 2 * bounds[node]).all(), f"{name}: {err.max():.3g}"
+
+
+def test_shipped_weights_at_320_both_dtypes():
+    from refghost.cli import DEFAULT_WEIGHTS
+
+    weights = refghost.load_weights(DEFAULT_WEIGHTS)
+    x = _rng(2).standard_normal((1, 3, 320, 320))
+    for dtype in ("float32", "float64"):
+        xd = x.astype(dtype)
+        _, bounds = error_bounds(weights.graph, weights.params("float64"), xd.astype(np.float64), u=U[dtype])
+        # the interpreter with its own fast ops (BLAS, Numba), itself tested against the plain ops
+        plain = refghost.run(xd, weights, dtype=dtype, impl="interpreter")
+        got = refghost.run(xd, weights, dtype=dtype)
+        for name, node in weights.graph.outputs.items():
+            err = np.abs(got[name].astype(np.float64) - plain[name])
+            assert (err <= 2 * bounds[node]).all(), (dtype, name)
+
+
+# --- determinism, caching, dispatch ------------------------------------------------------------
+
+
+def test_same_bits_for_any_thread_count_and_every_run():
+    weights = random_weights(Config(width=0.75, out_stages=tuple(range(10))), seed=8)
+    x = _rng(4).standard_normal((2, 3, 64, 80)).astype(np.float32)
+    saved = numba.get_num_threads()
+    runs = []
+    try:
+        for threads in sorted({1, 2, numba.config.NUMBA_NUM_THREADS}):
+            numba.set_num_threads(threads)
+            runs.append(refghost.run(x, weights, impl="engine"))
+            runs.append(refghost.run(x, weights, impl="engine"))
+    finally:
+        numba.set_num_threads(saved)
+    for other in runs[1:]:
+        for name in runs[0]:
+            np.testing.assert_array_equal(runs[0][name], other[name])
+
+
+def test_plan_is_cached_per_dtype_and_shape_and_outputs_are_fresh_arrays():
+    weights = random_weights(Config(width=0.5), seed=1)
+    x = _rng(5).standard_normal((1, 3, 32, 32)).astype(np.float32)
+    first = refghost.run(x, weights)
+    kept = {k: v.copy() for k, v in first.items()}
+    plan = engine.get_plan(weights, "float32", x.shape)
+    refghost.run(x * 2, weights)
+    assert engine.get_plan(weights, np.float32, x.shape) is plan
+    assert engine.get_plan(weights, "float64", x.shape) is not plan
+    for name in kept:  # a later run does not overwrite what an earlier run returned
+        np.testing.assert_array_equal(first[name], kept[name])
+    for shape in [(1, 3, 32, 32 + i) for i in range(engine.MAX_CACHED_PLANS + 2)]:
+        engine.get_plan(weights, "float32", shape)
+    assert len(weights.__dict__["_engine_plans"]) == engine.MAX_CACHED_PLANS
+
+
+def test_blas_is_single_threaded_during_the_run_and_restored_after():
+    from threadpoolctl import threadpool_info
+
+    weights = random_weights(Config(width=0.5), seed=1)
+    x = _rng(5).standard_normal((1, 3, 32, 32)).astype(np.float32)
+    plan = engine.get_plan(weights, "float32", x.shape)
+    before = [(i["filepath"], i["num_threads"]) for i in threadpool_info() if i["user_api"] == "blas"]
+    with engine.blas_single_threaded():
+        assert all(i["num_threads"] == 1 for i in threadpool_info() if i["user_api"] == "blas")
+    plan.run(x)
+    after = [(i["filepath"], i["num_threads"]) for i in threadpool_info() if i["user_api"] == "blas"]
+    assert after == before
+
+
+def test_intermediates_use_the_interpreter_and_impl_values():
+    weights = random_weights(Config(width=0.5), seed=1)
+    x = _rng(6).standard_normal((1, 3, 32, 32)).astype(np.float32)
+    full = refghost.run(x, weights, intermediates=True)
+    assert "blocks.3.0.se.gate" in full and "conv_stem" in full
+    for impl in ("fast", "engine", "interpreter", "plain"):
+        assert list(refghost.run(x, weights, impl=impl)) == ["blocks.4", "blocks.6", "blocks.9"]
+    with pytest.raises(RefghostError, match="intermediates"):
+        refghost.run(x, weights, impl="engine", intermediates=True)
+    interpreted = refghost.run(x, weights, impl="interpreter")
+    for name in interpreted:  # with intermediates, everything comes from the interpreter
+        np.testing.assert_array_equal(full[name], interpreted[name])
+        np.testing.assert_array_equal(full[name], full[weights.graph.outputs[name]])
+
+
+def test_declined_graph_falls_back_to_the_interpreter(monkeypatch):
+    weights = random_weights(Config(width=0.5), seed=1)
+    x = _rng(7).standard_normal((1, 3, 32, 32)).astype(np.float32)
+
+    def decline(self, *args, **kwargs):
+        raise engine.EngineUnsupported("test")
+
+    monkeypatch.setattr(engine.Plan, "__init__", decline)
+    out = refghost.run(x, weights)
+    want = refghost.run(x, weights, impl="interpreter")
+    for name in want:
+        np.testing.assert_array_equal(out[name], want[name])
+    with pytest.raises(RefghostError, match="engine cannot run"):
+        refghost.run(x, weights, impl="engine")
+
+
+def test_plan_rejects_a_wrong_input():
+    weights = random_weights(Config(width=0.5), seed=1)
+    plan = engine.get_plan(weights, "float32", (1, 3, 32, 32))
+    with pytest.raises(ValueError, match="plan is for"):
+        plan.run(np.zeros((1, 3, 32, 33), np.float32))
