@@ -133,7 +133,7 @@ def _planes(x, w, b, has_bias, stride, padding, y, lo, hi):
     x: (NC, H, W) C-contiguous, w: (C, K, K), b: (C,), y: (NC, Ho, Wo), all one float dtype.
     Serial; allocates its own zero scratch, so concurrent calls on disjoint planes are safe.
     """
-    h, wd = x.shape[1], x.shape[2]
+    wd = x.shape[2]
     ho, wo = y.shape[1], y.shape[2]
     nch, k = w.shape[0], w.shape[1]
     s = stride
