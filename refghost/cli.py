@@ -137,8 +137,8 @@ def cmd_run(args) -> int:
         print(f"         {weights.provenance['description']}")
     print(f"input    {args.image}")
     outputs = weights.graph.outputs
-    print(f"outputs  ({args.dtype}, {args.impl}; {len(out)} tensors, forward in {1e3 * (t2 - t1):.0f} ms, "
-          f"load {1e3 * (t1 - t0):.0f} ms)")
+    print(f"outputs  ({args.dtype}, {args.impl}; {len(out)} tensors; load {1e3 * (t1 - t0):.0f} ms, first forward "
+          f"{1e3 * (t2 - t1):.0f} ms including loading compiled kernels)")
     for name in outputs:
         print(_summary_line(name, out[name]))
     if args.intermediates:
