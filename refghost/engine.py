@@ -23,9 +23,15 @@ What the plan does (research: /work/shared/research/performance-feasibility.md):
   (:mod:`refghost.kernels.blas`) with the BLAS library held at one thread by
   :func:`blas_single_threaded`, the one place that touches thread settings. Numba's thread count
   (``numba.set_num_threads`` / ``NUMBA_NUM_THREADS``) is the only knob.
-* **Deterministic.** GEMM tiles are a fixed function of the shapes; depthwise planes and SE images
-  are each computed by one thread with the same code. The results are bit-identical for any
-  thread count and from run to run.
+* **Deterministic.** GEMM tiles and stem bands are a fixed function of the shapes; depthwise
+  planes, SE images and SE channels are each computed by one thread with the same code. The
+  results are bit-identical for any thread count and from run to run.
+* **One compiled call.** The ops are lowered to rows of an int64 program over one 64-byte-aligned
+  arena of buffers and one array of parameters, and run by
+  :func:`refghost.kernels.fused.run_program` (no Python between ops; only activations without a
+  fused epilogue and the classifier head run from Python, between runs of rows).
+* **Stem.** The dense KxK stem conv builds its column matrix band by band in a cache-sized
+  scratch and calls one GEMM per band (no full im2col buffer).
 
 :func:`get_plan` compiles once per (dtype, input shape) and caches the plan on the
 :class:`~refghost.weights.Weights` object. :class:`EngineUnsupported` means "use the
@@ -46,13 +52,18 @@ from .arch import NUM_STAGES, Graph
 
 #: Activations with a fused epilogue, by code (see refghost.kernels.fused).
 _FAST_ACTS = {"Identity": 0, "ReLU": 1, "LeakyReLU": 2, "PReLU": 2, "ReLU6": 3}
+#: 1x1 convs on planes of at least this many pixels run as column tiles of this width.
+_GEMM_TILE_MIN_PLANE = 4096
+_GEMM_TILE_COLUMNS = 512
 #: Plans kept per Weights object (each holds its buffers).
 MAX_CACHED_PLANS = 4
-#: Below this many multiply-adds a depthwise layer or the stem im2col runs serially.
+#: Below this many multiply-adds a depthwise layer, an SE or the stem runs serially.
 _PARALLEL_MIN_WORK = 1 << 15
-#: Stride-1 depthwise layers with at most this many output pixels per plane use the
-#: channel-blocked kernel (2-2.5x faster on 10x10 and 20x20 planes, no gain at 40x40).
-_BLOCKED_MAX_PIXELS = 576
+#: Depthwise layers with at most this many output pixels per plane use the channel-blocked
+#: kernel (stride 1: about 1.1-1.5x faster than the per-plane kernel on 10x10 planes, slower from
+#: 20x20 on; stride 2: faster on 10x10 outputs only, see _BLOCKED_MAX_PIXELS_S2).
+_BLOCKED_MAX_PIXELS = 256
+_BLOCKED_MAX_PIXELS_S2 = 100
 
 
 class EngineUnsupported(Exception):
@@ -282,12 +293,10 @@ class _Builder:
         ho, wo = (h + 2 * p - k) // s + 1, (w + 2 * p - k) // s + 1
         if ho < 1 or wo < 1:
             raise EngineUnsupported("input smaller than the stem kernel")
-        cols = self.new(ws.shape[1] * k * k, ho, wo, "im2col")
-        self.emit("im2col", [], [cols], cols=cols, k=k, s=s, p=p)
         x = self.new(ws.shape[0], ho, wo, "act1")
         wsb = np.concatenate([bs[:, None], ws.reshape(ws.shape[0], -1)], axis=1)
         act = self.activation("act1")
-        self.emit("gemm", [cols], [x], w=wsb, row0=0, **act)
+        self.emit("stem", [], [x], w=wsb, k=k, s=s, p=p, **act)
         produced = {"act1": x}
         blocks = [node.name for node in graph.nodes if node.op == "add"]
         for name in blocks:
@@ -374,14 +383,21 @@ def gemm_tasks(n, m, k, p):
     """The fixed tiling of a 1x1 conv (n images, M outputs, K inputs, P pixels): (T, 5) int64.
 
     A function of the shapes only (never of the thread count), so every run makes the same BLAS
-    calls. Large planes are split by columns (multiples of 16), small ones by output rows
-    (multiples of 8).
+    calls. Planes of at least 4096 pixels are cut into tiles of 512 columns (the tile stays in
+    cache for the activation pass; 1.3-1.5x faster than 4 tiles at 80x80 and 160x160); other
+    large planes are split by columns (multiples of 16), and so are planes of 64 columns per
+    part or more when there are at least twice as many inputs as outputs (each tile then packs
+    only its own columns of the large input; splitting by rows would pack all of it per tile).
+    Other small planes are split by output rows (multiples of 8).
     """
     macs = m * k * p
     parts = 1 if macs < (1 << 17) else (2 if macs < (1 << 21) else 4)
     tasks = []
     for img in range(n):
-        if parts > 1 and p >= 256 * parts:
+        if parts > 1 and p >= _GEMM_TILE_MIN_PLANE:
+            edges = list(range(0, p, _GEMM_TILE_COLUMNS)) + [p]
+            tasks += [(img, 0, m, edges[i], edges[i + 1]) for i in range(len(edges) - 1)]
+        elif parts > 1 and (p >= 256 * parts or (2 * m <= k and p >= 64 * parts)):
             edges = [min(p, ((p * i // parts) + 15) // 16 * 16) for i in range(parts)] + [p]
             tasks += [(img, 0, m, edges[i], edges[i + 1]) for i in range(parts) if edges[i] < edges[i + 1]]
         elif parts > 1 and m >= 8 * parts:
@@ -393,7 +409,13 @@ def gemm_tasks(n, m, k, p):
 
 
 class Plan:
-    """A compiled forward pass for one dtype and one input shape. Call :meth:`run`."""
+    """A compiled forward pass for one dtype and one input shape. Call :meth:`run`.
+
+    The ops are lowered to rows of an int64 program (:func:`refghost.kernels.fused.run_program`)
+    over one arena of activation buffers and one array of parameters; runs of consecutive rows
+    execute in one compiled call. Only the ops without a compiled form (activations without a
+    fused epilogue, the classifier head) run from Python, between such runs.
+    """
 
     def __init__(self, graph: Graph, tensors, dtype, shape):
         from .kernels import blas
@@ -410,122 +432,148 @@ class Plan:
         builder = _Builder(graph, tensors, dtype, n)
         builder.build(h, w)
         self.slots_spec = _assign_slots(builder.ops)
-        self.buffers = []
+        # one arena of activation buffers (each slot 64-byte aligned), row 0 of each set to ones
+        offsets, total = [], 0
         for p, rows in self.slots_spec:
-            buf = np.empty((n, rows, p), dtype=self.dtype)
+            offsets.append(total)
+            total += _aligned(n * rows * p)
+        self.arena = _aligned_empty(total, self.dtype)
+        self.buffer_offsets = offsets
+        self.buffers = []
+        for (p, rows), off in zip(self.slots_spec, offsets):
+            buf = self.arena[off: off + n * rows * p].reshape(n, rows, p)
             buf[:, 0, :] = 1
             self.buffers.append(buf)
-        self.nbytes = sum(b.nbytes for b in self.buffers)
+        self.nbytes = self.arena.nbytes
         self._lock = threading.Lock()
-        self._steps = [self._lower(op) for op in builder.ops]
+        self._params, self._params_size = [], 0
+        self._ints, self._ints_size = [], 0
+        self._outputs = []  # (name, offset, (n, c, h, w))
+        self._out_size = 0
+        items = []
+        for op in builder.ops:
+            items.extend(self._lower(op))
+        self.params = self._pack(self._params, self._params_size, self.dtype)
+        self.ints = self._pack(self._ints, self._ints_size, np.int64)
+        del self._params, self._ints
+        # consecutive program rows form one segment (one compiled call)
+        self._segments = []
+        rows, consts = [], []
+        for item in items:
+            if item[0] == "row":
+                rows.append(item[1])
+                consts.append(item[2])
+                continue
+            if rows:
+                self._segments.append(("program", np.array(rows, np.int64), np.array(consts, self.dtype)))
+                rows, consts = [], []
+            self._segments.append(("python", item[1]))
+        if rows:
+            self._segments.append(("program", np.array(rows, np.int64), np.array(consts, self.dtype)))
+
+    @staticmethod
+    def _pack(chunks, size, dtype):
+        out = np.zeros(max(size, 1), dtype=dtype)
+        for off, a in chunks:
+            out[off: off + a.size] = a.ravel()
+        return out
+
+    def _param(self, a):
+        """Offset of array ``a`` (cast to the compute dtype) in the parameter array."""
+        a = np.ascontiguousarray(a, dtype=self.dtype)
+        off = self._params_size
+        self._params.append((off, a))
+        self._params_size += _aligned(a.size)
+        return off
+
+    def _int_param(self, a):
+        a = np.ascontiguousarray(a, dtype=np.int64)
+        off = self._ints_size
+        self._ints.append((off, a))
+        self._ints_size += a.size
+        return off
+
+    def _buf(self, t):
+        """(offset, rows, plane size) of tensor ``t``'s buffer in the arena."""
+        return self.buffer_offsets[t.slot], self.buffers[t.slot].shape[1], t.p
 
     def _cast(self, a):
         return np.ascontiguousarray(a, dtype=self.dtype)
 
     def _lower(self, op):
+        """The op as a list of ("row", program row, consts) and ("python", step) items."""
         from .kernels import fused
 
         a = op.args
         dt = self.dtype
-        if op.kind == "im2col":
-            cols = self.buffers[a["cols"].slot]
-            k, s, p, ho, wo = a["k"], a["s"], a["p"], a["cols"].h, a["cols"].w
-            work = cols.shape[0] * a["cols"].c * cols.shape[2]
-
-            def step(nthreads, x):
-                chunks = nthreads if work >= _PARALLEL_MIN_WORK else 1
-                fused.im2col(x, cols, k, s, p, ho, wo, chunks)
-            return step
+        row = np.zeros(fused.PROGRAM_COLS, np.int64)
+        if op.kind == "stem":
+            y_t = op.writes[0]
+            y = self.buffers[y_t.slot]
+            w = self._cast(a["w"])
+            m, kk = w.shape
+            # bands of output rows whose column matrix (kk x band*Wo) stays within about 32 KiB (L1;
+            # measured at 320x320: 1-2 rows per band beat 9 and 20)
+            band = max(1, min(y_t.h, (32 * 1024 // (w.itemsize * kk)) // max(1, y_t.w)))
+            work = y.shape[0] * m * kk * y_t.p
+            row[:15] = (fused.OP_STEM, *self._buf(y_t), self._param(w), m, kk, a["k"], a["s"], a["p"], y_t.h, y_t.w,
+                        a["code"], band, work >= _PARALLEL_MIN_WORK)
+            return [("row", row, fused.make_consts(dt, a["slope"]))] + self._generic(a, y, 1, m)
         if op.kind == "gemm":
             x_t, y_t = op.reads[0], op.writes[0]
             x, y = self.buffers[x_t.slot], self.buffers[y_t.slot]
             w = self._cast(a["w"])
-            m = w.shape[0]
-            tasks = gemm_tasks(x.shape[0], m, w.shape[1], x_t.p)
+            m, k = w.shape
+            tasks = gemm_tasks(x.shape[0], m, k, x_t.p)
             row0 = 1 + a["row0"]
-            consts = fused.make_consts(dt, a["slope"])
-            code = a["code"]
-            generic = self._generic(a, y, row0, m)
-            parallel = tasks.shape[0] > 1
-
-            def step(nthreads, _x):
-                if parallel and nthreads > 1:
-                    fused.gemm_tasks_parallel(w, x, y, row0, tasks, code, consts)
-                else:
-                    fused.gemm_tasks(w, x, y, row0, tasks, code, consts)
-                if generic is not None:
-                    generic()
-            return step
+            xo, xr, xp = self._buf(x_t)
+            yo, yr, _ = self._buf(y_t)
+            row[:14] = (fused.OP_GEMM, xo, xr, xp, yo, yr, self._param(w), m, k, row0, self._int_param(tasks),
+                        tasks.shape[0], a["code"], tasks.shape[0] > 1)
+            return [("row", row, fused.make_consts(dt, a["slope"]))] + self._generic(a, y, row0, m)
         if op.kind == "dw":
-            src_t, dst_t = a["src"], a["dst"]
-            src, dst = self.buffers[src_t.slot], self.buffers[dst_t.slot]
-            res_t = a["res"]
-            res = self.buffers[res_t.slot] if res_t is not None else dst
+            src_t, dst_t, res_t = a["src"], a["dst"], a["res"]
+            dst = self.buffers[dst_t.slot]
             has_res = res_t is not None
             w, b = self._cast(a["w"]), self._cast(a["b"])
             nch, k, s, p = a["nch"], a["k"], a["s"], a["p"]
-            s_row0, d_row0 = 1 + a["s_row0"], 1 + a["d_row0"]
-            r_row0 = 1 + a["res_row0"] if has_res else 0
-            pre_row0 = 1 + a["pre_row0"] if a["pre_row0"] >= 0 else -1
+            d_row0 = 1 + a["d_row0"]
             h, wd, ho, wo = src_t.h, src_t.w, dst_t.h, dst_t.w
-            consts = fused.make_consts(dt, a["slope"])
-            code = a["code"]
-            planes = src.shape[0] * nch
-            work = planes * ho * wo * k * k
-            generic = self._generic(a, dst, d_row0, nch)
-            if s == 1 and ho * wo <= _BLOCKED_MAX_PIXELS:
+            nimg = dst.shape[0]
+            work = nimg * nch * ho * wo * k * k
+            row[1:4] = self._buf(src_t)
+            row[4:7] = self._buf(dst_t)
+            row[7:10] = self._buf(res_t) if has_res else self._buf(dst_t)
+            row[10:19] = (1 + a["s_row0"], d_row0, 1 + a["res_row0"] if has_res else 0,
+                          1 + a["pre_row0"] if a["pre_row0"] >= 0 else -1, nch, h, wd, ho, wo)
+            row[22:29] = (self._param(b), k, s, p, a["code"], has_res, work >= _PARALLEL_MIN_WORK)
+            if ho * wo <= (_BLOCKED_MAX_PIXELS if s == 1 else _BLOCKED_MAX_PIXELS_S2 if s == 2 else 0):
                 wcb = fused.blocked_weights(w, wo)
-                units = src.shape[0] * wcb.shape[0]
-
-                def step(nthreads, _x):
-                    chunks = min(nthreads, units)
-                    if chunks > 1 and work >= _PARALLEL_MIN_WORK:
-                        fused.depthwise_blocked_parallel(src, s_row0, dst, d_row0, res, r_row0, pre_row0, nch, h, wd,
-                                                         ho, wo, wcb, b, k, s, p, code, consts, has_res, chunks)
-                    else:
-                        fused.depthwise_blocked(src, s_row0, dst, d_row0, res, r_row0, pre_row0, nch, h, wd, ho, wo,
-                                                wcb, b, k, s, p, code, consts, has_res)
-                    if generic is not None:
-                        generic()
-                return step
-
-            def step(nthreads, _x):
-                chunks = min(nthreads, planes)
-                if chunks > 1 and work >= _PARALLEL_MIN_WORK:
-                    fused.depthwise_parallel(src, s_row0, dst, d_row0, res, r_row0, pre_row0, nch, h, wd, ho, wo,
-                                             w, b, k, s, p, code, consts, has_res, chunks)
-                else:
-                    fused.depthwise(src, s_row0, dst, d_row0, res, r_row0, pre_row0, nch, h, wd, ho, wo, w, b, k,
-                                    s, p, code, consts, has_res)
-                if generic is not None:
-                    generic()
-            return step
+                row[0] = fused.OP_DW_BLOCKED
+                row[19:22] = (self._param(wcb), wcb.shape[0], wcb.shape[1])
+                row[29] = nimg * wcb.shape[0]
+                row[30] = wcb.shape[2]
+            else:
+                row[0] = fused.OP_DW
+                row[19:22] = (self._param(w), w.shape[0], w.shape[1])
+                row[29] = nimg * nch
+            return [("row", row, fused.make_consts(dt, a["slope"]))] + self._generic(a, dst, d_row0, nch)
         if op.kind == "se":
-            x = self.buffers[a["x"].slot]
-            nch = a["x"].c
-            wr_t, br, we_t, be = (self._cast(a[key]) for key in ("wr_t", "br", "we_t", "be"))
-            consts = fused.make_consts(dt)
-
-            work = x.shape[0] * nch * a["x"].p
-
-            def step(nthreads, _x):
-                if x.shape[0] >= nthreads > 1:
-                    fused.squeeze_excite(x, nch, wr_t, br, we_t, be, consts)
-                elif nthreads > 1 and work >= _PARALLEL_MIN_WORK:
-                    fused.squeeze_excite_channels(x, nch, wr_t, br, we_t, be, consts, min(nthreads, nch))
-                else:
-                    fused.squeeze_excite_serial(x, nch, wr_t, br, we_t, be, consts)
-            return step
+            x_t = a["x"]
+            nch = x_t.c
+            nimg = self.buffers[x_t.slot].shape[0]
+            wr_t = a["wr_t"]
+            row[:11] = (fused.OP_SE, *self._buf(x_t), nch, wr_t.shape[1], self._param(wr_t), self._param(a["br"]),
+                        self._param(a["we_t"]), self._param(a["be"]), nimg * nch * x_t.p >= _PARALLEL_MIN_WORK)
+            return [("row", row, fused.make_consts(dt))]
         if op.kind == "output":
             t = a["x"]
-            buf = self.buffers[t.slot]
-            name = a["name"]
-
-            def step(nthreads, _x):
-                out = np.empty((buf.shape[0], t.c, t.h, t.w), dtype=dt)
-                out.reshape(buf.shape[0], t.c, t.p)[...] = buf[:, 1:1 + t.c, :]
-                self._result[name] = out
-            return step
+            nimg = self.buffers[t.slot].shape[0]
+            off = self._out_size
+            self._outputs.append((a["name"], off, (nimg, t.c, t.h, t.w)))
+            self._out_size += _aligned(nimg * t.c * t.p)
+            row[:6] = (fused.OP_OUTPUT, *self._buf(t), t.c, off)
+            return [("row", row, fused.make_consts(dt))]
         if op.kind == "classifier":
             t = a["x"]
             buf = self.buffers[t.slot]
@@ -533,17 +581,17 @@ class Plan:
             wc_t, bc = self._cast(a["wc"].T), self._cast(a["bc"])
             name = a["name"]
 
-            def step(nthreads, _x):
+            def step():
                 pooled = buf[:, 1:1 + t.c, :].mean(axis=2)
                 hidden = ops.relu(np.matmul(pooled, wh_t) + bh)
                 self._result[name] = np.matmul(hidden, wc_t) + bc
-            return step
+            return [("python", step)]
         raise AssertionError(op.kind)
 
     def _generic(self, a, buf, row0, nch):
-        """The slower elementwise pass for activations without a fused epilogue, or None."""
+        """The slower elementwise pass for activations without a fused epilogue ([] or one step)."""
         if a.get("generic") is None:
-            return None
+            return []
         from .kernels import activation
 
         name = a["generic"]
@@ -552,22 +600,46 @@ class Plan:
 
         def apply():
             view[...] = activation(name, view, weight)
-        return apply
+        return [("python", apply)]
 
     def run(self, x: np.ndarray) -> dict[str, np.ndarray]:
         """Outputs ``{name: array}`` (fresh arrays) for input x of the plan's shape and dtype."""
         import numba
 
+        from .kernels import fused
+
         if x.shape != self.shape or x.dtype != self.dtype:
             raise ValueError(f"plan is for {self.shape} {self.dtype}, got {x.shape} {x.dtype}")
         x = np.ascontiguousarray(x)
         nthreads = numba.get_num_threads()
+        out = np.empty(max(self._out_size, 1), dtype=self.dtype)
         with self._lock, blas_single_threaded():
             self._result = {}
-            for step in self._steps:
-                step(nthreads, x)
+            for seg in self._segments:
+                if seg[0] == "program":
+                    fused.run_program(seg[1], seg[2], self.arena, self.params, self.ints, x, out, nthreads)
+                else:
+                    seg[1]()
             result, self._result = self._result, None
-        return result
+        # the outputs in the order they are produced (as views of this run's fresh ``out``), then
+        # the classifier's logits
+        outputs = {name: out[off: off + int(np.prod(shape))].reshape(shape) for name, off, shape in self._outputs}
+        outputs.update(result)
+        return outputs
+
+
+def _aligned_empty(size, dtype, alignment=64):
+    """A 1-D array of ``size`` elements whose data starts on an ``alignment``-byte boundary (tiles
+    that split rows at multiples of 16 columns then never share a cache line)."""
+    dtype = np.dtype(dtype)
+    raw = np.empty(size * dtype.itemsize + alignment, dtype=np.uint8)
+    start = -raw.ctypes.data % alignment
+    return raw[start: start + size * dtype.itemsize].view(dtype)
+
+
+def _aligned(size):
+    """``size`` rounded up to a multiple of 16 elements (64 bytes for float32)."""
+    return (size + 15) // 16 * 16
 
 
 def get_plan(weights, dtype, shape) -> Plan:

@@ -239,24 +239,66 @@ def test_shipped_weights_at_320_both_dtypes():
             assert (err <= 2 * bounds[node]).all(), (dtype, name)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("n, c, h, w, m, k, s, p, band", [
+    (1, 3, 32, 32, 16, 3, 2, 1, 1), (2, 3, 17, 23, 8, 3, 2, 1, 3), (1, 2, 9, 8, 4, 5, 2, 2, 2),
+    (1, 3, 10, 11, 5, 3, 1, 1, 4), (2, 1, 7, 7, 3, 3, 3, 0, 1), (1, 2, 6, 9, 4, 4, 2, 1, 10)])
+def test_stem_bands_match_plain_conv(dtype, n, c, h, w, m, k, s, p, band):
+    rng = _rng(h * w + k)
+    x = rng.standard_normal((n, c, h, w)).astype(dtype)
+    wt = rng.standard_normal((m, c, k, k)).astype(dtype)
+    b = rng.standard_normal(m).astype(dtype)
+    ho, wo = (h + 2 * p - k) // s + 1, (w + 2 * p - k) // s + 1
+    wb = np.ascontiguousarray(np.concatenate([b[:, None], wt.reshape(m, -1)], axis=1))
+    kk = wb.shape[1]
+    y = np.full((n, m + 2, ho * wo), np.nan, dtype)
+    consts = fused.make_consts(dtype)
+    tile = np.full(kk * band * wo, np.nan, dtype)
+    ph = np.zeros(s * ((w + 2 * p + s - 1) // s), dtype)
+    for img in range(n):
+        for i0 in range(0, ho, band):
+            fused._stem_band(x, img, wb, y, 1, k, s, p, ho, wo, i0, min(ho, i0 + band), fused.ACT_RELU, consts,
+                             tile, ph)
+    assert np.isnan(y[:, 0]).all() and np.isnan(y[:, 1 + m:]).all()  # nothing written outside
+    got = y[:, 1:1 + m].reshape(n, m, ho, wo).astype(np.float64)
+    want = ops.relu(ops.conv2d(x, wt, b, stride=s, padding=p))
+    mag = ops.conv2d(np.abs(x).astype(np.float64), np.abs(wt).astype(np.float64), np.abs(b).astype(np.float64),
+                     stride=s, padding=p)
+    assert (np.abs(got - want) <= 2 * gamma(kk, U[dtype]) * mag).all()
+
+
+def test_the_plan_runs_as_one_compiled_program():
+    weights = random_weights(Config(width=0.5), seed=1)
+    plan = engine.get_plan(weights, "float32", (1, 3, 32, 32))
+    assert [seg[0] for seg in plan._segments] == ["program"]
+    # an activation without a fused epilogue is a Python step between two programs
+    weights = random_weights(Config(width=0.5, activation="SiLU"), seed=1)
+    plan = engine.get_plan(weights, "float32", (1, 3, 32, 32))
+    kinds = [seg[0] for seg in plan._segments]
+    assert "python" in kinds and "program" in kinds
+
+
+
 # --- determinism, caching, dispatch ------------------------------------------------------------
 
 
 def test_same_bits_for_any_thread_count_and_every_run():
     weights = random_weights(Config(width=0.75, out_stages=tuple(range(10))), seed=8)
-    x = _rng(4).standard_normal((2, 3, 64, 80)).astype(np.float32)
-    saved = numba.get_num_threads()
-    runs = []
-    try:
-        for threads in sorted({1, 2, numba.config.NUMBA_NUM_THREADS}):
-            numba.set_num_threads(threads)
-            runs.append(refghost.run(x, weights, impl="engine"))
-            runs.append(refghost.run(x, weights, impl="engine"))
-    finally:
-        numba.set_num_threads(saved)
-    for other in runs[1:]:
-        for name in runs[0]:
-            np.testing.assert_array_equal(runs[0][name], other[name])
+    # batch 2 (images over threads) and batch 1 (channels, planes and tiles over threads)
+    for shape in [(2, 3, 64, 80), (1, 3, 96, 96)]:
+        x = _rng(4).standard_normal(shape).astype(np.float32)
+        saved = numba.get_num_threads()
+        runs = []
+        try:
+            for threads in sorted({1, 2, numba.config.NUMBA_NUM_THREADS}):
+                numba.set_num_threads(threads)
+                runs.append(refghost.run(x, weights, impl="engine"))
+                runs.append(refghost.run(x, weights, impl="engine"))
+        finally:
+            numba.set_num_threads(saved)
+        for other in runs[1:]:
+            for name in runs[0]:
+                np.testing.assert_array_equal(runs[0][name], other[name])
 
 
 def test_plan_is_cached_per_dtype_and_shape_and_outputs_are_fresh_arrays():

@@ -19,7 +19,8 @@ the array dtype in the order written):
   same code, so results do not depend on the thread count.
 * :func:`squeeze_excite`: plane means, the two small 1x1 convs, hard-sigmoid and the in-place
   scaling, for one image at a time.
-* :func:`im2col`: the dense KxK stem convolution's column matrix.
+* :func:`_stem_band`: the dense KxK stem convolution, im2col + GEMM on bands of output rows.
+* :func:`run_program`: a run of the engine's ops in one compiled call.
 
 Activation codes (fast epilogues): :data:`ACT_NONE`, :data:`ACT_RELU`, :data:`ACT_LEAKY`
 (``x if x > 0 else slope*x``: LeakyReLU and PReLU), :data:`ACT_RELU6`. ``consts`` is a small array
@@ -197,6 +198,45 @@ def _convolve_block(acc, scratch, wk, k, s, pitch, sub_len, i0, n):
 
 
 @jit
+def _copy_out(acc, pitch, out, wo, i0, i1, bv, act, consts, has_res, rres):
+    """Output rows ``i0 <= i < i1`` of a plane from its accumulator rows (pitch ``pitch``):
+    ``out = act(acc + bv) (+ rres)``, one pass per row for the common cases (the same operations
+    in the same order as the three passes of the general case, so the same bits)."""
+    zero = consts[0]
+    if act == ACT_NONE and has_res:
+        for i in range(i0, i1):
+            a_row = acc[(i - i0) * pitch: (i - i0) * pitch + wo]
+            o_row = out[i * wo: i * wo + wo]
+            rr = rres[i * wo: i * wo + wo]
+            for j in range(wo):
+                o_row[j] = (a_row[j] + bv) + rr[j]
+    elif act == ACT_NONE:
+        for i in range(i0, i1):
+            a_row = acc[(i - i0) * pitch: (i - i0) * pitch + wo]
+            o_row = out[i * wo: i * wo + wo]
+            for j in range(wo):
+                o_row[j] = a_row[j] + bv
+    elif act == ACT_RELU and not has_res:
+        for i in range(i0, i1):
+            a_row = acc[(i - i0) * pitch: (i - i0) * pitch + wo]
+            o_row = out[i * wo: i * wo + wo]
+            for j in range(wo):
+                v = a_row[j] + bv
+                o_row[j] = v if v > zero else zero
+    else:
+        for i in range(i0, i1):
+            a_row = acc[(i - i0) * pitch: (i - i0) * pitch + wo]
+            o_row = out[i * wo: i * wo + wo]
+            for j in range(wo):
+                o_row[j] = a_row[j] + bv
+            _activate(o_row, wo, act, consts)
+            if has_res:
+                rr = rres[i * wo: i * wo + wo]
+                for j in range(wo):
+                    o_row[j] = o_row[j] + rr[j]
+
+
+@jit
 def _dw_planes(src, s_row0, dst, d_row0, res, r_row0, pre_row0, nch, h, wd, ho, wo, wgt, bias, k, s, p, act,
                consts, has_res, lo, hi):
     """Planes ``lo <= pl < hi`` (pl = n*nch + c) of a fused depthwise conv.
@@ -236,17 +276,7 @@ def _dw_planes(src, s_row0, dst, d_row0, res, r_row0, pre_row0, nch, h, wd, ho, 
             nn = (i1 - i0 - 1) * pitch + wo
             _convolve_block(acc, scratch, wk, k, s, pitch, sub_len, i0, nn)
             # --- copy out: bias, activation, residual
-            for i in range(i0, i1):
-                a_row = acc[(i - i0) * pitch: (i - i0) * pitch + wo]
-                o_row = out[i * wo: i * wo + wo]
-                for j in range(wo):
-                    o_row[j] = a_row[j] + bv
-                if act != ACT_NONE:
-                    _activate(o_row, wo, act, consts)
-                if has_res:
-                    rr = res[n, r_row0 + c, i * wo: i * wo + wo]
-                    for j in range(wo):
-                        o_row[j] = o_row[j] + rr[j]
+            _copy_out(acc, pitch, out, wo, i0, i1, bv, act, consts, has_res, res[n, r_row0 + c])
 
 
 @jit
@@ -299,22 +329,21 @@ def _dw_groups(src, s_row0, dst, d_row0, res, r_row0, pre_row0, nch, h, wd, ho, 
         gi = g % ngroups
         c0 = gi * CB
         cg = min(CB, nch - c0)
-        # --- copy in, transposed: padded pixel (r, col) of channel c0+l at ((r*s + col%s)*wq + col//s)*CB + l
+        # --- copy in, transposed: padded pixel (r, col) of channel c0+l at ((r*s + col%s)*wq + col//s)*CB + l;
+        # one pixel's CB channels at a time, so the scratch is written in unit stride
+        for i in range(h):
+            row = scratch[(i + p) * s * wq * CB:]
+            for q in range(s):  # the input columns j with (j + p) % s == q
+                j0 = (q - p) % s
+                cnt = (wd - j0 + s - 1) // s
+                base = (q * wq + (j0 + p) // s) * CB
+                for t in range(cnt):
+                    d = row[base + t * CB: base + t * CB + CB]
+                    col = i * wd + j0 + t * s
+                    for l in range(cg):
+                        d[l] = src[n, s_row0 + c0 + l, col]
         for l in range(cg):
             xin = src[n, s_row0 + c0 + l]
-            for i in range(h):
-                row = scratch[(i + p) * s * wq * CB:]
-                xr = xin[i * wd: i * wd + wd]
-                if s == 1:
-                    for j in range(wd):
-                        row[(j + p) * CB + l] = xr[j]
-                else:
-                    for q in range(s):  # the input columns j with (j + p) % s == q
-                        j0 = (q - p) % s
-                        cnt = (wd - j0 + s - 1) // s
-                        base = (q * wq + (j0 + p) // s) * CB + l
-                        for t in range(cnt):
-                            row[base + t * CB] = xr[j0 + t * s]
             if pre_row0 >= 0:
                 rr = res[n, pre_row0 + c0 + l]
                 for t in range(h * wd):
@@ -340,14 +369,25 @@ def _dw_groups(src, s_row0, dst, d_row0, res, r_row0, pre_row0, nch, h, wd, ho, 
             c = c0 + l
             bv = bias[c]
             out = dst[n, d_row0 + c]
-            for t in range(ho * wo):
-                out[t] = acc[t * CB + l] + bv
-            if act != ACT_NONE:
-                _activate(out, ho * wo, act, consts)
-            if has_res:
-                rr = res[n, r_row0 + c]
+            rr = res[n, r_row0 + c]
+            zero = consts[0]
+            if act == ACT_NONE and has_res:
                 for t in range(ho * wo):
-                    out[t] = out[t] + rr[t]
+                    out[t] = (acc[t * CB + l] + bv) + rr[t]
+            elif act == ACT_NONE:
+                for t in range(ho * wo):
+                    out[t] = acc[t * CB + l] + bv
+            elif act == ACT_RELU and not has_res:
+                for t in range(ho * wo):
+                    v = acc[t * CB + l] + bv
+                    out[t] = v if v > zero else zero
+            else:
+                for t in range(ho * wo):
+                    out[t] = acc[t * CB + l] + bv
+                _activate(out, ho * wo, act, consts)
+                if has_res:
+                    for t in range(ho * wo):
+                        out[t] = out[t] + rr[t]
 
 
 def blocked_weights(w, wo):
@@ -391,12 +431,33 @@ def _plane_mean(v, n, lanes):
     one running sum (which on a 40x40 plane of positive values exceeds the error model of
     :mod:`refghost.bounds`). Divides by n as NumPy's ``mean`` does.
     """
-    for l in range(_LANES):
-        lanes[l] = 0
+    # the 16 lanes as scalars while streaming over the plane (an array of lanes would be stored and
+    # reloaded on every step); the same additions in the same order as ``lanes[l] += v[t0 + l]``
+    z = lanes.dtype.type(0)
+    a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = z
+    b0 = b1 = b2 = b3 = b4 = b5 = b6 = b7 = z
     m = n - n % _LANES
     for t0 in range(0, m, _LANES):
-        for l in range(_LANES):
-            lanes[l] = lanes[l] + v[t0 + l]
+        a0 = a0 + v[t0]
+        a1 = a1 + v[t0 + 1]
+        a2 = a2 + v[t0 + 2]
+        a3 = a3 + v[t0 + 3]
+        a4 = a4 + v[t0 + 4]
+        a5 = a5 + v[t0 + 5]
+        a6 = a6 + v[t0 + 6]
+        a7 = a7 + v[t0 + 7]
+        b0 = b0 + v[t0 + 8]
+        b1 = b1 + v[t0 + 9]
+        b2 = b2 + v[t0 + 10]
+        b3 = b3 + v[t0 + 11]
+        b4 = b4 + v[t0 + 12]
+        b5 = b5 + v[t0 + 13]
+        b6 = b6 + v[t0 + 14]
+        b7 = b7 + v[t0 + 15]
+    lanes[0], lanes[1], lanes[2], lanes[3] = a0, a1, a2, a3
+    lanes[4], lanes[5], lanes[6], lanes[7] = a4, a5, a6, a7
+    lanes[8], lanes[9], lanes[10], lanes[11] = b0, b1, b2, b3
+    lanes[12], lanes[13], lanes[14], lanes[15] = b4, b5, b6, b7
     for t in range(m, n):
         lanes[t - m] = lanes[t - m] + v[t]
     width = _LANES // 2
@@ -428,22 +489,51 @@ def _se_image(x, n, nch, wr_t, br, we_t, be, consts, pooled, hidden, gate, lanes
 
 @parallel_jit
 def squeeze_excite_channels(x, nch, wr_t, br, we_t, be, consts, nchunks):
-    """:func:`squeeze_excite_serial` with the plane means and the scaling of each image split over
-    ``nchunks`` channel chunks (batch 1 on several threads); the gate itself is serial. Every value
-    is computed by the same code as in :func:`_se_image`, so the results are the same bits."""
+    """:func:`squeeze_excite_serial` for a batch below the thread count: the plane means, the two
+    small convs (the first split over its outputs, the second over channels, with the scaling)
+    are each split into at most ``nchunks`` chunks. Every value is the same sum in the same order
+    as in :func:`_se_image`, so the results are the same bits. (The same code as the SE of
+    :func:`run_program` at batch 1.)"""
     p = x.shape[2]
+    nr = wr_t.shape[1]
+    chunks = min(nchunks, nch)
+    hchunks = min(nchunks, nr)
     pooled = np.empty(nch, x.dtype)
-    hidden = np.empty(wr_t.shape[1], x.dtype)
-    gate = np.empty(nch, x.dtype)
+    hidden = np.empty(nr, x.dtype)
+    zero, three, six = consts[0], consts[1], consts[2]
     for n in range(x.shape[0]):
-        for chunk in numba.prange(nchunks):
+        for chunk in numba.prange(chunks):
             lanes = np.empty(_LANES, x.dtype)
-            for c in range(chunk * nch // nchunks, (chunk + 1) * nch // nchunks):
+            for c in range(chunk * nch // chunks, (chunk + 1) * nch // chunks):
                 pooled[c] = _plane_mean(x[n, 1 + c], p, lanes)
-        _se_gate(nch, wr_t, br, we_t, be, consts, pooled, hidden, gate)
-        for chunk in numba.prange(nchunks):
-            for c in range(chunk * nch // nchunks, (chunk + 1) * nch // nchunks):
-                g = gate[c]
+        for chunk in numba.prange(hchunks):
+            j0, j1 = chunk * nr // hchunks, (chunk + 1) * nr // hchunks
+            hpart = np.empty(j1 - j0, x.dtype)  # local: no cache line shared between threads
+            for j in range(j1 - j0):
+                hpart[j] = zero
+            for c in range(nch):
+                pc = pooled[c]
+                wrow = wr_t[c, j0:j1]
+                for j in range(j1 - j0):
+                    hpart[j] = hpart[j] + wrow[j] * pc
+            for j in range(j0, j1):
+                v = hpart[j - j0] + br[j]
+                hidden[j] = v if v > zero else zero
+        for chunk in numba.prange(chunks):
+            c0, c1 = chunk * nch // chunks, (chunk + 1) * nch // chunks
+            gate = np.empty(c1 - c0, x.dtype)
+            for c in range(c1 - c0):
+                gate[c] = zero
+            for j in range(nr):
+                hj = hidden[j]
+                wrow = we_t[j, c0:c1]
+                for c in range(c1 - c0):
+                    gate[c] = gate[c] + wrow[c] * hj
+            for c in range(c0, c1):
+                v = gate[c - c0] + be[c] + three
+                v = v if v > zero else zero
+                v = v if v < six else six
+                g = v / six
                 row = x[n, 1 + c]
                 for t in range(p):
                     row[t] = row[t] * g
@@ -500,49 +590,206 @@ def squeeze_excite_serial(x, nch, wr_t, br, we_t, be, consts):
         _se_image(x, n, nch, wr_t, br, we_t, be, consts, pooled, hidden, gate, lanes)
 
 
-# --- stem: im2col -----------------------------------------------------------------------------
+# --- stem: dense KxK conv as im2col + GEMM, band by band ------------------------------------
 
 
 @jit
-def _im2col_rows(x, cols, k, s, p, ho, wo, lo, hi):
-    """Rows ``lo <= r < hi`` of the column matrices, r = n*(C*K*K) + (c*K + a)*K + e:
-    ``cols[n, 1 + (c*K + a)*K + e, i*Wo + j] = xpad[n, c, s*i + a, s*j + e]``."""
+def _stem_band(x, n, w, y, y_row0, k, s, p, ho, wo, i0, i1, act, consts, tile, ph):
+    """Output rows ``i0 <= i < i1`` of image n of a dense KxK conv (the stem) as im2col + GEMM on
+    a band: the band's column matrix is built in ``tile`` (rows ``[0, 1 + C*K*K)``, row 0 ones,
+    ``(i1 - i0)*Wo`` columns, small enough to stay in cache), then one GEMM with ``w = [b | W]``
+    writes ``y[n, y_row0:y_row0+M, i0*Wo:i1*Wo]``, then the fast activation on it.
+
+    ``ph`` (``s * ceil((W + 2p)/s)``, zero) holds one zero-padded input row split into its column
+    phases, so every (a, e) segment of the column matrix is one contiguous copy.
+    """
     nc, h, wd = x.shape[1], x.shape[2], x.shape[3]
-    per_image = nc * k * k
-    for r in range(lo, hi):
-        n = r // per_image
-        q = r % per_image
-        c = q // (k * k)
-        a = (q // k) % k
-        e = q % k
-        dst = cols[n, 1 + q]
-        # output columns j whose input column s*j + e - p lies inside [0, W)
-        j_lo = 0
-        while j_lo < wo and s * j_lo + e - p < 0:
-            j_lo += 1
-        j_hi = wo
-        while j_hi > j_lo and s * (j_hi - 1) + e - p >= wd:
-            j_hi -= 1
-        for i in range(ho):
-            hh = s * i + a - p
-            drow = dst[i * wo: i * wo + wo]
-            if hh < 0 or hh >= h:
-                for j in range(wo):
-                    drow[j] = 0
-                continue
-            xr = x[n, c, hh]
-            for j in range(j_lo):
-                drow[j] = 0
-            base = e - p
-            for j in range(j_lo, j_hi):
-                drow[j] = xr[s * j + base]
-            for j in range(j_hi, wo):
-                drow[j] = 0
+    wq = (wd + 2 * p + s - 1) // s
+    npx = (i1 - i0) * wo
+    for t in range(npx):
+        tile[t] = 1
+    for c in range(nc):
+        for a in range(k):
+            for i in range(i0, i1):
+                hh = s * i + a - p
+                col0 = (i - i0) * wo
+                if hh < 0 or hh >= h:
+                    for e in range(k):
+                        dst = tile[(1 + (c * k + a) * k + e) * npx + col0:]
+                        for j in range(wo):
+                            dst[j] = 0
+                    continue
+                xr = x[n, c, hh]
+                for q in range(s):
+                    j0 = (q - p) % s
+                    cnt = (wd - j0 + s - 1) // s if j0 < wd else 0
+                    d = ph[q * wq + (j0 + p) // s:]
+                    for t in range(cnt):
+                        d[t] = xr[j0 + t * s]
+                for e in range(k):
+                    src = ph[(e % s) * wq + e // s:]
+                    dst = tile[(1 + (c * k + a) * k + e) * npx + col0:]
+                    for j in range(wo):
+                        dst[j] = src[j]
+    m, kk = w.shape[0], w.shape[1]
+    pp = y.shape[2]
+    y_off = (n * y.shape[1] + y_row0) * pp + i0 * wo
+    gemm(m, npx, kk, w, 0, kk, tile, 0, npx, y, y_off, pp)
+    if act != ACT_NONE:
+        for r in range(m):
+            _activate(y[n, y_row0 + r, i0 * wo: i1 * wo], npx, act, consts)
+
+
+# --- the whole plan in one call -----------------------------------------------------------------
+
+#: Op codes of a program row (see :func:`run_program`).
+OP_GEMM = 2
+OP_DW = 3
+OP_DW_BLOCKED = 4
+OP_SE = 5
+OP_OUTPUT = 6
+OP_STEM = 7
+#: Columns of a program row.
+PROGRAM_COLS = 32
+
+
+@jit
+def _view3(arena, off, n, r, p):
+    return arena[off: off + n * r * p].reshape((n, r, p))
+
+
+@jit
+def _view2(arena, off, r, c):
+    return arena[off: off + r * c].reshape((r, c))
 
 
 @parallel_jit
-def im2col(x, cols, k, s, p, ho, wo, nchunks):
-    """Column matrices of a dense KxK conv of x (N, C, H, W) into rows ``[1, 1 + C*K*K)`` of cols."""
-    total = x.shape[0] * x.shape[1] * k * k
-    for chunk in numba.prange(nchunks):
-        _im2col_rows(x, cols, k, s, p, ho, wo, chunk * total // nchunks, (chunk + 1) * total // nchunks)
+def run_program(prog, consts_all, arena, params, ints, x, out, nthreads):
+    """Run a run of engine ops, one row of ``prog`` (T, :data:`PROGRAM_COLS`) int64 each.
+
+    Every tensor buffer is a view into ``arena`` and every parameter array a view into ``params``
+    (both 1-D, the compute dtype) at a fixed offset; GEMM task lists are views into ``ints``;
+    ``consts_all[i]`` is op i's ``consts``; ``out`` (1-D) receives the output copies; ``x`` is the
+    input (N, C, H, W). A buffer is given as (offset, rows R, plane size P): the view (N, R, P).
+    Row layout (built by :class:`refghost.engine.Plan`):
+
+    * OP_GEMM: x buffer 1-3, y offset 4, y rows 5, w offset 6, M 7, K 8, y_row0 9, task offset 10,
+      tasks 11, act 12, parallel 13.
+    * OP_DW / OP_DW_BLOCKED: src buffer 1-3, dst 4-6, res 7-9, s_row0 10, d_row0 11, r_row0 12,
+      pre_row0 13, nch 14, H 15, W 16, Ho 17, Wo 18, weights offset and shape 19-21 (30: third
+      dimension of the blocked weights), bias offset 22, K 23, stride 24, padding 25, act 26,
+      has_res 27, parallel 28, units (planes or groups) 29.
+    * OP_SE: x buffer 1-3, nch 4, reduced channels 5, offsets of wr_t 6, br 7, we_t 8, be 9,
+      parallel 10.
+    * OP_STEM: y buffer 1-3, w offset 4, M 5, 1+C*K*K 6, K 7, stride 8, padding 9, Ho 10, Wo 11,
+      act 12, band rows 13, parallel 14.
+    * OP_OUTPUT: buffer 1-3, channels 4, offset in ``out`` 5.
+
+    Each op calls the same per-tile / per-plane / per-group code as the single-op kernels above,
+    with the same fixed task lists and the same split rules (chunks = min(nthreads, units) where
+    the work is large enough), so the results are the same bits as running the ops one by one
+    through those kernels (the stem has no single-op kernel: :func:`_stem_band`), for any thread
+    count. The point is to dispatch the plan from compiled code instead of one Python call per op.
+    """
+    nimg = x.shape[0]
+    for i in range(prog.shape[0]):
+        r = prog[i]
+        kind = r[0]
+        consts = consts_all[i]
+        if kind == OP_GEMM:
+            xb = _view3(arena, r[1], nimg, r[2], r[3])
+            yb = _view3(arena, r[4], nimg, r[5], r[3])
+            w = _view2(params, r[6], r[7], r[8])
+            tasks = _view2(ints, r[10], r[11], 5)
+            row0 = r[9]
+            act = r[12]
+            if r[13] != 0 and nthreads > 1:
+                for t in numba.prange(tasks.shape[0]):
+                    _gemm_task(w, xb, yb, row0, tasks[t], act, consts)
+            else:
+                for t in range(tasks.shape[0]):
+                    _gemm_task(w, xb, yb, row0, tasks[t], act, consts)
+        elif kind == OP_DW or kind == OP_DW_BLOCKED:
+            src = _view3(arena, r[1], nimg, r[2], r[3])
+            dst = _view3(arena, r[4], nimg, r[5], r[6])
+            res = _view3(arena, r[7], nimg, r[8], r[9])
+            s_row0, d_row0, r_row0, pre_row0 = r[10], r[11], r[12], r[13]
+            nch, h, wd, ho, wo = r[14], r[15], r[16], r[17], r[18]
+            bias = params[r[22]: r[22] + nch]
+            k, s, p, act, has_res = r[23], r[24], r[25], r[26], r[27] != 0
+            units = r[29]
+            chunks = min(nthreads, units) if r[28] != 0 else 1
+            if kind == OP_DW:
+                wgt = _view2(params, r[19], r[20], r[21])
+                if chunks > 1:
+                    for chunk in numba.prange(chunks):
+                        _dw_planes(src, s_row0, dst, d_row0, res, r_row0, pre_row0, nch, h, wd, ho, wo, wgt, bias, k,
+                                   s, p, act, consts, has_res, chunk * units // chunks, (chunk + 1) * units // chunks)
+                else:
+                    _dw_planes(src, s_row0, dst, d_row0, res, r_row0, pre_row0, nch, h, wd, ho, wo, wgt, bias, k, s,
+                               p, act, consts, has_res, 0, units)
+            else:
+                wcb = _view3(params, r[19], r[20], r[21], r[30])
+                if chunks > 1:
+                    for chunk in numba.prange(chunks):
+                        _dw_groups(src, s_row0, dst, d_row0, res, r_row0, pre_row0, nch, h, wd, ho, wo, wcb, bias, k,
+                                   s, p, act, consts, has_res, chunk * units // chunks, (chunk + 1) * units // chunks)
+                else:
+                    _dw_groups(src, s_row0, dst, d_row0, res, r_row0, pre_row0, nch, h, wd, ho, wo, wcb, bias, k, s,
+                               p, act, consts, has_res, 0, units)
+        elif kind == OP_SE:
+            xb = _view3(arena, r[1], nimg, r[2], r[3])
+            nch, nr = r[4], r[5]
+            wr_t = _view2(params, r[6], nch, nr)
+            br = params[r[7]: r[7] + nr]
+            we_t = _view2(params, r[8], nr, nch)
+            be = params[r[9]: r[9] + nch]
+            p = r[3]
+            if nimg >= nthreads and nthreads > 1:
+                for n in numba.prange(nimg):
+                    pooled = np.empty(nch, xb.dtype)
+                    hidden = np.empty(nr, xb.dtype)
+                    gate = np.empty(nch, xb.dtype)
+                    lanes = np.empty(_LANES, xb.dtype)
+                    _se_image(xb, n, nch, wr_t, br, we_t, be, consts, pooled, hidden, gate, lanes)
+            elif nthreads > 1 and r[10] != 0:
+                squeeze_excite_channels(xb, nch, wr_t, br, we_t, be, consts, nthreads)
+            else:
+                pooled = np.empty(nch, xb.dtype)
+                hidden = np.empty(nr, xb.dtype)
+                gate = np.empty(nch, xb.dtype)
+                lanes = np.empty(_LANES, xb.dtype)
+                for n in range(nimg):
+                    _se_image(xb, n, nch, wr_t, br, we_t, be, consts, pooled, hidden, gate, lanes)
+        elif kind == OP_STEM:
+            yb = _view3(arena, r[1], nimg, r[2], r[3])
+            w = _view2(params, r[4], r[5], r[6])
+            k, s, p, ho, wo, act, band = r[7], r[8], r[9], r[10], r[11], r[12], r[13]
+            nbands = (ho + band - 1) // band
+            units = nimg * nbands
+            wq = (x.shape[3] + 2 * p + s - 1) // s
+            chunks = min(nthreads, units) if r[14] != 0 else 1
+            if chunks > 1:
+                for chunk in numba.prange(chunks):
+                    tile = np.empty(r[6] * band * wo, yb.dtype)
+                    ph = np.zeros(s * wq, yb.dtype)
+                    for u in range(chunk * units // chunks, (chunk + 1) * units // chunks):
+                        i0 = (u % nbands) * band
+                        _stem_band(x, u // nbands, w, yb, 1, k, s, p, ho, wo, i0, min(ho, i0 + band), act, consts,
+                                   tile, ph)
+            else:
+                tile = np.empty(r[6] * band * wo, yb.dtype)
+                ph = np.zeros(s * wq, yb.dtype)
+                for u in range(units):
+                    i0 = (u % nbands) * band
+                    _stem_band(x, u // nbands, w, yb, 1, k, s, p, ho, wo, i0, min(ho, i0 + band), act, consts,
+                               tile, ph)
+        elif kind == OP_OUTPUT:
+            b = _view3(arena, r[1], nimg, r[2], r[3])
+            c, p, o = r[4], r[3], r[5]
+            for n in range(nimg):
+                for ci in range(c):
+                    src = b[n, 1 + ci]
+                    dst = out[o + (n * c + ci) * p: o + (n * c + ci + 1) * p]
+                    for t in range(p):
+                        dst[t] = src[t]
