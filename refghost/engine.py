@@ -42,13 +42,13 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from . import ops
 from .arch import NUM_STAGES, Graph
+from .forward import single_threaded_blas
 
 #: Activations with a fused epilogue, by code (see refghost.kernels.fused).
 _FAST_ACTS = {"Identity": 0, "ReLU": 1, "LeakyReLU": 2, "PReLU": 2, "ReLU6": 3}
@@ -72,30 +72,9 @@ class EngineUnsupported(Exception):
 
 # --- thread settings ------------------------------------------------------------------------
 
-_controller = None
-_controller_lock = threading.Lock()
-
-
-def _blas_controller():
-    global _controller
-    with _controller_lock:
-        if _controller is None:
-            from threadpoolctl import ThreadpoolController
-
-            _controller = ThreadpoolController().select(user_api="blas")
-        return _controller
-
-
-@contextmanager
-def blas_single_threaded():
-    """Hold every BLAS library of the process at one thread for the duration.
-
-    The engine's GEMM tiles run on Numba's threads; a multi-threaded BLAS inside them would
-    oversubscribe the cores. The threadpoolctl controller is built once (discovering the
-    libraries costs about 2 ms; applying a limit about 10 us).
-    """
-    with _blas_controller().limit(limits=1):
-        yield
+#: Held around every run: the engine's GEMM tiles run on Numba's threads, and a multi-threaded
+#: BLAS inside them would oversubscribe the cores (one place owns this: refghost.forward).
+blas_single_threaded = single_threaded_blas
 
 
 # --- plan building ----------------------------------------------------------------------------

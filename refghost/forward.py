@@ -7,6 +7,7 @@ convolutions and erf). Both compute every value in the requested dtype; float64 
 
 from __future__ import annotations
 
+import threading
 from contextlib import contextmanager
 
 import numpy as np
@@ -101,11 +102,26 @@ def execute(graph: Graph, params: dict[str, np.ndarray], x: np.ndarray, *, inter
     return result
 
 
+_controller = None
+_controller_lock = threading.Lock()
+
+
+def _blas_controller():
+    """threadpoolctl's view of the BLAS libraries, built once (discovering them costs ~2 ms)."""
+    global _controller
+    with _controller_lock:
+        if _controller is None:
+            from threadpoolctl import ThreadpoolController
+
+            _controller = ThreadpoolController().select(user_api="blas")
+        return _controller
+
+
 @contextmanager
 def single_threaded_blas():
-    """Pin the BLAS pool to one thread: results then do not depend on the thread count, and
-    OpenBLAS's spinning threads do not fight Numba's for the cores."""
-    from threadpoolctl import threadpool_limits
-
-    with threadpool_limits(limits=1, user_api="blas"):
+    """Pin the BLAS pool to one thread for the duration (applying the limit costs ~10 us): results
+    then do not depend on the thread count, and OpenBLAS's spinning threads do not fight Numba's
+    for the cores. The one place refghost touches thread settings; Numba's thread count is the
+    only knob left to the user."""
+    with _blas_controller().limit(limits=1):
         yield
