@@ -234,19 +234,6 @@ def _node_error(node, ins, errs, y, p, u, worst, lam):
     raise ValueError(f"no error rule for op {op!r} (node {node.name})")
 
 
-def fold_batch_norm(weight, bias, bn: dict, *, eps=ops.BN_EPS):
-    """Conv weight and bias with a following BatchNorm folded in, in float64.
-
-    ``W' = W * alpha[o]``, ``b' = (b or 0) * alpha + beta`` with PyTorch's alpha and beta (what
-    ONNX exporters do, there in float32). weight: (O, C/g, KH, KW); bn: ``{weight, bias,
-    running_mean, running_var}`` each (O,). Returns ``(W', b')``.
-    """
-    alpha, beta = ops.batch_norm_coefficients(bn["weight"], bn["bias"], bn["running_mean"], bn["running_var"],
-                                              eps=eps)
-    folded_bias = beta if bias is None else bias * alpha + beta
-    return weight * alpha[:, None, None, None], folded_bias
-
-
 def segment_bound(graph: Graph, names: list[str], leaves: dict, params: dict, *, u: float = FLOAT32_U,
                   eta: float = 0.0):
     """Value and worst-case bound of the last node of a short chain of nodes, from exact leaves.

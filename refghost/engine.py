@@ -145,10 +145,8 @@ class _Builder:
         t = self.tensors
         w = _f64(t, conv.params["weight"])
         b = _f64(t, conv.params["bias"]) if "bias" in conv.params else np.zeros(w.shape[0])
-        alpha, beta = ops.batch_norm_coefficients(*(_f64(t, bn.params[r]) for r in
-                                                    ("weight", "bias", "running_mean", "running_var")),
-                                                  eps=bn.attrs.get("eps", ops.BN_EPS))
-        return w * alpha[:, None, None, None], b * alpha + beta, conv.attrs
+        bn_params = (_f64(t, bn.params[r]) for r in ("weight", "bias", "running_mean", "running_var"))
+        return (*ops.fold_batch_norm(w, b, *bn_params, eps=bn.attrs.get("eps", ops.BN_EPS)), conv.attrs)
 
     def activation(self, name):
         """(code, slope, generic name or None, generic weight) of activation node ``name``."""

@@ -31,7 +31,7 @@ with ``Config(folded=True)``: every conv+BN pair is one conv with a bias, keyed
    ``blocks.9.0.act1``); their stages are ``out_stages``.
 6. **Weights.** Conv inputs 1 and 2 (a missing bias is zeros). A ``BatchNormalization`` kept by the
    export (``training=PRESERVE``) is folded here, in float64 with
-   :func:`refghost.bounds.fold_batch_norm`, then rounded once to float32.
+   :func:`refghost.ops.fold_batch_norm`, then rounded once to float32.
 
 Semantic lint: whatever would make the imported weights describe a different network from the
 one the graph computes is refused with a :class:`~refghost.errors.WeightsError` naming the ONNX
@@ -71,7 +71,7 @@ import numpy as np
 
 from . import __version__, ops
 from .arch import STAGES, Config, Graph, build_graph, make_divisible
-from .bounds import DEFAULT_LAMBDA, FLOAT32_U, FLOAT64_U, MODELS, _node_error, fold_batch_norm
+from .bounds import DEFAULT_LAMBDA, FLOAT32_U, FLOAT64_U, MODELS, _node_error
 from .errors import RefghostError, WeightsError
 from .forward import evaluate
 from .weights import Preprocessing, Weights, default_preprocessing, file_sha256, from_tensors
@@ -754,10 +754,8 @@ class _Walker:
             self.problem(layer, f"{label} has negative variances")
             raise _Skip
         self.bn_folded += 1
-        bn_params = {"weight": gamma, "bias": beta, "running_mean": mean, "running_var": var}
-        w64, b64 = fold_batch_norm(np.asarray(w, np.float64), None if b is None else np.asarray(b, np.float64),
-                                   bn_params, eps=ops.BN_EPS)
-        return w64, b64
+        return ops.fold_batch_norm(np.asarray(w, np.float64), None if b is None else np.asarray(b, np.float64),
+                                   gamma, beta, mean, var)
 
     def _check_act(self, node, graph, tensors):
         name = node.attrs["activation"]

@@ -116,6 +116,17 @@ def batch_norm(x, weight, bias, running_mean, running_var, *, eps=BN_EPS):
     return x * alpha[None, :, None, None] + beta[None, :, None, None]
 
 
+def fold_batch_norm(weight, bias, bn_weight, bn_bias, running_mean, running_var, *, eps=BN_EPS):
+    """A conv's weight and bias with the eval-mode BatchNorm after it folded in, in their dtype.
+
+    ``W' = W * alpha[o]``, ``b' = b * alpha + beta`` (``beta`` alone when ``bias`` is None), with
+    :func:`batch_norm_coefficients`' alpha and beta: what ONNX exporters and ONNX Runtime's
+    Conv+BN fusion compute. weight: (O, C/groups, KH, KW); the other arrays (O,).
+    """
+    alpha, beta = batch_norm_coefficients(bn_weight, bn_bias, running_mean, running_var, eps=eps)
+    return weight * alpha[:, None, None, None], beta if bias is None else bias * alpha + beta
+
+
 def global_avg_pool(x):
     """Mean over H and W, kept as 1x1: x (N, C, H, W) -> (N, C, 1, 1)."""
     return x.mean(axis=(2, 3), keepdims=True)

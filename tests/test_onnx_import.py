@@ -30,7 +30,8 @@ except ModuleNotFoundError:  # e.g. if tests/ becomes a package
 import refghost
 from refghost import ops
 from refghost.arch import Config, build_graph
-from refghost.bounds import FLOAT32_U, fold_batch_norm
+from refghost.bounds import FLOAT32_U
+from refghost.ops import fold_batch_norm
 from refghost.cli import main
 from refghost.compare import compare
 from refghost.convert import convert
@@ -188,8 +189,8 @@ def _folding_rounding(original: refghost.Weights, imported: refghost.Weights) ->
     worst_w = worst_b = 0.0
     for name in folded_convs(graph):
         node = graph.node(name)
-        bn = {r: sd[f"{name}.{r}"] for r in ("weight", "bias", "running_mean", "running_var")}
-        w, b = fold_batch_norm(sd[node.params["weight"]], None, bn)
+        bn = [sd[f"{name}.{r}"] for r in ("weight", "bias", "running_mean", "running_var")]
+        w, b = fold_batch_norm(sd[node.params["weight"]], None, *bn)
         got_w = imported.tensors[node.params["weight"]].astype(np.float64)
         got_b = imported.tensors[node.params["bias"]].astype(np.float64)
         worst_w = max(worst_w, _ratio(np.abs(got_w - w), FLOAT32_U * np.abs(w)))

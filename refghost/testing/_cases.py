@@ -205,10 +205,7 @@ def fold_batch_norm(w, b, bn: BatchNormParams):
     alone when ``b`` is None). This is what ONNX Runtime's Conv+BN fusion and PyTorch's
     ``fuse_conv_bn_eval`` compute, up to the order of a few roundings.
     """
-    alpha, beta = bn.coefficients()
-    wf = w * alpha[:, None, None, None]
-    bf = beta if b is None else b * alpha + beta
-    return wf, bf
+    return ops.fold_batch_norm(w, b, bn.weight, bn.bias, bn.running_mean, bn.running_var, eps=bn.eps)
 
 
 # --- GhostNet blocks ----------------------------------------------------------------------
