@@ -87,7 +87,7 @@ DEFAULT_LAMBDA = 8.0
 
 
 def error_bounds(graph: Graph, params: dict[str, np.ndarray], x: np.ndarray, *, u: float = FLOAT32_U,
-                 model: str = "probabilistic", lam: float = DEFAULT_LAMBDA, isolated_from=None):
+                 model: str = "probabilistic", lam: float = DEFAULT_LAMBDA, isolated_from=None, extra=None):
     """Oracle values and elementwise error bounds of every node.
 
     Parameters
@@ -103,6 +103,9 @@ def error_bounds(graph: Graph, params: dict[str, np.ndarray], x: np.ndarray, *, 
     isolated_from : optional ``{node name: array}`` of a candidate's own tensors. When given,
         every node is evaluated on the candidate's inputs to that node (not the oracle's), and
         its bound covers that node's own rounding only: the isolated check.
+    extra : optional ``extra(node, inputs, params) -> array or None``: an error a node introduces
+        besides its rounding (e.g. weights that were themselves rounded), as a bound (``"worst"``)
+        or a variance (``"probabilistic"``); it is carried through later nodes like the rest.
 
     Returns
     -------
@@ -125,6 +128,9 @@ def error_bounds(graph: Graph, params: dict[str, np.ndarray], x: np.ndarray, *, 
         p = {role: params[key] for role, key in node.params.items()}
         values[node.name] = y
         state[node.name] = _node_error(node, ins, [state[s] for s in node.inputs], y, p, u, worst, lam)
+        added = extra(node, ins, p) if extra is not None else None
+        if added is not None:
+            state[node.name] = state[node.name] + added
         bounds[node.name] = state[node.name] if worst else lam * np.sqrt(state[node.name])
     del values["input"]
     return values, bounds

@@ -71,7 +71,7 @@ import numpy as np
 
 from . import __version__, ops
 from .arch import STAGES, Config, Graph, build_graph, make_divisible
-from .bounds import DEFAULT_LAMBDA, FLOAT32_U, FLOAT64_U, MODELS, _node_error
+from .bounds import DEFAULT_LAMBDA, FLOAT32_U, FLOAT64_U, error_bounds
 from .errors import RefghostError, WeightsError
 from .forward import evaluate
 from .weights import Preprocessing, Weights, default_preprocessing, file_sha256, from_tensors
@@ -970,29 +970,19 @@ def folding_bound(graph: Graph, params: dict[str, np.ndarray], x: np.ndarray, *,
     Returns ``(values, bounds)``: ``{node: array}`` of the float64 values and the elementwise
     bounds, in forward order.
     """
-    if model not in MODELS:
-        raise ValueError(f"model must be one of {MODELS}, got {model!r}")
     worst = model == "worst"
     ku = k * u + 8 * FLOAT64_U
     seeded = set(folded_convs(graph))
-    values = {"input": np.asarray(x, dtype=np.float64)}
-    state = {"input": np.zeros_like(values["input"])}
-    bounds = {}
-    for node in graph.nodes:
-        ins = [values[s] for s in node.inputs]
-        y = evaluate(node, ins, params)
-        p = {role: params[key] for role, key in node.params.items()}
-        s = _node_error(node, ins, [state[i] for i in node.inputs], y, p, 0.0, worst, lam)
-        if node.name in seeded:
-            w = p["weight"]
-            m = np.abs(p["bias"]) if bias_magnitude is None else np.abs(bias_magnitude[node.params["bias"]])
-            key = node.params["weight"]
-            if worst:
-                own = ku * (evaluate(node, [np.abs(ins[0])], {key: np.abs(w), node.params["bias"]: m}))
-            else:
-                own = ku * ku * evaluate(node, [ins[0] ** 2], {key: w ** 2, node.params["bias"]: m ** 2})
-            s = s + own
-        values[node.name], state[node.name] = y, s
-        bounds[node.name] = s if worst else lam * np.sqrt(s)
-    del values["input"]
-    return values, bounds
+
+    def rounded_weights(node, ins, p):
+        if node.name not in seeded:
+            return None
+        m = np.abs(p["bias"]) if bias_magnitude is None else np.abs(bias_magnitude[node.params["bias"]])
+        key, bias_key = node.params["weight"], node.params["bias"]
+        if worst:
+            return ku * evaluate(node, [np.abs(ins[0])], {key: np.abs(p["weight"]), bias_key: m})
+        return ku * ku * evaluate(node, [ins[0] ** 2], {key: p["weight"] ** 2, bias_key: m ** 2})
+
+    # u = 0: both networks are evaluated exactly; only the rounded weights move the output.
+    return error_bounds(graph, params, np.asarray(x, dtype=np.float64), u=0.0, model=model, lam=lam,
+                        extra=rounded_weights)
