@@ -339,7 +339,7 @@ def test_dynamo_naming(bank):
     assert ob.module_path(producers[cats[0].output[0]]) == "blocks.6.3.ghost1"
 
 
-def test_ort_outputs_intermediates(bank, final_outputs):
+def test_ort_outputs_intermediates(bank, final_outputs, oracle):
     entry = bank["ts_folded"]
     everything = ob.ort_outputs(entry.path, bank.x, all_intermediates=True, threads=2)
     proto = onnx.load(str(entry.path))
@@ -355,4 +355,7 @@ def test_ort_outputs_intermediates(bank, final_outputs):
     assert len(with_outputs.graph.output) == len(non_const)
     unopt = ob.ort_outputs(entry.path, bank.x, optimization="none")
     for k in bank.output_names:
-        np.testing.assert_allclose(unopt[k], final_outputs["ts_folded"][k], rtol=0, atol=1e-4)
+        # Two honest float32 runs (ORT unoptimized and optimized): each within the accumulated
+        # bound of the oracle, so within twice that bound of each other.
+        node = oracle.graph.outputs[k]
+        assert (np.abs(unopt[k] - final_outputs["ts_folded"][k]) <= 2 * oracle.bounds[node]).all(), k

@@ -250,7 +250,9 @@ def test_honest_export_imports_within_the_folding_bound(banks, bank, entry):
         diff = np.abs(out[name] - built.reference[name])
         scale = np.abs(built.reference[name]).max()
         assert _ratio(diff, bound[node]) <= 1.0, (name, _ratio(diff, bound[node]))
-        assert diff.max() <= 1e-6 * scale, (name, diff.max(), scale)  # measured: 1e-7..2e-7 of the scale
+        # A regression guard on top of the bound: measured 1e-7..2e-7 of the scale (2.4-3u); 1e-6 is
+        # about 16u, the size of a few roundings per folded weight carried through the network.
+        assert diff.max() <= 1e-6 * scale, (name, diff.max(), scale)
 
 
 @pytest.mark.parametrize("bank, entry", [("relu", "ts_folded"), ("relu", "ts_unfolded"), ("relu", "dynamo"),
