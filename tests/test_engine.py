@@ -279,6 +279,38 @@ def test_the_plan_runs_as_one_compiled_program():
 
 
 
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("config, shape", [
+    (Config(width=0.75, out_stages=tuple(range(10))), (2, 3, 64, 80)),
+    (Config(activation="LeakyReLU", out_stages=(0, 1, 2, 3, 9)), (1, 3, 97, 83)),
+    (Config(width=0.5, activation="ReLU6", out_stages=(0, 2, 4)), (1, 3, 30, 6)),  # planes 3 columns wide
+    (Config(width=0.5, out_stages=(0, 2)), (1, 3, 40, 2)),  # 1 column: the scratch path for every row
+], ids=["batch2", "leaky-odd", "relu6-narrow", "one-column"])
+def test_fused_ghost_module_gives_the_bits_of_the_two_ops(monkeypatch, dtype, config, shape):
+    """fused.OP_GHOST (primary 1x1 conv + its 3x3 depthwise by bands of rows) makes the same GEMM
+    calls and computes every depthwise output with the same expression as the GEMM and depthwise
+    rows it replaces: the same bits, for any thread count (the threshold lowered so that small
+    planes take the fused path too)."""
+    weights = random_weights(config, seed=5)
+    x = _rng(6).standard_normal(shape).astype(dtype)
+    monkeypatch.setattr(engine, "_GHOST_FUSE_MIN_PLANE", 1 << 40)
+    want = engine.Plan(weights.graph, weights.tensors, dtype, shape).run(x)
+    monkeypatch.setattr(engine, "_GHOST_FUSE_MIN_PLANE", 1)
+    plan = engine.Plan(weights.graph, weights.tensors, dtype, shape)
+    rows = np.concatenate([seg[1] for seg in plan._segments if seg[0] == "program"])
+    assert (rows[:, 0] == fused.OP_GHOST).any()
+    saved = numba.get_num_threads()
+    try:
+        for threads in sorted({1, 2, numba.config.NUMBA_NUM_THREADS}):
+            numba.set_num_threads(threads)
+            got = plan.run(x)
+            for name in want:
+                np.testing.assert_array_equal(got[name], want[name])
+    finally:
+        numba.set_num_threads(saved)
+
+
 # --- determinism, caching, dispatch ------------------------------------------------------------
 
 
