@@ -18,7 +18,6 @@ docs/tolerances.md), never a hand-picked number:
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 import torch_ghostnet as tg
 
 import refghost
@@ -58,18 +57,9 @@ def case(request):
     x = np.random.default_rng(11).standard_normal((n, 3, h, w)).astype(np.float32)
     torch_out, torch_layers = tg.capture(model, x)
     torch_layers = {k: v.numpy() for k, v in torch_layers.items()}
-    _add_gates(weights, torch_layers)
+    torch_layers.update(tg.se_gates(torch_layers))  # the gate is a function call: no hook sees it
     ours = refghost.run(x, weights, intermediates=True)
     return dict(model=model, weights=weights, x=x, torch_out=torch_out, torch_layers=torch_layers, ours=ours)
-
-
-def _add_gates(weights, layers):
-    """The SE gate is a function call in PyTorch, not a module, so no hook sees it: compute it
-    with PyTorch's own float32 ops from the captured conv_expand output."""
-    for node in weights.graph.nodes:
-        if node.op == "hard_sigmoid":
-            s = torch.from_numpy(layers[node.inputs[0]])
-            layers[node.name] = (F.relu6(s + 3.0) / 6.0).numpy()
 
 
 def _torch_outputs(weights, torch_out):

@@ -804,3 +804,14 @@ def test_state_dict_numpy():
     assert m.conv_stem.weight.abs().sum() > 0
     sd64 = tg.state_dict_numpy(m.double())
     assert sd64["bn1.running_var"].dtype == np.float64 and sd64["bn1.num_batches_tracked"].dtype == np.int64
+
+
+def test_se_gates_are_the_hard_sigmoid_of_conv_expand():
+    model = tg.randomize(tg.build("nanodet", 0.5, "ReLU"), seed=3)
+    _, layers = tg.capture(model, torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0)))
+    gates = tg.se_gates(layers)
+    assert sorted(gates) == sorted(k[: -len("conv_expand")] + "gate" for k in layers if k.endswith("se.conv_expand"))
+    for name, gate in gates.items():
+        block = name[: -len(".se.gate")]
+        assert torch.equal(torch.from_numpy(gate) * layers[f"{block}.bn_dw" if f"{block}.bn_dw" in layers
+                                                           else f"{block}.ghost1"], layers[f"{block}.se"])

@@ -432,6 +432,21 @@ def capture(model: nn.Module, x) -> tuple[object, "OrderedDict[str, torch.Tensor
     return output, intermediates
 
 
+def se_gates(intermediates: dict) -> dict[str, np.ndarray]:
+    """``{"<block>.se.gate": hard_sigmoid(<block>.se.conv_expand)}`` for every SE in a capture.
+
+    The gate is a function call inside SqueezeExcite, not a module, so no hook sees it; this
+    computes it with the model's own float ops from the captured conv_expand output (tensors or
+    arrays). Returns NumPy arrays.
+    """
+    gates = {}
+    for name, value in intermediates.items():
+        if name.endswith(".se.conv_expand"):
+            t = value if isinstance(value, torch.Tensor) else torch.from_numpy(np.asarray(value))
+            gates[name[: -len("conv_expand")] + "gate"] = hard_sigmoid(t).numpy()
+    return gates
+
+
 def state_dict_numpy(model: nn.Module) -> dict[str, np.ndarray]:
     """``model.state_dict()`` as NumPy arrays (copies), in state_dict order.
 

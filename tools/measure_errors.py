@@ -20,7 +20,6 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 import torch_ghostnet as tg  # noqa: E402
 
 import refghost  # noqa: E402
@@ -55,9 +54,7 @@ def measure(arch, width, activation, stages, size=128, seed=7):
     x = np.random.default_rng(seed).standard_normal((1, 3, size, size)).astype(np.float32)
     torch_out, layers = tg.capture(model, x)
     layers = {k: v.numpy() for k, v in layers.items()}
-    for node in weights.graph.nodes:  # the SE gate is a function in PyTorch: no hook sees it
-        if node.op == "hard_sigmoid":
-            layers[node.name] = (F.relu6(torch.from_numpy(layers[node.inputs[0]]) + 3.0) / 6.0).numpy()
+    layers.update(tg.se_gates(layers))  # the SE gate is a function in PyTorch: no hook sees it
     names = list(weights.graph.outputs)
     torch_out = [torch_out] if isinstance(torch_out, torch.Tensor) else list(torch_out)
     ours32 = refghost.run(x, weights, intermediates=True)
