@@ -24,12 +24,15 @@ What the plan does (research: /work/shared/research/performance-feasibility.md):
   :func:`blas_single_threaded`, the one place that touches thread settings. Numba's thread count
   (``numba.set_num_threads`` / ``NUMBA_NUM_THREADS``) is the only knob.
 * **Deterministic.** GEMM tiles and stem bands are a fixed function of the shapes; depthwise
-  planes, SE images and SE channels are each computed by one thread with the same code. The
-  results are bit-identical for any thread count and from run to run.
-* **One compiled call.** The ops are lowered to rows of an int64 program over one 64-byte-aligned
-  arena of buffers and one array of parameters, and run by
+  planes, SE images and SE channels are each computed by one thread with the same code, whatever
+  thread takes them. The results are bit-identical for any thread count and from run to run.
+* **One compiled call, one parallel region.** The ops are lowered to rows of an int64 program over
+  one 64-byte-aligned arena of buffers and one array of parameters, and run by
   :func:`refghost.kernels.fused.run_program` (no Python between ops; only activations without a
-  fused epilogue and the classifier head run from Python, between runs of rows).
+  fused epilogue and the classifier head run from Python, between runs of rows). Every thread
+  walks the whole program and takes the units of each op from an atomic counter
+  (:mod:`refghost.kernels.sync`), so a thread that loses its core to another process holds up
+  only the unit it is on, not half of every op.
 * **Ghost modules fused** (planes of at least 80x80, no residual): the primary conv's GEMM tiles
   and the 3x3 depthwise of the completed rows run as one op, band by band (the same bits).
 * **Stem.** The dense KxK stem conv builds its column matrix band by band in a cache-sized
@@ -414,7 +417,7 @@ class Plan:
     """
 
     def __init__(self, graph: Graph, tensors, dtype, shape):
-        from .kernels import blas
+        from .kernels import blas, fused, sync
 
         if not blas.AVAILABLE:
             raise EngineUnsupported("no BLAS library with the 64-bit CBLAS symbols next to NumPy")
@@ -446,12 +449,16 @@ class Plan:
         self._ints, self._ints_size = [], 0
         self._outputs = []  # (name, offset, (n, c, h, w))
         self._out_size = 0
+        self._shared_size = 0  # scratch of the squeeze-excite of a small batch (fused._se_op)
+        self._flags_size = 0  # row flags of the fused ghost ops
         items = []
         for op in builder.ops:
             items.extend(self._lower(op))
         self.params = self._pack(self._params, self._params_size, self.dtype)
         self.ints = self._pack(self._ints, self._ints_size, np.int64)
         del self._params, self._ints
+        self.shared = np.empty(max(self._shared_size, 1), dtype=self.dtype)
+        self.flags = np.zeros(max(self._flags_size, 1), dtype=np.int8)
         # consecutive program rows form one segment (one compiled call)
         self._segments = []
         rows, consts = [], []
@@ -466,6 +473,9 @@ class Plan:
             self._segments.append(("python", item[1]))
         if rows:
             self._segments.append(("program", np.array(rows, np.int64), np.array(consts, self.dtype)))
+        # the work counters of the largest program (fused.run_program; zeroed before each call)
+        longest = max((len(seg[1]) for seg in self._segments if seg[0] == "program"), default=0)
+        self.sync = np.zeros(max(longest, 1) * fused.PHASES * sync.STRIDE, dtype=np.int64)
 
     @staticmethod
     def _pack(chunks, size, dtype):
@@ -542,9 +552,12 @@ class Plan:
                 return self._lower(gemm) + self._lower(dw)
             xo, xr, xp = self._buf(x_t)
             yo, yr, _ = self._buf(y_t)
-            row[:20] = (fused.OP_GHOST, xo, xr, xp, yo, yr, self._param(w), m, k, 1, self._int_param(tasks),
+            nimg = self.buffers[y_t.slot].shape[0]
+            row[:21] = (fused.OP_GHOST, xo, xr, xp, yo, yr, self._param(w), m, k, 1, self._int_param(tasks),
                         tasks.shape[0], a["act1"], tasks.shape[0] > 1, self._param(self._cast(a["wdw"])),
-                        self._param(self._cast(a["bdw"])), a["act2"], y_t.h, y_t.w, min(_GHOST_BAND_ROWS, y_t.h))
+                        self._param(self._cast(a["bdw"])), a["act2"], y_t.h, y_t.w, min(_GHOST_BAND_ROWS, y_t.h),
+                        self._flags_size)
+            self._flags_size += nimg * y_t.h
             return [("row", row, fused.make_consts(dt, a["slope"]))]
         if op.kind == "dw":
             src_t, dst_t, res_t = a["src"], a["dst"], a["res"]
@@ -578,6 +591,7 @@ class Plan:
             nch = x_t.c
             nimg = self.buffers[x_t.slot].shape[0]
             wr_t = a["wr_t"]
+            self._shared_size = max(self._shared_size, nimg * (nch + wr_t.shape[1]))
             row[:11] = (fused.OP_SE, *self._buf(x_t), nch, wr_t.shape[1], self._param(wr_t), self._param(a["br"]),
                         self._param(a["we_t"]), self._param(a["be"]), nimg * nch * x_t.p >= _PARALLEL_MIN_WORK)
             return [("row", row, fused.make_consts(dt))]
@@ -632,7 +646,10 @@ class Plan:
             self._result = {}
             for seg in self._segments:
                 if seg[0] == "program":
-                    fused.run_program(seg[1], seg[2], self.arena, self.params, self.ints, x, out, nthreads)
+                    self.sync[:] = 0
+                    self.flags[:] = 0
+                    fused.run_program(seg[1], seg[2], self.arena, self.params, self.ints, x, out, nthreads,
+                                      self.sync, self.shared, self.flags)
                 else:
                     seg[1]()
             result, self._result = self._result, None

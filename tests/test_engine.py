@@ -333,6 +333,56 @@ def test_same_bits_for_any_thread_count_and_every_run():
                 np.testing.assert_array_equal(runs[0][name], other[name])
 
 
+_OVERSUBSCRIBED = """
+import sys
+import numpy as np
+sys.path.insert(0, sys.argv[1])
+from conftest import random_weights
+import numba
+import refghost
+from refghost.arch import Config
+assert numba.get_num_threads() == 4
+weights = random_weights(Config(width=0.75, out_stages=tuple(range(10))), seed=8)
+saved = {}
+for shape in [(1, 3, 192, 160), (3, 3, 64, 80)]:
+    x = np.random.default_rng(4).standard_normal(shape).astype(np.float32)
+    runs = [refghost.run(x, weights, impl="engine") for _ in range(5)]
+    for other in runs[1:]:
+        for name in runs[0]:
+            assert np.array_equal(runs[0][name], other[name]), name
+    saved.update({f"{shape[0]}/{name}": y for name, y in runs[0].items()})
+np.savez(sys.argv[2], **saved)
+"""
+
+
+def test_same_bits_with_more_threads_than_cores(tmp_path):
+    """Units of work are handed out by atomic counters (refghost.kernels.sync), so which thread
+    computes what varies from run to run, the more so with more threads than cores (threads are
+    descheduled mid-op). Five runs with NUMBA_NUM_THREADS=4 in a fresh process, batch 1 (the ghost
+    fusion, the three-phase squeeze-excite) and batch 3 (fewer images than threads): the same bits
+    every time, and the same bits as one thread here."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = tmp_path / "runs.npz"
+    env = dict(os.environ, NUMBA_NUM_THREADS="4")
+    subprocess.run([sys.executable, "-c", _OVERSUBSCRIBED, str(Path(__file__).parent), str(out)], env=env,
+                   check=True)
+    got = np.load(out)
+    weights = random_weights(Config(width=0.75, out_stages=tuple(range(10))), seed=8)
+    saved = numba.get_num_threads()
+    try:
+        numba.set_num_threads(1)
+        for shape in [(1, 3, 192, 160), (3, 3, 64, 80)]:
+            x = _rng(4).standard_normal(shape).astype(np.float32)
+            for name, y in refghost.run(x, weights, impl="engine").items():
+                np.testing.assert_array_equal(got[f"{shape[0]}/{name}"], y)
+    finally:
+        numba.set_num_threads(saved)
+
+
 def test_plan_is_cached_per_dtype_and_shape_and_outputs_are_fresh_arrays():
     weights = random_weights(Config(width=0.5), seed=1)
     x = _rng(5).standard_normal((1, 3, 32, 32)).astype(np.float32)

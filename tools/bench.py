@@ -13,8 +13,14 @@ visits every runtime (rotated, alternately reversed), sleeps briefly so spinning
 idle, then times a block of runs. Ratios are refghost's median over ONNX Runtime's median from the
 same rounds, so load on the machine moves both. onnx.reference runs once (it is slow).
 
-Peak memory is the max RSS of a separate child process per runtime (imports, model, ``--mem-runs``
-runs), and its increase over the RSS right after the imports. Start-up times ``refghost run``
+Peak memory is the max RSS (VmHWM) of a separate child process per runtime (imports, model,
+``--mem-runs`` runs), and its increase over the RSS right after the imports. The RSS at the child's
+end is split into anonymous memory (heap, arrays, interpreter state: private to the process) and
+file-backed pages (mostly clean code pages of the shared libraries: shared between processes, never
+written to swap), and the resident part of ``libllvmlite.so`` (LLVM, loaded by Numba) is shown
+alone. A "Numba floor" child (numpy, numba, one small refghost kernel loaded from the warm Numba
+cache; no weights, no model) gives the fixed cost of Numba/LLVM that any Numba program pays.
+Start-up times ``refghost run``
 (the CLI, shipped weights and sample image) as a fresh process, first with an empty Numba cache
 (cold) then again (warm), and a fresh ONNX Runtime process (import, session, one run).
 """
@@ -25,7 +31,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import tempfile
@@ -41,21 +46,27 @@ sys.path.insert(0, str(ROOT / "tests"))
 DEFAULT_WEIGHTS = ROOT / "weights" / "ghostnet_nanodet_1.0x.h5"
 
 
-def _rss_mib():
+def _proc_status():
+    """Fields of /proc/self/status given in kB, in MiB (VmRSS, VmHWM, RssAnon, RssFile, ...).
+
+    VmHWM is this process's peak RSS (ru_maxrss would carry the parent's peak across fork+exec).
+    """
     with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
+        fields = [line.split() for line in f]
+    return {f[0].rstrip(":"): int(f[1]) / 1024 for f in fields if len(f) == 3 and f[2] == "kB"}
 
 
-def _max_rss_mib():
-    """This process's peak RSS (VmHWM; ru_maxrss would carry the parent's peak across fork+exec)."""
-    with open("/proc/self/status") as f:
+def _mapped_rss_mib(suffix):
+    """Resident MiB of the mappings whose file path ends in ``suffix`` (/proc/self/smaps)."""
+    kib, path = 0, ""
+    with open("/proc/self/smaps") as f:
         for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+            if not line.split(None, 1)[0].endswith(":"):  # a mapping: address perms offset dev inode [path]
+                parts = line.split(None, 5)
+                path = parts[5].strip() if len(parts) > 5 else ""
+            elif line.startswith("Rss:") and path.endswith(suffix):
+                kib += int(line.split()[1])
+    return kib / 1024
 
 
 def export_onnx(weights, path, size):
@@ -91,38 +102,54 @@ def ort_session(path, threads=2):
 
 
 def child_memory(args):
-    """Runs in a fresh process: one runtime, ``--mem-runs`` runs; prints JSON."""
-    x = np.random.default_rng(0).standard_normal((args.batch, 3, args.size, args.size)).astype(args.dtype)
-    if args.child == "refghost":
-        import refghost
+    """Runs in a fresh process: one runtime, ``--mem-runs`` runs; prints JSON (MiB)."""
+    if args.child == "numba-floor":  # numpy, numba (imported by the kernel's module), one cached kernel; no model
+        from refghost.kernels.depthwise import _geometry
 
-        weights = refghost.load_weights(args.weights)
-        base = _rss_mib()
-        run = lambda: refghost.run(x, weights, dtype=args.dtype)  # noqa: E731
+        base = _proc_status()["VmRSS"]
+        run = lambda: _geometry(3, 2, 1, 8, 4, 4)  # noqa: E731
     else:
-        import onnxruntime  # noqa: F401
+        x = np.random.default_rng(0).standard_normal((args.batch, 3, args.size, args.size)).astype(args.dtype)
+        if args.child == "refghost":
+            import refghost
 
-        base = _rss_mib()
-        sess = ort_session(args.onnx)
-        run = lambda: sess.run(None, {"input": x})  # noqa: E731
+            weights = refghost.load_weights(args.weights)
+            base = _proc_status()["VmRSS"]
+            run = lambda: refghost.run(x, weights, dtype=args.dtype)  # noqa: E731
+        else:
+            import onnxruntime  # noqa: F401
+
+            base = _proc_status()["VmRSS"]
+            sess = ort_session(args.onnx)
+            run = lambda: sess.run(None, {"input": x})  # noqa: E731
     for _ in range(args.mem_runs):
         run()
-    print(json.dumps({"max_rss": _max_rss_mib(), "after_imports": base}))
+    st = _proc_status()
+    print(json.dumps({"max_rss": st["VmHWM"], "after_imports": base, "rss_anon": st["RssAnon"],
+                      "rss_file": st["RssFile"], "llvm": _mapped_rss_mib("libllvmlite.so")}))
+
+
+def _memory_child(args, who, *options):
+    cmd = [sys.executable, __file__, "--child", who, "--mem-runs", str(args.mem_runs), *options]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode:
+        print(done.stderr, file=sys.stderr)
+        return None
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def measure_memory(args, onnx_path, size, batch, dtype):
-    out = {}
-    for who in ("refghost", "onnxruntime"):
-        if who == "onnxruntime" and dtype != "float32":
-            continue
-        cmd = [sys.executable, __file__, "--child", who, "--size", str(size), "--batch", str(batch), "--dtype", dtype,
-               "--weights", str(args.weights), "--onnx", str(onnx_path), "--mem-runs", str(args.mem_runs)]
-        done = subprocess.run(cmd, capture_output=True, text=True)
-        if done.returncode:
-            print(done.stderr, file=sys.stderr)
-            continue
-        out[who] = json.loads(done.stdout.strip().splitlines()[-1])
-    return out
+    options = ["--size", str(size), "--batch", str(batch), "--dtype", dtype, "--weights", str(args.weights),
+               "--onnx", str(onnx_path)]
+    runtimes = ("refghost", "onnxruntime") if dtype == "float32" else ("refghost",)
+    out = {who: _memory_child(args, who, *options) for who in runtimes}
+    return {who: m for who, m in out.items() if m is not None}
+
+
+def measure_numba_floor(args):
+    """The Numba floor child, twice (the first may still fill the Numba cache); the second result."""
+    _memory_child(args, "numba-floor")
+    return _memory_child(args, "numba-floor")
 
 
 def measure_startup(args, onnx_path):
@@ -188,7 +215,7 @@ def main(argv=None):
     p.add_argument("--mem-runs", type=int, default=3)
     p.add_argument("--json", help="also write the results as JSON here")
     # child mode (internal)
-    p.add_argument("--child", choices=["refghost", "onnxruntime"], help=argparse.SUPPRESS)
+    p.add_argument("--child", choices=["refghost", "onnxruntime", "numba-floor"], help=argparse.SUPPRESS)
     p.add_argument("--size", type=int, default=320, help=argparse.SUPPRESS)
     p.add_argument("--batch", type=int, default=1, help=argparse.SUPPRESS)
     p.add_argument("--dtype", default="float32", help=argparse.SUPPRESS)
@@ -289,14 +316,23 @@ def main(argv=None):
             results.append(dict(size=size, batch=1, runtime="onnx.reference float32", median=dt))
         if not args.no_memory:
             print(f"\nPeak memory, separate process per runtime ({size}x{size}, {args.mem_runs} runs): "
-                  "max RSS MiB (increase over the RSS after imports)")
+                  "max RSS MiB (increase over the RSS after imports);\n"
+                  "  then each one's RSS at the end: anonymous, file-backed (of which libllvmlite.so)")
             for batch in args.batches:
                 for dtype in args.dtypes:
                     mem = measure_memory(args, onnx_path, size, batch, dtype)
                     text = ", ".join(f"{who} {m['max_rss']:.0f} (+{m['max_rss'] - m['after_imports']:.0f})"
                                      for who, m in mem.items())
                     print(f"  batch {batch} {dtype}: {text}")
+                    for who, m in mem.items():
+                        print(f"    {who}: anon {m['rss_anon']:.0f}, file {m['rss_file']:.0f} "
+                              f"(libllvmlite.so {m['llvm']:.0f})")
                     results.append(dict(size=size, batch=batch, dtype=dtype, memory=mem))
+            if size == args.sizes[0] and (floor := measure_numba_floor(args)):
+                print(f"  Numba floor (numpy + numba + one cached kernel, no model): peak RSS {floor['max_rss']:.0f} "
+                      f"MiB (anon {floor['rss_anon']:.0f}, file {floor['rss_file']:.0f}, "
+                      f"libllvmlite.so {floor['llvm']:.0f})")
+                results.append(dict(numba_floor=floor))
         if not args.no_startup and size == args.sizes[0]:
             st = measure_startup(args, onnx_path)
             print(f"\nStart-up, process start to exit: `refghost run` cold Numba cache {st['cold']:.2f} s, "

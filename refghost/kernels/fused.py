@@ -23,7 +23,8 @@ the array dtype in the order written):
   tiles) and its 3x3 stride-1 depthwise on the rows completed so far, read straight from the
   buffer (:func:`_ghost_rows`); the same bits as the GEMM and depthwise kernels.
 * :func:`_stem_band`: the dense KxK stem convolution, im2col + GEMM on bands of output rows.
-* :func:`run_program`: a run of the engine's ops in one compiled call.
+* :func:`run_program`: a run of the engine's ops in one compiled call and one parallel region,
+  the units of work of each op handed out to the threads by atomic counters (:mod:`.sync`).
 
 Activation codes (fast epilogues): :data:`ACT_NONE`, :data:`ACT_RELU`, :data:`ACT_LEAKY`
 (``x if x > 0 else slope*x``: LeakyReLU and PReLU), :data:`ACT_RELU6`. ``consts`` is a small array
@@ -38,6 +39,7 @@ import numpy as np
 from .blas import gemm
 from ._jit import jit, parallel_jit
 from .depthwise import _copy_in_any, _copy_in_s2, _geometry
+from .sync import claim, finish, wait_done
 
 ACT_NONE = 0
 ACT_RELU = 1
@@ -791,14 +793,19 @@ def _view2(arena, off, r, c):
 
 
 @parallel_jit
-def run_program(prog, consts_all, arena, params, ints, x, out, nthreads):
-    """Run a run of engine ops, one row of ``prog`` (T, :data:`PROGRAM_COLS`) int64 each.
+def run_program(prog, consts_all, arena, params, ints, x, out, nthreads, sync, shared, flags):
+    """Run a run of engine ops, one row of ``prog`` (T, :data:`PROGRAM_COLS`) int64 each, on
+    ``nthreads`` threads in one parallel region (:func:`_run_ops` on every thread; see
+    :mod:`.sync` for how they share the work).
 
     Every tensor buffer is a view into ``arena`` and every parameter array a view into ``params``
     (both 1-D, the compute dtype) at a fixed offset; GEMM task lists are views into ``ints``;
     ``consts_all[i]`` is op i's ``consts``; ``out`` (1-D) receives the output copies; ``x`` is the
-    input (N, C, H, W). A buffer is given as (offset, rows R, plane size P): the view (N, R, P).
-    Row layout (built by :class:`refghost.engine.Plan`):
+    input (N, C, H, W). ``sync`` (int64, ``T * PHASES * sync.STRIDE``) and ``flags`` (int8: the
+    ghost ops' row flags) must be zero; ``shared`` (compute dtype) is scratch for the squeeze-excite
+    of a batch smaller than the thread count (N * (C + reduced C) of its largest SE).
+    A buffer is given as (offset, rows R, plane size P): the view (N, R, P). Row layout (built by
+    :class:`refghost.engine.Plan`):
 
     * OP_GEMM: x buffer 1-3, y offset 4, y rows 5, w offset 6, M 7, K 8, y_row0 9, task offset 10,
       tasks 11, act 12, parallel 13.
@@ -813,32 +820,47 @@ def run_program(prog, consts_all, arena, params, ints, x, out, nthreads):
     * OP_OUTPUT: buffer 1-3, channels 4, offset in ``out`` 5.
     * OP_GHOST: columns 1-13 as OP_GEMM (the primary conv; its tasks are column tiles in pixel
       order), depthwise weights offset 14 (init, 9), bias offset 15, act 16, H 17, W 18, band
-      rows 19 (see :func:`_ghost_chunk`).
+      rows 19 (see :func:`_ghost_chunk`), offset of its N*H row flags in ``flags`` 20.
 
     Each op calls the same per-tile / per-plane / per-group code as the single-op kernels above,
-    with the same fixed task lists and the same split rules (chunks = min(nthreads, units) where
-    the work is large enough), so the results are the same bits as running the ops one by one
-    through those kernels (the stem has no single-op kernel: :func:`_stem_band`), for any thread
-    count. The point is to dispatch the plan from compiled code instead of one Python call per op.
+    and every unit of work is computed by one thread with the same code, so the results are the
+    same bits as running the ops one by one through those kernels (the stem has no single-op
+    kernel: :func:`_stem_band`), for any thread count and any interleaving.
     """
+    for worker in numba.prange(nthreads):
+        _run_ops(prog, consts_all, arena, params, ints, x, out, nthreads, sync, shared, flags, worker)
+
+
+#: Phases per op in ``sync`` (the most an op has: the squeeze-excite of a small batch).
+PHASES = 3
+#: Chunks per thread of the ops whose units are planes, groups or bands (handed out dynamically:
+#: more chunks balance better, each chunk pays for its scratch).
+_CHUNKS_PER_THREAD = 4
+
+
+@jit
+def _run_ops(prog, consts_all, arena, params, ints, x, out, nthreads, sync, shared, flags, worker):
+    """One thread's walk through the program (see :func:`run_program`). For each op phase the
+    thread claims units until none is left, then waits until all are done (:mod:`.sync`);
+    ``worker`` (this thread's index) changes nothing in what is computed."""
     nimg = x.shape[0]
     for i in range(prog.shape[0]):
         r = prog[i]
         kind = r[0]
         consts = consts_all[i]
+        q = i * PHASES
         if kind == OP_GEMM:
             xb = _view3(arena, r[1], nimg, r[2], r[3])
             yb = _view3(arena, r[4], nimg, r[5], r[3])
             w = _view2(params, r[6], r[7], r[8])
             tasks = _view2(ints, r[10], r[11], 5)
-            row0 = r[9]
-            act = r[12]
-            if r[13] != 0 and nthreads > 1:
-                for t in numba.prange(tasks.shape[0]):
-                    _gemm_task(w, xb, yb, row0, tasks[t], act, consts)
-            else:
-                for t in range(tasks.shape[0]):
-                    _gemm_task(w, xb, yb, row0, tasks[t], act, consts)
+            units = tasks.shape[0]
+            u = claim(sync, q)
+            while u < units:
+                _gemm_task(w, xb, yb, r[9], tasks[u], r[12], consts)
+                finish(sync, q)
+                u = claim(sync, q)
+            wait_done(sync, q, units)
         elif kind == OP_DW or kind == OP_DW_BLOCKED:
             src = _view3(arena, r[1], nimg, r[2], r[3])
             dst = _view3(arena, r[4], nimg, r[5], r[6])
@@ -847,99 +869,170 @@ def run_program(prog, consts_all, arena, params, ints, x, out, nthreads):
             nch, h, wd, ho, wo = r[14], r[15], r[16], r[17], r[18]
             bias = params[r[22]: r[22] + nch]
             k, s, p, act, has_res = r[23], r[24], r[25], r[26], r[27] != 0
-            units = r[29]
-            chunks = min(nthreads, units) if r[28] != 0 else 1
-            if kind == OP_DW:
-                wgt = _view2(params, r[19], r[20], r[21])
-                if chunks > 1:
-                    for chunk in numba.prange(chunks):
-                        _dw_planes(src, s_row0, dst, d_row0, res, r_row0, pre_row0, nch, h, wd, ho, wo, wgt, bias, k,
-                                   s, p, act, consts, has_res, chunk * units // chunks, (chunk + 1) * units // chunks)
-                else:
+            planes = r[29]
+            units = min(planes, _CHUNKS_PER_THREAD * nthreads) if r[28] != 0 else 1
+            u = claim(sync, q)
+            while u < units:
+                lo, hi = u * planes // units, (u + 1) * planes // units
+                if kind == OP_DW:
+                    wgt = _view2(params, r[19], r[20], r[21])
                     _dw_planes(src, s_row0, dst, d_row0, res, r_row0, pre_row0, nch, h, wd, ho, wo, wgt, bias, k, s,
-                               p, act, consts, has_res, 0, units)
-            else:
-                wcb = _view3(params, r[19], r[20], r[21], r[30])
-                if chunks > 1:
-                    for chunk in numba.prange(chunks):
-                        _dw_groups(src, s_row0, dst, d_row0, res, r_row0, pre_row0, nch, h, wd, ho, wo, wcb, bias, k,
-                                   s, p, act, consts, has_res, chunk * units // chunks, (chunk + 1) * units // chunks)
+                               p, act, consts, has_res, lo, hi)
                 else:
+                    wcb = _view3(params, r[19], r[20], r[21], r[30])
                     _dw_groups(src, s_row0, dst, d_row0, res, r_row0, pre_row0, nch, h, wd, ho, wo, wcb, bias, k, s,
-                               p, act, consts, has_res, 0, units)
+                               p, act, consts, has_res, lo, hi)
+                finish(sync, q)
+                u = claim(sync, q)
+            wait_done(sync, q, units)
         elif kind == OP_SE:
-            xb = _view3(arena, r[1], nimg, r[2], r[3])
-            nch, nr = r[4], r[5]
-            wr_t = _view2(params, r[6], nch, nr)
-            br = params[r[7]: r[7] + nr]
-            we_t = _view2(params, r[8], nr, nch)
-            be = params[r[9]: r[9] + nch]
-            p = r[3]
-            if nimg >= nthreads and nthreads > 1:
-                for n in numba.prange(nimg):
-                    pooled = np.empty(nch, xb.dtype)
-                    hidden = np.empty(nr, xb.dtype)
-                    gate = np.empty(nch, xb.dtype)
-                    lanes = np.empty(_LANES, xb.dtype)
-                    _se_image(xb, n, nch, wr_t, br, we_t, be, consts, pooled, hidden, gate, lanes)
-            elif nthreads > 1 and r[10] != 0:
-                squeeze_excite_channels(xb, nch, wr_t, br, we_t, be, consts, nthreads)
-            else:
-                pooled = np.empty(nch, xb.dtype)
-                hidden = np.empty(nr, xb.dtype)
-                gate = np.empty(nch, xb.dtype)
-                lanes = np.empty(_LANES, xb.dtype)
-                for n in range(nimg):
-                    _se_image(xb, n, nch, wr_t, br, we_t, be, consts, pooled, hidden, gate, lanes)
+            _se_op(r, arena, params, nimg, nthreads, consts, sync, q, shared)
         elif kind == OP_STEM:
             yb = _view3(arena, r[1], nimg, r[2], r[3])
             w = _view2(params, r[4], r[5], r[6])
             k, s, p, ho, wo, act, band = r[7], r[8], r[9], r[10], r[11], r[12], r[13]
             nbands = (ho + band - 1) // band
-            units = nimg * nbands
+            bands = nimg * nbands
             wq = (x.shape[3] + 2 * p + s - 1) // s
-            chunks = min(nthreads, units) if r[14] != 0 else 1
-            if chunks > 1:
-                for chunk in numba.prange(chunks):
-                    tile = np.empty(r[6] * band * wo, yb.dtype)
-                    ph = np.zeros(s * wq, yb.dtype)
-                    for u in range(chunk * units // chunks, (chunk + 1) * units // chunks):
-                        i0 = (u % nbands) * band
-                        _stem_band(x, u // nbands, w, yb, 1, k, s, p, ho, wo, i0, min(ho, i0 + band), act, consts,
-                                   tile, ph)
-            else:
+            units = min(bands, _CHUNKS_PER_THREAD * nthreads) if r[14] != 0 else 1
+            u = claim(sync, q)
+            if u < units:
                 tile = np.empty(r[6] * band * wo, yb.dtype)
                 ph = np.zeros(s * wq, yb.dtype)
-                for u in range(units):
-                    i0 = (u % nbands) * band
-                    _stem_band(x, u // nbands, w, yb, 1, k, s, p, ho, wo, i0, min(ho, i0 + band), act, consts,
+            while u < units:
+                for b in range(u * bands // units, (u + 1) * bands // units):
+                    i0 = (b % nbands) * band
+                    _stem_band(x, b // nbands, w, yb, 1, k, s, p, ho, wo, i0, min(ho, i0 + band), act, consts,
                                tile, ph)
+                finish(sync, q)
+                u = claim(sync, q)
+            wait_done(sync, q, units)
         elif kind == OP_GHOST:
             xb = _view3(arena, r[1], nimg, r[2], r[3])
             yb = _view3(arena, r[4], nimg, r[5], r[3])
             w = _view2(params, r[6], r[7], r[8])
             tasks = _view2(ints, r[10], r[11], 5)
-            row0, act1 = r[9], r[12]
             m = r[7]
             wdw = _view2(params, r[14], m, 9)
             bdw = params[r[15]: r[15] + m]
-            act2, h, wd, band = r[16], r[17], r[18], r[19]
-            done = np.zeros(nimg * h, np.int8)
+            h, wd, band = r[17], r[18], r[19]
+            done = flags[r[20]: r[20] + nimg * h]
             ntasks = tasks.shape[0]
-            chunks = min(nthreads, ntasks) if r[13] != 0 else 1
-            if chunks > 1:
-                for chunk in numba.prange(chunks):
-                    _ghost_chunk(w, xb, yb, row0, tasks, chunk * ntasks // chunks, (chunk + 1) * ntasks // chunks,
-                                 act1, wdw, bdw, act2, consts, h, wd, band, done)
-            else:
-                _ghost_chunk(w, xb, yb, row0, tasks, 0, ntasks, act1, wdw, bdw, act2, consts, h, wd, band, done)
-            _ghost_rest(yb, row0, m, h, wd, wdw, bdw, act2, consts, band, done)
+            units = min(nthreads, ntasks) if r[13] != 0 else 1
+            u = claim(sync, q)
+            while u < units:
+                _ghost_chunk(w, xb, yb, r[9], tasks, u * ntasks // units, (u + 1) * ntasks // units, r[12], wdw,
+                             bdw, r[16], consts, h, wd, band, done)
+                finish(sync, q)
+                u = claim(sync, q)
+            wait_done(sync, q, units)
+            if claim(sync, q + 1) == 0:
+                _ghost_rest(yb, r[9], m, h, wd, wdw, bdw, r[16], consts, band, done)
+                finish(sync, q + 1)
+            wait_done(sync, q + 1, 1)
         elif kind == OP_OUTPUT:
-            b = _view3(arena, r[1], nimg, r[2], r[3])
-            c, p, o = r[4], r[3], r[5]
-            for n in range(nimg):
-                for ci in range(c):
-                    src = b[n, 1 + ci]
-                    dst = out[o + (n * c + ci) * p: o + (n * c + ci + 1) * p]
-                    for t in range(p):
-                        dst[t] = src[t]
+            if claim(sync, q) == 0:
+                b = _view3(arena, r[1], nimg, r[2], r[3])
+                c, p, o = r[4], r[3], r[5]
+                for n in range(nimg):
+                    for ci in range(c):
+                        src = b[n, 1 + ci]
+                        dst = out[o + (n * c + ci) * p: o + (n * c + ci + 1) * p]
+                        for t in range(p):
+                            dst[t] = src[t]
+                finish(sync, q)
+            wait_done(sync, q, 1)
+
+
+@jit
+def _se_op(r, arena, params, nimg, nthreads, consts, sync, q, shared):
+    """The squeeze-excite row ``r`` of :func:`_run_ops` (phases q, q+1, q+2). A batch of at least
+    ``nthreads`` images: one unit per image (:func:`_se_image`). A smaller batch, when parallel:
+    the plane means, the first small conv and the second with the scaling as three phases of
+    chunks (of channels, reduced channels, channels), through ``shared``; every value is the same
+    sum in the same order as in :func:`_se_image`. Otherwise one unit does it all."""
+    xb = _view3(arena, r[1], nimg, r[2], r[3])
+    nch, nr = r[4], r[5]
+    wr_t = _view2(params, r[6], nch, nr)
+    br = params[r[7]: r[7] + nr]
+    we_t = _view2(params, r[8], nr, nch)
+    be = params[r[9]: r[9] + nch]
+    p = r[3]
+    zero, three, six = consts[0], consts[1], consts[2]
+    if nimg >= nthreads or r[10] == 0:
+        units = nimg if nimg >= nthreads else 1
+        u = claim(sync, q)
+        if u < units:
+            pooled = np.empty(nch, xb.dtype)
+            hidden = np.empty(nr, xb.dtype)
+            gate = np.empty(nch, xb.dtype)
+            lanes = np.empty(_LANES, xb.dtype)
+        while u < units:
+            for n in range(u * nimg // units, (u + 1) * nimg // units):
+                _se_image(xb, n, nch, wr_t, br, we_t, be, consts, pooled, hidden, gate, lanes)
+            finish(sync, q)
+            u = claim(sync, q)
+        wait_done(sync, q, units)
+        return
+    chunks, hchunks = min(nthreads, nch), min(nthreads, nr)
+    pooled_all = shared[:nimg * nch]
+    hidden_all = shared[nimg * nch: nimg * (nch + nr)]
+    # phase 1: plane means
+    units = nimg * chunks
+    u = claim(sync, q)
+    if u < units:
+        lanes = np.empty(_LANES, xb.dtype)
+    while u < units:
+        n, chunk = u // chunks, u % chunks
+        for c in range(chunk * nch // chunks, (chunk + 1) * nch // chunks):
+            pooled_all[n * nch + c] = _plane_mean(xb[n, 1 + c], p, lanes)
+        finish(sync, q)
+        u = claim(sync, q)
+    wait_done(sync, q, units)
+    # phase 2: hidden = relu(wr_t.T @ pooled + br), by chunks of reduced channels
+    units = nimg * hchunks
+    u = claim(sync, q + 1)
+    while u < units:
+        n, chunk = u // hchunks, u % hchunks
+        pooled = pooled_all[n * nch: (n + 1) * nch]
+        j0, j1 = chunk * nr // hchunks, (chunk + 1) * nr // hchunks
+        hpart = np.empty(j1 - j0, xb.dtype)  # local: no cache line shared between threads
+        for j in range(j1 - j0):
+            hpart[j] = zero
+        for c in range(nch):
+            pc = pooled[c]
+            wrow = wr_t[c, j0:j1]
+            for j in range(j1 - j0):
+                hpart[j] = hpart[j] + wrow[j] * pc
+        for j in range(j0, j1):
+            v = hpart[j - j0] + br[j]
+            hidden_all[n * nr + j] = v if v > zero else zero
+        finish(sync, q + 1)
+        u = claim(sync, q + 1)
+    wait_done(sync, q + 1, units)
+    # phase 3: gate = hard_sigmoid(we_t.T @ hidden + be), and the scaling, by chunks of channels
+    units = nimg * chunks
+    u = claim(sync, q + 2)
+    while u < units:
+        n, chunk = u // chunks, u % chunks
+        hidden = hidden_all[n * nr: (n + 1) * nr]
+        c0, c1 = chunk * nch // chunks, (chunk + 1) * nch // chunks
+        gate = np.empty(c1 - c0, xb.dtype)
+        for c in range(c1 - c0):
+            gate[c] = zero
+        for j in range(nr):
+            hj = hidden[j]
+            wrow = we_t[j, c0:c1]
+            for c in range(c1 - c0):
+                gate[c] = gate[c] + wrow[c] * hj
+        for c in range(c0, c1):
+            v = gate[c - c0] + be[c] + three
+            v = v if v > zero else zero
+            v = v if v < six else six
+            g = v / six
+            row = xb[n, 1 + c]
+            for t in range(p):
+                row[t] = row[t] * g
+        finish(sync, q + 2)
+        u = claim(sync, q + 2)
+    wait_done(sync, q + 2, units)
