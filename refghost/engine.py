@@ -421,6 +421,8 @@ class Plan:
 
         if not blas.AVAILABLE:
             raise EngineUnsupported("no BLAS library with the 64-bit CBLAS symbols next to NumPy")
+        if not sync.AVAILABLE:
+            raise EngineUnsupported("no sched_yield in the C library")
         self.dtype = np.dtype(dtype)
         if self.dtype not in (np.dtype(np.float32), np.dtype(np.float64)):
             raise EngineUnsupported(f"dtype {dtype}")

@@ -41,7 +41,19 @@ STRIDE = 16
 #: Polls of a counter before the waiting thread starts yielding the CPU between polls.
 _SPINS = 200
 
-llvm.add_symbol("refghost_sched_yield", ctypes.cast(ctypes.CDLL(None).sched_yield, ctypes.c_void_p).value)
+
+def _register():
+    """Register the C library's ``sched_yield`` with LLVM; False where there is none (Windows)."""
+    try:
+        address = ctypes.cast(ctypes.CDLL(None).sched_yield, ctypes.c_void_p).value
+    except (OSError, AttributeError, TypeError):
+        return False
+    llvm.add_symbol("refghost_sched_yield", address)
+    return True
+
+
+#: False when the platform has no ``sched_yield``: the engine then declines (the interpreter runs).
+AVAILABLE = _register()
 _sched_yield = types.ExternalFunction("refghost_sched_yield", types.int32())
 
 
