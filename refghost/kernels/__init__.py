@@ -7,8 +7,9 @@
 
 Each is tested against the plain op in ``tests/test_kernels.py``. The compiled engine
 (:mod:`refghost.engine`) uses its own fused kernels, :mod:`.fused` (GEMM tiles with bias and
-activation, depthwise with bias, activation and residual, squeeze-excite) and :mod:`.blas`
-(OpenBLAS's GEMM called from inside Numba), tested against the plain ops in ``tests/test_engine.py``.
+activation, depthwise with bias, activation and residual, squeeze-excite), :mod:`.blas`
+(OpenBLAS's GEMM called from inside Numba) and :mod:`.sync` (the atomic counters its threads
+claim work from), tested in ``tests/test_engine.py`` and ``tests/test_sync.py``.
 """
 
 from __future__ import annotations
