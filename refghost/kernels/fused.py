@@ -492,56 +492,75 @@ def _se_image(x, n, nch, wr_t, br, we_t, be, consts, pooled, hidden, gate, lanes
             row[t] = row[t] * g
 
 
+@jit
+def _se_means(x, n, c0, c1, pooled, lanes):
+    """``pooled[c] = mean of plane x[n, 1 + c]`` for ``c0 <= c < c1`` (as in :func:`_se_image`)."""
+    for c in range(c0, c1):
+        pooled[c] = _plane_mean(x[n, 1 + c], x.shape[2], lanes)
+
+
+@jit
+def _se_hidden(pooled, wr_t, br, j0, j1, hidden, consts):
+    """``hidden[j] = relu(sum_c wr_t[c, j] * pooled[c] + br[j])`` for ``j0 <= j < j1``, summed over
+    c in order (as in :func:`_se_gate`), in a local accumulator (no cache line shared between the
+    threads that write other j)."""
+    zero = consts[0]
+    hpart = np.empty(j1 - j0, hidden.dtype)
+    for j in range(j1 - j0):
+        hpart[j] = zero
+    for c in range(wr_t.shape[0]):
+        pc = pooled[c]
+        wrow = wr_t[c, j0:j1]
+        for j in range(j1 - j0):
+            hpart[j] = hpart[j] + wrow[j] * pc
+    for j in range(j0, j1):
+        v = hpart[j - j0] + br[j]
+        hidden[j] = v if v > zero else zero
+
+
+@jit
+def _se_scale(x, n, hidden, we_t, be, c0, c1, consts):
+    """Channels ``c0 <= c < c1`` of image n: the hard-sigmoid gate from ``hidden`` (summed over j in
+    order, as in :func:`_se_gate`) and the scaling of the plane in place."""
+    zero, three, six = consts[0], consts[1], consts[2]
+    gate = np.empty(c1 - c0, x.dtype)
+    for c in range(c1 - c0):
+        gate[c] = zero
+    for j in range(we_t.shape[0]):
+        hj = hidden[j]
+        wrow = we_t[j, c0:c1]
+        for c in range(c1 - c0):
+            gate[c] = gate[c] + wrow[c] * hj
+    for c in range(c0, c1):
+        v = gate[c - c0] + be[c] + three
+        v = v if v > zero else zero
+        v = v if v < six else six
+        g = v / six
+        row = x[n, 1 + c]
+        for t in range(x.shape[2]):
+            row[t] = row[t] * g
+
+
 @parallel_jit
 def squeeze_excite_channels(x, nch, wr_t, br, we_t, be, consts, nchunks):
     """:func:`squeeze_excite_serial` for a batch below the thread count: the plane means, the two
     small convs (the first split over its outputs, the second over channels, with the scaling)
     are each split into at most ``nchunks`` chunks. Every value is the same sum in the same order
-    as in :func:`_se_image`, so the results are the same bits. (The same code as the SE of
-    :func:`run_program` at batch 1.)"""
-    p = x.shape[2]
+    as in :func:`_se_image`, so the results are the same bits. (The same helpers as the SE of
+    :func:`run_program` for a batch smaller than the thread count.)"""
     nr = wr_t.shape[1]
     chunks = min(nchunks, nch)
     hchunks = min(nchunks, nr)
     pooled = np.empty(nch, x.dtype)
     hidden = np.empty(nr, x.dtype)
-    zero, three, six = consts[0], consts[1], consts[2]
     for n in range(x.shape[0]):
         for chunk in numba.prange(chunks):
             lanes = np.empty(_LANES, x.dtype)
-            for c in range(chunk * nch // chunks, (chunk + 1) * nch // chunks):
-                pooled[c] = _plane_mean(x[n, 1 + c], p, lanes)
+            _se_means(x, n, chunk * nch // chunks, (chunk + 1) * nch // chunks, pooled, lanes)
         for chunk in numba.prange(hchunks):
-            j0, j1 = chunk * nr // hchunks, (chunk + 1) * nr // hchunks
-            hpart = np.empty(j1 - j0, x.dtype)  # local: no cache line shared between threads
-            for j in range(j1 - j0):
-                hpart[j] = zero
-            for c in range(nch):
-                pc = pooled[c]
-                wrow = wr_t[c, j0:j1]
-                for j in range(j1 - j0):
-                    hpart[j] = hpart[j] + wrow[j] * pc
-            for j in range(j0, j1):
-                v = hpart[j - j0] + br[j]
-                hidden[j] = v if v > zero else zero
+            _se_hidden(pooled, wr_t, br, chunk * nr // hchunks, (chunk + 1) * nr // hchunks, hidden, consts)
         for chunk in numba.prange(chunks):
-            c0, c1 = chunk * nch // chunks, (chunk + 1) * nch // chunks
-            gate = np.empty(c1 - c0, x.dtype)
-            for c in range(c1 - c0):
-                gate[c] = zero
-            for j in range(nr):
-                hj = hidden[j]
-                wrow = we_t[j, c0:c1]
-                for c in range(c1 - c0):
-                    gate[c] = gate[c] + wrow[c] * hj
-            for c in range(c0, c1):
-                v = gate[c - c0] + be[c] + three
-                v = v if v > zero else zero
-                v = v if v < six else six
-                g = v / six
-                row = x[n, 1 + c]
-                for t in range(p):
-                    row[t] = row[t] * g
+            _se_scale(x, n, hidden, we_t, be, chunk * nch // chunks, (chunk + 1) * nch // chunks, consts)
 
 
 @jit
@@ -957,8 +976,6 @@ def _se_op(r, arena, params, nimg, nthreads, consts, sync, q, shared):
     br = params[r[7]: r[7] + nr]
     we_t = _view2(params, r[8], nr, nch)
     be = params[r[9]: r[9] + nch]
-    p = r[3]
-    zero, three, six = consts[0], consts[1], consts[2]
     if nimg >= nthreads or r[10] == 0:
         units = nimg if nimg >= nthreads else 1
         u = claim(sync, q)
@@ -977,62 +994,33 @@ def _se_op(r, arena, params, nimg, nthreads, consts, sync, q, shared):
     chunks, hchunks = min(nthreads, nch), min(nthreads, nr)
     pooled_all = shared[:nimg * nch]
     hidden_all = shared[nimg * nch: nimg * (nch + nr)]
-    # phase 1: plane means
+    # the plane means, the first small conv by chunks of its outputs, the second with the scaling
     units = nimg * chunks
     u = claim(sync, q)
     if u < units:
         lanes = np.empty(_LANES, xb.dtype)
     while u < units:
         n, chunk = u // chunks, u % chunks
-        for c in range(chunk * nch // chunks, (chunk + 1) * nch // chunks):
-            pooled_all[n * nch + c] = _plane_mean(xb[n, 1 + c], p, lanes)
+        _se_means(xb, n, chunk * nch // chunks, (chunk + 1) * nch // chunks, pooled_all[n * nch:(n + 1) * nch],
+                  lanes)
         finish(sync, q)
         u = claim(sync, q)
     wait_done(sync, q, units)
-    # phase 2: hidden = relu(wr_t.T @ pooled + br), by chunks of reduced channels
     units = nimg * hchunks
     u = claim(sync, q + 1)
     while u < units:
         n, chunk = u // hchunks, u % hchunks
-        pooled = pooled_all[n * nch: (n + 1) * nch]
-        j0, j1 = chunk * nr // hchunks, (chunk + 1) * nr // hchunks
-        hpart = np.empty(j1 - j0, xb.dtype)  # local: no cache line shared between threads
-        for j in range(j1 - j0):
-            hpart[j] = zero
-        for c in range(nch):
-            pc = pooled[c]
-            wrow = wr_t[c, j0:j1]
-            for j in range(j1 - j0):
-                hpart[j] = hpart[j] + wrow[j] * pc
-        for j in range(j0, j1):
-            v = hpart[j - j0] + br[j]
-            hidden_all[n * nr + j] = v if v > zero else zero
+        _se_hidden(pooled_all[n * nch:(n + 1) * nch], wr_t, br, chunk * nr // hchunks, (chunk + 1) * nr // hchunks,
+                   hidden_all[n * nr:(n + 1) * nr], consts)
         finish(sync, q + 1)
         u = claim(sync, q + 1)
     wait_done(sync, q + 1, units)
-    # phase 3: gate = hard_sigmoid(we_t.T @ hidden + be), and the scaling, by chunks of channels
     units = nimg * chunks
     u = claim(sync, q + 2)
     while u < units:
         n, chunk = u // chunks, u % chunks
-        hidden = hidden_all[n * nr: (n + 1) * nr]
-        c0, c1 = chunk * nch // chunks, (chunk + 1) * nch // chunks
-        gate = np.empty(c1 - c0, xb.dtype)
-        for c in range(c1 - c0):
-            gate[c] = zero
-        for j in range(nr):
-            hj = hidden[j]
-            wrow = we_t[j, c0:c1]
-            for c in range(c1 - c0):
-                gate[c] = gate[c] + wrow[c] * hj
-        for c in range(c0, c1):
-            v = gate[c - c0] + be[c] + three
-            v = v if v > zero else zero
-            v = v if v < six else six
-            g = v / six
-            row = xb[n, 1 + c]
-            for t in range(p):
-                row[t] = row[t] * g
+        _se_scale(xb, n, hidden_all[n * nr:(n + 1) * nr], we_t, be, chunk * nch // chunks,
+                  (chunk + 1) * nch // chunks, consts)
         finish(sync, q + 2)
         u = claim(sync, q + 2)
     wait_done(sync, q + 2, units)
