@@ -383,6 +383,23 @@ def test_same_bits_with_more_threads_than_cores(tmp_path):
         numba.set_num_threads(saved)
 
 
+def test_same_bits_when_python_threads_run_the_engine_at_once():
+    """refghost.run from several Python threads at once: on one Weights object (one plan, its runs
+    serialised by the plan's lock) and on two (two plans whose parallel regions run side by side,
+    each with its own work counters). Every run gives the bits of a run alone."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    config = Config(width=0.5, out_stages=(4, 9))
+    shared, other = random_weights(config, seed=3), random_weights(config, seed=3)
+    x = _rng(9).standard_normal((1, 3, 96, 80)).astype(np.float32)
+    want = refghost.run(x, random_weights(config, seed=3), impl="engine")
+    with ThreadPoolExecutor(4) as pool:
+        runs = list(pool.map(lambda w: refghost.run(x, w, impl="engine"), [shared, other] * 6))
+    for got in runs:
+        for name in want:
+            np.testing.assert_array_equal(got[name], want[name])
+
+
 def test_plan_is_cached_per_dtype_and_shape_and_outputs_are_fresh_arrays():
     weights = random_weights(Config(width=0.5), seed=1)
     x = _rng(5).standard_normal((1, 3, 32, 32)).astype(np.float32)
