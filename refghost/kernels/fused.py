@@ -475,26 +475,21 @@ def _plane_mean(v, n, lanes):
 
 
 @jit
-def _se_image(x, n, nch, wr_t, br, we_t, be, consts, pooled, hidden, gate, lanes):
+def _se_image(x, n, nch, wr_t, br, we_t, be, consts, pooled, hidden, lanes):
     """SE of image n, in place on rows ``[1, 1+nch)`` of x (N, R, P).
 
     ``pooled = mean``; ``hidden = relu(wr_t.T @ pooled + br)``; ``gate = relu6(we_t.T @ hidden + be + 3) / 6``
-    (the sums run over the input index in order, the bias added last); ``x *= gate``.
+    (the sums run over the input index in order, the bias added last); ``x *= gate``. The same
+    helpers as the chunks of :func:`squeeze_excite_channels`, over all channels.
     """
-    p = x.shape[2]
-    for c in range(nch):
-        pooled[c] = _plane_mean(x[n, 1 + c], p, lanes)
-    _se_gate(nch, wr_t, br, we_t, be, consts, pooled, hidden, gate)
-    for c in range(nch):
-        g = gate[c]
-        row = x[n, 1 + c]
-        for t in range(p):
-            row[t] = row[t] * g
+    _se_means(x, n, 0, nch, pooled, lanes)
+    _se_hidden(pooled, wr_t, br, 0, wr_t.shape[1], hidden, consts)
+    _se_scale(x, n, hidden, we_t, be, 0, nch, consts)
 
 
 @jit
 def _se_means(x, n, c0, c1, pooled, lanes):
-    """``pooled[c] = mean of plane x[n, 1 + c]`` for ``c0 <= c < c1`` (as in :func:`_se_image`)."""
+    """``pooled[c] = mean of plane x[n, 1 + c]`` for ``c0 <= c < c1`` (the sum of :func:`_plane_mean`)."""
     for c in range(c0, c1):
         pooled[c] = _plane_mean(x[n, 1 + c], x.shape[2], lanes)
 
@@ -502,7 +497,7 @@ def _se_means(x, n, c0, c1, pooled, lanes):
 @jit
 def _se_hidden(pooled, wr_t, br, j0, j1, hidden, consts):
     """``hidden[j] = relu(sum_c wr_t[c, j] * pooled[c] + br[j])`` for ``j0 <= j < j1``, summed over
-    c in order (as in :func:`_se_gate`), in a local accumulator (no cache line shared between the
+    c in order, in a local accumulator (no cache line shared between the
     threads that write other j)."""
     zero = consts[0]
     hpart = np.empty(j1 - j0, hidden.dtype)
@@ -521,7 +516,7 @@ def _se_hidden(pooled, wr_t, br, j0, j1, hidden, consts):
 @jit
 def _se_scale(x, n, hidden, we_t, be, c0, c1, consts):
     """Channels ``c0 <= c < c1`` of image n: the hard-sigmoid gate from ``hidden`` (summed over j in
-    order, as in :func:`_se_gate`) and the scaling of the plane in place."""
+    order) and the scaling of the plane in place."""
     zero, three, six = consts[0], consts[1], consts[2]
     gate = np.empty(c1 - c0, x.dtype)
     for c in range(c1 - c0):
@@ -563,44 +558,14 @@ def squeeze_excite_channels(x, nch, wr_t, br, we_t, be, consts, nchunks):
             _se_scale(x, n, hidden, we_t, be, chunk * nch // chunks, (chunk + 1) * nch // chunks, consts)
 
 
-@jit
-def _se_gate(nch, wr_t, br, we_t, be, consts, pooled, hidden, gate):
-    """gate = hard_sigmoid(we_t.T @ relu(wr_t.T @ pooled + br) + be), from the plane means."""
-    zero, three, six = consts[0], consts[1], consts[2]
-    nr = wr_t.shape[1]
-    for j in range(nr):
-        hidden[j] = zero
-    for c in range(nch):
-        pc = pooled[c]
-        row = wr_t[c]
-        for j in range(nr):
-            hidden[j] = hidden[j] + row[j] * pc
-    for j in range(nr):
-        v = hidden[j] + br[j]
-        hidden[j] = v if v > zero else zero
-    for c in range(nch):
-        gate[c] = zero
-    for j in range(nr):
-        hj = hidden[j]
-        row = we_t[j]
-        for c in range(nch):
-            gate[c] = gate[c] + row[c] * hj
-    for c in range(nch):
-        v = gate[c] + be[c] + three
-        v = v if v > zero else zero
-        v = v if v < six else six
-        gate[c] = v / six
-
-
 @parallel_jit
 def squeeze_excite(x, nch, wr_t, br, we_t, be, consts):
     """Squeeze-excite in place on every image of x (see :func:`_se_image`); prange over images."""
     for n in numba.prange(x.shape[0]):
         pooled = np.empty(nch, x.dtype)
         hidden = np.empty(wr_t.shape[1], x.dtype)
-        gate = np.empty(nch, x.dtype)
         lanes = np.empty(_LANES, x.dtype)
-        _se_image(x, n, nch, wr_t, br, we_t, be, consts, pooled, hidden, gate, lanes)
+        _se_image(x, n, nch, wr_t, br, we_t, be, consts, pooled, hidden, lanes)
 
 
 @jit
@@ -608,10 +573,9 @@ def squeeze_excite_serial(x, nch, wr_t, br, we_t, be, consts):
     """:func:`squeeze_excite` without a parallel region (batch 1)."""
     pooled = np.empty(nch, x.dtype)
     hidden = np.empty(wr_t.shape[1], x.dtype)
-    gate = np.empty(nch, x.dtype)
     lanes = np.empty(_LANES, x.dtype)
     for n in range(x.shape[0]):
-        _se_image(x, n, nch, wr_t, br, we_t, be, consts, pooled, hidden, gate, lanes)
+        _se_image(x, n, nch, wr_t, br, we_t, be, consts, pooled, hidden, lanes)
 
 
 # --- stem: dense KxK conv as im2col + GEMM, band by band ------------------------------------
@@ -982,11 +946,10 @@ def _se_op(r, arena, params, nimg, nthreads, consts, sync, q, shared):
         if u < units:
             pooled = np.empty(nch, xb.dtype)
             hidden = np.empty(nr, xb.dtype)
-            gate = np.empty(nch, xb.dtype)
             lanes = np.empty(_LANES, xb.dtype)
         while u < units:
             for n in range(u * nimg // units, (u + 1) * nimg // units):
-                _se_image(xb, n, nch, wr_t, br, we_t, be, consts, pooled, hidden, gate, lanes)
+                _se_image(xb, n, nch, wr_t, br, we_t, be, consts, pooled, hidden, lanes)
             finish(sync, q)
             u = claim(sync, q)
         wait_done(sync, q, units)
