@@ -33,6 +33,10 @@ What the plan does (research: /work/shared/research/performance-feasibility.md):
   walks the whole program and takes the units of each op from an atomic counter
   (:mod:`refghost.kernels.sync`), so a thread that loses its core to another process holds up
   only the unit it is on, not half of every op.
+* **Batches image by image.** With at least as many images as threads, each thread takes whole
+  images through the one-image program on its own copy of the buffers (:class:`ImagePlan`): an
+  image's activations stay near its core, and the buffers are the threads' images', not the
+  batch's. The same units, so the same bits as op by op.
 * **Ghost modules fused** (planes of at least 80x80, no residual): the primary conv's GEMM tiles
   and the 3x3 depthwise of the completed rows run as one op, band by band (the same bits).
 * **Stem.** The dense KxK stem conv builds its column matrix band by band in a cache-sized
@@ -449,8 +453,8 @@ class Plan:
         self._lock = threading.Lock()
         self._params, self._params_size = [], 0
         self._ints, self._ints_size = [], 0
-        self._outputs = []  # (name, offset, (n, c, h, w))
-        self._out_size = 0
+        self._outputs = []  # (name, offset per image, (n, c, h, w)): see fused.OP_OUTPUT
+        self._out_size = 0  # per image
         self._shared_size = 0  # scratch of the squeeze-excite of a small batch (fused._se_op)
         self._flags_size = 0  # row flags of the fused ghost ops
         items = []
@@ -602,7 +606,7 @@ class Plan:
             nimg = self.buffers[t.slot].shape[0]
             off = self._out_size
             self._outputs.append((a["name"], off, (nimg, t.c, t.h, t.w)))
-            self._out_size += _aligned(nimg * t.c * t.p)
+            self._out_size += _aligned(t.c * t.p)
             row[:6] = (fused.OP_OUTPUT, *self._buf(t), t.c, off)
             return [("row", row, fused.make_consts(dt))]
         if op.kind == "classifier":
@@ -643,7 +647,7 @@ class Plan:
             raise ValueError(f"plan is for {self.shape} {self.dtype}, got {x.shape} {x.dtype}")
         x = np.ascontiguousarray(x)
         nthreads = numba.get_num_threads()
-        out = np.empty(max(self._out_size, 1), dtype=self.dtype)
+        out = np.empty(max(self._out_size * self.shape[0], 1), dtype=self.dtype)
         with self._lock, blas_single_threaded():
             self._result = {}
             for seg in self._segments:
@@ -651,15 +655,95 @@ class Plan:
                     self.sync[:] = 0
                     self.flags[:] = 0
                     fused.run_program(seg[1], seg[2], self.arena, self.params, self.ints, x, out, nthreads,
-                                      self.sync, self.shared, self.flags)
+                                      self.sync, self.shared, self.flags, _OP_BY_OP)
                 else:
                     seg[1]()
             result, self._result = self._result, None
         # the outputs in the order they are produced (as views of this run's fresh ``out``), then
         # the classifier's logits
-        outputs = {name: out[off: off + int(np.prod(shape))].reshape(shape) for name, off, shape in self._outputs}
+        outputs = _output_views(out, self._outputs, self.shape[0])
         outputs.update(result)
         return outputs
+
+    @property
+    def runs_images_alone(self):
+        """True when the plan is one compiled program for one image (no Python steps between its
+        rows): :class:`ImagePlan` can run a batch through it image by image."""
+        return self.shape[0] == 1 and [seg[0] for seg in self._segments] == ["program"]
+
+
+#: ``images`` argument of fused.run_program for the op-by-op mode.
+_OP_BY_OP = np.zeros(5, np.int64)
+
+
+def _output_views(out, outputs, n):
+    """``{name: (n, c, h, w) view of out}``: output k of every image in one contiguous block."""
+    return {name: out[n * off: n * off + int(np.prod(shape[1:])) * n].reshape((n,) + tuple(shape[1:]))
+            for name, off, shape in outputs}
+
+
+class ImagePlan:
+    """A batch of N images run image by image: each thread takes whole images and runs them, one
+    at a time and on its own buffers, through the program of the plan for one image (``single``).
+
+    Used for N of at least the thread count, where it beats running each op on all N images
+    (``python tools/bench.py``, batch 8: 2 threads each keep one image's activations, about
+    15 MiB, close to their cores instead of streaming all eight images' through memory at every
+    op, and the activation memory is the thread count's images' instead of N's). Each image goes
+    through the same units of work with the same code as in the plan for N images, so the
+    outputs are the same bits (``tests/test_engine.py``). With fewer images than threads it runs
+    the plan for N images op by op (built on first use).
+    """
+
+    def __init__(self, single: Plan, shape, layer_major):
+        self.single = single
+        self.shape = tuple(shape)
+        self.dtype = single.dtype
+        self._layer_major = layer_major  # () -> Plan for the whole batch
+        self._batch_plan = None
+        self._workers = 0
+        self._lock = threading.Lock()
+
+    def _buffers(self, workers):
+        """Per-worker copies of the single plan's arena (ones rows set) and scratch; the layout."""
+        from .kernels.sync import STRIDE
+
+        one = self.single
+        a_len = _aligned(one.arena.size)
+        s_len = _aligned(one.sync.size)
+        self.arena = _aligned_empty(workers * a_len, self.dtype)
+        for w in range(workers):
+            self.arena[w * a_len: w * a_len + one.arena.size] = one.arena
+        self.sync = np.zeros(STRIDE + workers * s_len, np.int64)
+        self.shared = np.empty(workers * one.shared.size, self.dtype)
+        self.flags = np.zeros(workers * one.flags.size, np.int8)
+        self.layout = np.array([workers, a_len, s_len, one.shared.size, one.flags.size], np.int64)
+        self._workers = workers
+
+    def run(self, x: np.ndarray) -> dict[str, np.ndarray]:
+        """Outputs ``{name: array}`` (fresh arrays) for input x of the plan's shape and dtype."""
+        import numba
+
+        from .kernels import fused
+
+        if x.shape != self.shape or x.dtype != self.dtype:
+            raise ValueError(f"plan is for {self.shape} {self.dtype}, got {x.shape} {x.dtype}")
+        n = self.shape[0]
+        nthreads = numba.get_num_threads()
+        if n < nthreads:
+            if self._batch_plan is None:
+                self._batch_plan = self._layer_major()
+            return self._batch_plan.run(x)
+        x = np.ascontiguousarray(x)
+        one = self.single
+        out = np.empty(max(one._out_size * n, 1), dtype=self.dtype)
+        with self._lock, blas_single_threaded():
+            if self._workers != nthreads:
+                self._buffers(nthreads)
+            self.sync[:] = 0
+            fused.run_program(one._segments[0][1], one._segments[0][2], self.arena, one.params, one.ints, x, out,
+                              nthreads, self.sync, self.shared, self.flags, self.layout)
+        return _output_views(out, one._outputs, n)
 
 
 def _aligned_empty(size, dtype, alignment=64):
@@ -688,7 +772,7 @@ def get_plan(weights, dtype, shape) -> Plan:
         plan = cache[key]
     else:
         try:
-            plan = Plan(weights.graph, weights.tensors, dtype, shape)
+            plan = _new_plan(weights, dtype, tuple(shape))
         except EngineUnsupported as exc:
             plan = exc
         cache[key] = plan
@@ -697,6 +781,15 @@ def get_plan(weights, dtype, shape) -> Plan:
     if isinstance(plan, EngineUnsupported):
         raise plan
     return plan
+
+
+def _new_plan(weights, dtype, shape):
+    """An :class:`ImagePlan` for a batch whose one-image plan allows it, else a :class:`Plan`."""
+    if shape[0] > 1:
+        single = get_plan(weights, dtype, (1,) + shape[1:])
+        if single.runs_images_alone:
+            return ImagePlan(single, shape, lambda: Plan(weights.graph, weights.tensors, dtype, shape))
+    return Plan(weights.graph, weights.tensors, dtype, shape)
 
 
 def run(weights, x: np.ndarray) -> dict[str, np.ndarray]:

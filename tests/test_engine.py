@@ -359,8 +359,8 @@ def test_same_bits_with_more_threads_than_cores(tmp_path):
     """Units of work are handed out by atomic counters (refghost.kernels.sync), so which thread
     computes what varies from run to run, the more so with more threads than cores (threads are
     descheduled mid-op). Five runs with NUMBA_NUM_THREADS=4 in a fresh process, batch 1 (the ghost
-    fusion, the three-phase squeeze-excite) and batch 3 (fewer images than threads): the same bits
-    every time, and the same bits as one thread here."""
+    fusion, the three-phase squeeze-excite) and batch 3 (fewer images than threads: op by op): the
+    same bits every time, and the same bits as one thread here (batch 3 image by image)."""
     import os
     import subprocess
     import sys
@@ -398,6 +398,44 @@ def test_same_bits_when_python_threads_run_the_engine_at_once():
     for got in runs:
         for name in want:
             np.testing.assert_array_equal(got[name], want[name])
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("config, shape", [
+    (Config(out_stages=tuple(range(10))), (3, 3, 64, 80)),
+    (Config(width=0.5, activation="LeakyReLU", out_stages=(2, 4, 9)), (4, 3, 97, 83)),
+    (Config(width=0.75, activation="ReLU6", out_stages=(9,)), (2, 3, 192, 160)),  # a fused ghost module
+], ids=["all-stages", "leaky-odd", "relu6-ghost"])
+def test_image_by_image_gives_the_bits_of_op_by_op(dtype, config, shape):
+    """A batch run image by image (engine.ImagePlan: whole images per thread through the one-image
+    program) and op by op (engine.Plan for the batch): the same bits, for 1 and 2 threads, and its
+    buffers are the workers' images', not the batch's."""
+    weights = random_weights(config, seed=11)
+    x = _rng(12).standard_normal(shape).astype(dtype)
+    want = engine.Plan(weights.graph, weights.tensors, dtype, shape).run(x)
+    plan = engine.get_plan(weights, dtype, shape)
+    assert isinstance(plan, engine.ImagePlan)
+    if shape[2] * shape[3] >= 4 * engine._GHOST_FUSE_MIN_PLANE:
+        assert (plan.single._segments[0][1][:, 0] == fused.OP_GHOST).any()
+    saved = numba.get_num_threads()
+    try:
+        for threads in (1, 2):
+            numba.set_num_threads(threads)
+            got = plan.run(x)
+            assert list(got) == list(want)
+            for name in want:
+                np.testing.assert_array_equal(got[name], want[name])
+            assert plan.arena.size <= threads * (plan.single.arena.size + 16)
+    finally:
+        numba.set_num_threads(saved)
+
+
+def test_batches_with_python_steps_run_op_by_op():
+    """Activations without a fused epilogue run from Python between program rows: such a plan is
+    not one program, so its batches run op by op."""
+    weights = random_weights(Config(width=0.5, activation="GELU", out_stages=(4,)), seed=2)
+    assert not engine.get_plan(weights, "float32", (1, 3, 32, 32)).runs_images_alone
+    assert type(engine.get_plan(weights, "float32", (2, 3, 32, 32))) is engine.Plan
 
 
 def test_plan_is_cached_per_dtype_and_shape_and_outputs_are_fresh_arrays():

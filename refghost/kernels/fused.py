@@ -39,7 +39,7 @@ import numpy as np
 from .blas import gemm
 from ._jit import jit, parallel_jit
 from .depthwise import _copy_in_any, _copy_in_s2, _geometry
-from .sync import claim, finish, wait_done
+from .sync import STRIDE, claim, finish, wait_done
 
 ACT_NONE = 0
 ACT_RELU = 1
@@ -776,10 +776,18 @@ def _view2(arena, off, r, c):
 
 
 @parallel_jit
-def run_program(prog, consts_all, arena, params, ints, x, out, nthreads, sync, shared, flags):
-    """Run a run of engine ops, one row of ``prog`` (T, :data:`PROGRAM_COLS`) int64 each, on
-    ``nthreads`` threads in one parallel region (:func:`_run_ops` on every thread; see
-    :mod:`.sync` for how they share the work).
+def run_program(prog, consts_all, arena, params, ints, x, out, nthreads, sync, shared, flags, images):
+    """Run a run of engine ops, one row of ``prog`` (T, :data:`PROGRAM_COLS`) int64 each, in one
+    parallel region, in one of two ways:
+
+    * **op by op** (``images[0] == 0``): all N images of ``x`` through each op in turn, the units
+      of every op shared by ``nthreads`` threads (:func:`_run_ops` on every thread; see :mod:`.sync`);
+    * **image by image** (``images[0] = W > 0``): W workers take whole images from a counter and
+      run each through all the ops alone (``nthreads`` = 1 in :func:`_run_ops`), each with its own
+      part of ``arena``, ``sync``, ``shared`` and ``flags``: ``images`` is (W, arena, sync, shared,
+      flags) lengths per worker; ``sync`` holds the image counter in its first ``sync.STRIDE``
+      elements, then the workers' parts. ``prog`` is then a plan for one image. The same units
+      with the same code, so the same bits as op by op.
 
     Every tensor buffer is a view into ``arena`` and every parameter array a view into ``params``
     (both 1-D, the compute dtype) at a fixed offset; GEMM task lists are views into ``ints``;
@@ -800,7 +808,8 @@ def run_program(prog, consts_all, arena, params, ints, x, out, nthreads, sync, s
       parallel 10.
     * OP_STEM: y buffer 1-3, w offset 4, M 5, 1+C*K*K 6, K 7, stride 8, padding 9, Ho 10, Wo 11,
       act 12, band rows 13, parallel 14.
-    * OP_OUTPUT: buffer 1-3, channels 4, offset in ``out`` 5.
+    * OP_OUTPUT: buffer 1-3, channels 4, offset per image in ``out`` 5: output k of image n is
+      ``out[N * offset + n * size : ...]`` (each output's N images contiguous).
     * OP_GHOST: columns 1-13 as OP_GEMM (the primary conv; its tasks are column tiles in pixel
       order), depthwise weights offset 14 (init, 9), bias offset 15, act 16, H 17, W 18, band
       rows 19 (see :func:`_ghost_chunk`), offset of its N*H row flags in ``flags`` 20.
@@ -810,8 +819,30 @@ def run_program(prog, consts_all, arena, params, ints, x, out, nthreads, sync, s
     same bits as running the ops one by one through those kernels (the stem has no single-op
     kernel: :func:`_stem_band`), for any thread count and any interleaving.
     """
-    for worker in numba.prange(nthreads):
-        _run_ops(prog, consts_all, arena, params, ints, x, out, nthreads, sync, shared, flags, worker)
+    workers = nthreads if images[0] == 0 else images[0]
+    for worker in numba.prange(workers):
+        if images[0] == 0:
+            _run_ops(prog, consts_all, arena, params, ints, x, out, nthreads, sync, shared, flags, 0, x.shape[0])
+        else:
+            _run_images(prog, consts_all, arena, params, ints, x, out, sync, shared, flags, images, worker)
+
+
+@jit
+def _run_images(prog, consts_all, arena, params, ints, x, out, sync, shared, flags, images, worker):
+    """Worker ``worker`` of the image-by-image mode of :func:`run_program`: takes images from the
+    counter in ``sync[0]`` and runs each alone through :func:`_run_ops` on its own buffers."""
+    a_len, s_len, sh_len, f_len = images[1], images[2], images[3], images[4]
+    my_arena = arena[worker * a_len: (worker + 1) * a_len]
+    my_sync = sync[STRIDE + worker * s_len: STRIDE + (worker + 1) * s_len]
+    my_shared = shared[worker * sh_len: (worker + 1) * sh_len]
+    my_flags = flags[worker * f_len: (worker + 1) * f_len]
+    n = claim(sync, 0)
+    while n < x.shape[0]:
+        my_sync[:] = 0
+        my_flags[:] = 0
+        _run_ops(prog, consts_all, my_arena, params, ints, x[n:n + 1], out, 1, my_sync, my_shared, my_flags, n,
+                 x.shape[0])
+        n = claim(sync, 0)
 
 
 #: Phases per op in ``sync`` (the most an op has: the squeeze-excite of a small batch).
@@ -822,10 +853,11 @@ _CHUNKS_PER_THREAD = 4
 
 
 @jit
-def _run_ops(prog, consts_all, arena, params, ints, x, out, nthreads, sync, shared, flags, worker):
-    """One thread's walk through the program (see :func:`run_program`). For each op phase the
-    thread claims units until none is left, then waits until all are done (:mod:`.sync`);
-    ``worker`` (this thread's index) changes nothing in what is computed."""
+def _run_ops(prog, consts_all, arena, params, ints, x, out, nthreads, sync, shared, flags, img0, nbatch):
+    """One thread's walk through the program (see :func:`run_program`) for images ``x`` (n, C, H, W),
+    images ``img0 .. img0 + n`` of a batch of ``nbatch`` (where the outputs go in ``out``). For
+    each op phase the thread claims units until none is left, then waits until all are done
+    (:mod:`.sync`)."""
     nimg = x.shape[0]
     for i in range(prog.shape[0]):
         r = prog[i]
@@ -916,7 +948,7 @@ def _run_ops(prog, consts_all, arena, params, ints, x, out, nthreads, sync, shar
         elif kind == OP_OUTPUT:
             if claim(sync, q) == 0:
                 b = _view3(arena, r[1], nimg, r[2], r[3])
-                c, p, o = r[4], r[3], r[5]
+                c, p, o = r[4], r[3], r[5] * nbatch + img0 * r[4] * r[3]
                 for n in range(nimg):
                     for ci in range(c):
                         src = b[n, 1 + ci]
