@@ -820,11 +820,13 @@ def run_program(prog, consts_all, arena, params, ints, x, out, nthreads, sync, s
     kernel: :func:`_stem_band`), for any thread count and any interleaving.
     """
     workers = nthreads if images[0] == 0 else images[0]
+    # (np.int64: a literal or unsigned argument would compile the big callees once more)
     for worker in numba.prange(workers):
         if images[0] == 0:
-            _run_ops(prog, consts_all, arena, params, ints, x, out, nthreads, sync, shared, flags, 0, x.shape[0])
+            _run_ops(prog, consts_all, arena, params, ints, x, out, nthreads, sync, shared, flags, np.int64(0),
+                     np.int64(x.shape[0]))
         else:
-            _run_images(prog, consts_all, arena, params, ints, x, out, sync, shared, flags, images, worker)
+            _run_images(prog, consts_all, arena, params, ints, x, out, sync, shared, flags, images, np.int64(worker))
 
 
 @jit
@@ -840,8 +842,8 @@ def _run_images(prog, consts_all, arena, params, ints, x, out, sync, shared, fla
     while n < x.shape[0]:
         my_sync[:] = 0
         my_flags[:] = 0
-        _run_ops(prog, consts_all, my_arena, params, ints, x[n:n + 1], out, 1, my_sync, my_shared, my_flags, n,
-                 x.shape[0])
+        _run_ops(prog, consts_all, my_arena, params, ints, x[n:n + 1], out, np.int64(1), my_sync, my_shared, my_flags,
+                 n, np.int64(x.shape[0]))
         n = claim(sync, 0)
 
 
