@@ -731,8 +731,9 @@ class ImagePlan:
         n = self.shape[0]
         nthreads = numba.get_num_threads()
         if n < nthreads:
-            if self._batch_plan is None:
-                self._batch_plan = self._layer_major()
+            with self._lock:
+                if self._batch_plan is None:
+                    self._batch_plan = self._layer_major()
             return self._batch_plan.run(x)
         x = np.ascontiguousarray(x)
         one = self.single
