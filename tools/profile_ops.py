@@ -6,9 +6,10 @@
 Every row of the engine's program (refghost/engine.py, refghost/kernels/fused.py) is run by itself
 ``--repeat`` times on the plan's own buffers (after one full forward pass, so they hold real
 activations), with Numba's threads and BLAS at one thread as in a real run; the best time of each
-row is printed, then the sum per op kind and the time of the whole program. An op timed alone
-finds its inputs and weights in cache, so the sum is lower than the whole program: the difference
-is roughly what the passes between ops cost in memory traffic.
+row is printed, then the sum per op kind and the time of the whole program, op by op (batches
+too, although ``refghost.run`` runs batches of at least the thread count image by image). An op
+timed alone finds its inputs and weights in cache, so the sum is lower than the whole program:
+the difference is roughly what the passes between ops cost in memory traffic.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ def best_time(plan, prog, consts, x, out, repeat):
         plan.flags[:] = 0
         t = time.perf_counter()
         fused.run_program(prog, consts, plan.arena, plan.params, plan.ints, x, out, numba.get_num_threads(),
-                          plan.sync, plan.shared, plan.flags)
+                          plan.sync, plan.shared, plan.flags, engine._OP_BY_OP)
         best = min(best, time.perf_counter() - t)
     return best
 
@@ -56,9 +57,9 @@ def main(argv=None):
 
     weights = refghost.load_weights(args.weights)
     x = np.random.default_rng(0).standard_normal((args.batch, 3, args.size, args.size)).astype(args.dtype)
-    plan = engine.get_plan(weights, x.dtype, x.shape)
+    plan = engine.Plan(weights.graph, weights.tensors, x.dtype, x.shape)  # op by op, whatever the batch
     plan.run(x)
-    out = np.empty(max(plan._out_size, 1), dtype=x.dtype)
+    out = np.empty(max(plan._out_size * args.batch, 1), dtype=x.dtype)  # _out_size is per image
     rows, whole = [], 0.0
     with engine.blas_single_threaded():
         for seg in plan._segments:
