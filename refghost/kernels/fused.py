@@ -799,7 +799,7 @@ def run_program(prog, consts_all, arena, params, ints, x, out, nthreads, sync, s
     :class:`refghost.engine.Plan`):
 
     * OP_GEMM: x buffer 1-3, y offset 4, y rows 5, w offset 6, M 7, K 8, y_row0 9, task offset 10,
-      tasks 11, act 12, parallel 13.
+      tasks 11 (each a unit), act 12, more than one task 13.
     * OP_DW / OP_DW_BLOCKED: src buffer 1-3, dst 4-6, res 7-9, s_row0 10, d_row0 11, r_row0 12,
       pre_row0 13, nch 14, H 15, W 16, Ho 17, Wo 18, weights offset and shape 19-21 (30: third
       dimension of the blocked weights), bias offset 22, K 23, stride 24, padding 25, act 26,
