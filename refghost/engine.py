@@ -642,13 +642,14 @@ class Plan:
         import numba
 
         from .kernels import fused
+        from .kernels._jit import one_launch_at_a_time
 
         if x.shape != self.shape or x.dtype != self.dtype:
             raise ValueError(f"plan is for {self.shape} {self.dtype}, got {x.shape} {x.dtype}")
         x = np.ascontiguousarray(x)
         nthreads = numba.get_num_threads()
         out = np.empty(max(self._out_size * self.shape[0], 1), dtype=self.dtype)
-        with self._lock, blas_single_threaded():
+        with self._lock, blas_single_threaded(), one_launch_at_a_time():
             self._result = {}
             for seg in self._segments:
                 if seg[0] == "program":
@@ -725,6 +726,7 @@ class ImagePlan:
         import numba
 
         from .kernels import fused
+        from .kernels._jit import one_launch_at_a_time
 
         if x.shape != self.shape or x.dtype != self.dtype:
             raise ValueError(f"plan is for {self.shape} {self.dtype}, got {x.shape} {x.dtype}")
@@ -738,7 +740,7 @@ class ImagePlan:
         x = np.ascontiguousarray(x)
         one = self.single
         out = np.empty(max(one._out_size * n, 1), dtype=self.dtype)
-        with self._lock, blas_single_threaded():
+        with self._lock, blas_single_threaded(), one_launch_at_a_time():
             if self._workers != nthreads:
                 self._buffers(nthreads)
             self.sync[:] = 0

@@ -438,6 +438,51 @@ def test_batches_with_python_steps_run_op_by_op():
     assert type(engine.get_plan(weights, "float32", (2, 3, 32, 32))) is engine.Plan
 
 
+_WORKQUEUE = """
+import sys
+from concurrent.futures import ThreadPoolExecutor
+import numba
+import numpy as np
+sys.path.insert(0, sys.argv[1])
+from conftest import random_weights
+import refghost
+from refghost.arch import Config
+from refghost.kernels.depthwise import depthwise_conv2d
+config = Config(width=0.5, out_stages=(4, 9))
+x = np.random.default_rng(9).standard_normal((2, 3, 96, 80)).astype(np.float32)
+xd = np.random.default_rng(3).standard_normal((2, 64, 40, 40)).astype(np.float32)
+wd = np.random.default_rng(4).standard_normal((64, 1, 3, 3)).astype(np.float32)
+want = refghost.run(x, random_weights(config, seed=3), impl="engine")
+want_dw = depthwise_conv2d(xd, wd, padding=1)
+assert numba.threading_layer() == "workqueue"
+weights = [random_weights(config, seed=3) for _ in range(2)]
+with ThreadPoolExecutor(4) as pool:
+    runs = list(pool.map(lambda w: refghost.run(x, w, impl="engine"), weights * 4))
+    dws = list(pool.map(lambda _: depthwise_conv2d(xd, wd, padding=1), range(8)))
+for got in runs:
+    for name in want:
+        assert np.array_equal(got[name], want[name]), name
+for got in dws:
+    assert np.array_equal(got, want_dw)
+"""
+
+
+def test_python_threads_at_once_with_the_workqueue_threading_layer():
+    """Numba's "workqueue" layer (its fallback without OpenMP or TBB) aborts the process when two
+    Python threads launch parallel code at once; refghost's launches then take a lock
+    (kernels._jit.one_launch_at_a_time). Engine runs and the depthwise kernel from four threads
+    at once, in a fresh process on that layer: no abort, the bits of a run alone."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = dict(os.environ, NUMBA_THREADING_LAYER="workqueue")
+    done = subprocess.run([sys.executable, "-c", _WORKQUEUE, str(Path(__file__).parent)], env=env,
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
 def test_plan_is_cached_per_dtype_and_shape_and_outputs_are_fresh_arrays():
     weights = random_weights(Config(width=0.5), seed=1)
     x = _rng(5).standard_normal((1, 3, 32, 32)).astype(np.float32)

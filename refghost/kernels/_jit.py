@@ -20,6 +20,9 @@ limit one of the two pools.
 
 from __future__ import annotations
 
+import contextlib
+import threading
+
 import numba
 
 #: Options shared by every kernel. fastmath must stay off: results are plain IEEE float ops.
@@ -65,3 +68,20 @@ def vectorize(signatures, **kwargs):
     options.pop("error_model", None)
     options.setdefault("target", "cpu")
     return numba.vectorize(signatures, **options)
+
+
+#: Held around parallel launches when Numba's threading layer is "workqueue" (see below).
+_WORKQUEUE_LOCK = threading.Lock()
+
+
+def one_launch_at_a_time():
+    """Context for a call of a :func:`parallel_jit` kernel: a process-wide lock when Numba's
+    threading layer is "workqueue", which is not thread-safe (two parallel launches from two
+    Python threads at once abort the process; Numba falls back to it without OpenMP or TBB), and
+    nothing with "omp" or "tbb". Before the first parallel launch the layer is not chosen yet, so
+    that launch is locked too."""
+    try:
+        layer = numba.threading_layer()
+    except ValueError:
+        return _WORKQUEUE_LOCK
+    return _WORKQUEUE_LOCK if layer == "workqueue" else contextlib.nullcontext()

@@ -26,7 +26,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from ._jit import jit, parallel_jit
+from ._jit import jit, one_launch_at_a_time, parallel_jit
 
 #: Accumulator block length (elements). 1024 float64 = 8 KiB, well inside L1 with the sources.
 _BLOCK = 1024
@@ -255,7 +255,8 @@ def depthwise_conv2d(x, w, b=None, *, stride=1, padding=0):
         ys = y.reshape(n * c, ho, wo)
         nchunks = min(n * c, numba.get_num_threads())
         if nchunks > 1 and y.size * k * k >= _PARALLEL_MIN_MACS:
-            _planes_parallel(xs, ws, bs, b is not None, stride, padding, ys, nchunks)
+            with one_launch_at_a_time():
+                _planes_parallel(xs, ws, bs, b is not None, stride, padding, ys, nchunks)
         else:  # tiny problem or one thread: skip the parallel-region launch
             _planes(xs, ws, bs, b is not None, stride, padding, ys, 0, n * c)
     return y
