@@ -120,6 +120,17 @@ def _summary_line(name: str, a: np.ndarray) -> str:
             f"mean {a.mean():+.4g}")
 
 
+def _engine_compiles(args) -> bool:
+    """Whether this run will compile the engine's program (no intermediates, engine path, Numba's
+    on-disk cache without it): the one wait of about half a minute worth announcing."""
+    if args.intermediates or args.impl not in ("fast", "engine"):
+        return False
+    from .kernels import fused
+    from .kernels._jit import compiled_on_disk
+
+    return compiled_on_disk(fused.run_program) is False
+
+
 def cmd_run(args) -> int:
     from .runner import run
     from .weights import load_weights
@@ -128,6 +139,10 @@ def cmd_run(args) -> int:
     weights = load_weights(args.weights)
     image = _load_input(args.image)
     t1 = time.perf_counter()
+    compiles = _engine_compiles(args)
+    if compiles:
+        print("compiling the kernels for this machine: about half a minute, the first time only "
+              "(Numba caches them)", file=sys.stderr, flush=True)
     out = run(image, weights, dtype=args.dtype, intermediates=args.intermediates, impl=args.impl)
     t2 = time.perf_counter()
     cfg = weights.config
@@ -138,7 +153,7 @@ def cmd_run(args) -> int:
     print(f"input    {args.image}")
     outputs = weights.graph.outputs
     print(f"outputs  ({args.dtype}, {args.impl}; {len(out)} tensors; load {1e3 * (t1 - t0):.0f} ms, first forward "
-          f"{1e3 * (t2 - t1):.0f} ms including loading compiled kernels)")
+          f"{1e3 * (t2 - t1):.0f} ms including {'compiling' if compiles else 'loading compiled'} kernels)")
     for name in outputs:
         print(_summary_line(name, out[name]))
     if args.intermediates:

@@ -20,6 +20,36 @@ def test_run_with_no_arguments_uses_shipped_weights_and_image(capsys):
         assert line in out
 
 
+@pytest.mark.parametrize("on_disk", [True, False, None])
+def test_run_says_when_it_compiles_the_kernels(monkeypatch, capsys, on_disk):
+    """A run whose engine program is not in Numba's on-disk cache announces the half-minute wait
+    on stderr before it starts, and says "compiling" in its timing line (the cache state is
+    faked here: compiling for real takes that half minute)."""
+    from refghost.kernels import _jit
+
+    monkeypatch.setattr(_jit, "compiled_on_disk", lambda dispatcher: on_disk)
+    assert main(["run"]) == 0
+    captured = capsys.readouterr()
+    assert ("compiling the kernels for this machine" in captured.err) is (on_disk is False)
+    assert ("including compiling kernels" in captured.out) is (on_disk is False)
+    assert ("including loading compiled kernels" in captured.out) is (on_disk is not False)
+
+
+def test_compiled_on_disk_tells_a_cached_kernel_from_a_new_one(tmp_path, monkeypatch):
+    import importlib
+
+    from refghost.kernels._jit import compiled_on_disk
+
+    (tmp_path / "fresh_kernel_module.py").write_text(
+        "import numba\n\n@numba.njit(cache=True)\ndef twice(x):\n    return 2 * x\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    module = importlib.import_module("fresh_kernel_module")
+    assert compiled_on_disk(module.twice) is False
+    assert module.twice(21) == 42
+    assert compiled_on_disk(module.twice) is True
+    assert compiled_on_disk(len) is None
+
+
 def test_run_npy_float64_intermediates_to_npz(tmp_path, weights_file, capsys):
     x = np.random.default_rng(0).standard_normal((2, 3, 33, 47)).astype(np.float32)
     np.save(tmp_path / "x.npy", x)

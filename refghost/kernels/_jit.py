@@ -85,3 +85,14 @@ def one_launch_at_a_time():
     except ValueError:
         return _WORKQUEUE_LOCK
     return _WORKQUEUE_LOCK if layer == "workqueue" else contextlib.nullcontext()
+
+
+def compiled_on_disk(dispatcher):
+    """Whether Numba's on-disk cache holds compiled code of ``dispatcher`` (a ``cache=True``
+    kernel) for its current source: True, False, or None when that cannot be told. A hint only
+    (it reads Numba's cache index through Numba internals): False means that the next call
+    compiles."""
+    try:
+        return bool(dispatcher._cache._cache_file._load_index())
+    except Exception:  # another Numba version, no cache: cannot tell
+        return None
