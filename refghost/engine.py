@@ -644,8 +644,7 @@ class Plan:
         from .kernels import fused
         from .kernels._jit import one_launch_at_a_time
 
-        if x.shape != self.shape or x.dtype != self.dtype:
-            raise ValueError(f"plan is for {self.shape} {self.dtype}, got {x.shape} {x.dtype}")
+        _check_input(self, x)
         x = np.ascontiguousarray(x)
         nthreads = numba.get_num_threads()
         out = np.empty(max(self._out_size * self.shape[0], 1), dtype=self.dtype)
@@ -671,6 +670,11 @@ class Plan:
         """True when the plan is one compiled program for one image (no Python steps between its
         rows): :class:`ImagePlan` can run a batch through it image by image."""
         return self.shape[0] == 1 and [seg[0] for seg in self._segments] == ["program"]
+
+
+def _check_input(plan, x):
+    if x.shape != plan.shape or x.dtype != plan.dtype:
+        raise ValueError(f"plan is for {plan.shape} {plan.dtype}, got {x.shape} {x.dtype}")
 
 
 #: ``images`` argument of fused.run_program for the op-by-op mode.
@@ -728,8 +732,7 @@ class ImagePlan:
         from .kernels import fused
         from .kernels._jit import one_launch_at_a_time
 
-        if x.shape != self.shape or x.dtype != self.dtype:
-            raise ValueError(f"plan is for {self.shape} {self.dtype}, got {x.shape} {x.dtype}")
+        _check_input(self, x)
         n = self.shape[0]
         nthreads = numba.get_num_threads()
         if n < nthreads:
