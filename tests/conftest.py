@@ -1,5 +1,6 @@
 """Shared fixtures: random but well-scaled weights for any config, written to temporary files."""
 
+import contextlib
 import os
 
 import pytest
@@ -17,6 +18,19 @@ def random_tensors(config: Config, seed: int = 0) -> dict:
 
 def random_weights(config: Config = Config(), seed: int = 0):
     return from_tensors(random_tensors(config, seed), config)
+
+
+@contextlib.contextmanager
+def numba_threads(n: int):
+    """Numba's thread count set to ``n`` inside the block, and restored after it."""
+    import numba
+
+    saved = numba.get_num_threads()
+    numba.set_num_threads(n)
+    try:
+        yield
+    finally:
+        numba.set_num_threads(saved)
 
 
 @pytest.fixture(scope="session")

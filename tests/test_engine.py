@@ -14,7 +14,7 @@ Every tolerance is derived, none picked:
 import numba
 import numpy as np
 import pytest
-from conftest import random_weights
+from conftest import numba_threads, random_weights
 
 import refghost
 from refghost import engine, ops
@@ -300,15 +300,11 @@ def test_fused_ghost_module_gives_the_bits_of_the_two_ops(monkeypatch, dtype, co
     plan = engine.Plan(weights.graph, weights.tensors, dtype, shape)
     rows = np.concatenate([seg[1] for seg in plan._segments if seg[0] == "program"])
     assert (rows[:, 0] == fused.OP_GHOST).any()
-    saved = numba.get_num_threads()
-    try:
-        for threads in sorted({1, 2, numba.config.NUMBA_NUM_THREADS}):
-            numba.set_num_threads(threads)
+    for threads in sorted({1, 2, numba.config.NUMBA_NUM_THREADS}):
+        with numba_threads(threads):
             got = plan.run(x)
-            for name in want:
-                np.testing.assert_array_equal(got[name], want[name])
-    finally:
-        numba.set_num_threads(saved)
+        for name in want:
+            np.testing.assert_array_equal(got[name], want[name])
 
 
 # --- determinism, caching, dispatch ------------------------------------------------------------
@@ -319,18 +315,27 @@ def test_same_bits_for_any_thread_count_and_every_run():
     # batch 2 (images over threads) and batch 1 (channels, planes and tiles over threads)
     for shape in [(2, 3, 64, 80), (1, 3, 96, 96)]:
         x = _rng(4).standard_normal(shape).astype(np.float32)
-        saved = numba.get_num_threads()
         runs = []
-        try:
-            for threads in sorted({1, 2, numba.config.NUMBA_NUM_THREADS}):
-                numba.set_num_threads(threads)
+        for threads in sorted({1, 2, numba.config.NUMBA_NUM_THREADS}):
+            with numba_threads(threads):
                 runs.append(refghost.run(x, weights, impl="engine"))
                 runs.append(refghost.run(x, weights, impl="engine"))
-        finally:
-            numba.set_num_threads(saved)
         for other in runs[1:]:
             for name in runs[0]:
                 np.testing.assert_array_equal(runs[0][name], other[name])
+
+
+def _run_fresh_python(script, *args, **env):
+    """Run ``script`` in a fresh Python process with ``env`` added to the environment and the tests
+    folder as its first argument (its other arguments: ``args``); fail with its stderr if it fails."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    done = subprocess.run([sys.executable, "-c", script, str(Path(__file__).parent), *map(str, args)],
+                          env=dict(os.environ, **env), capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
 
 
 _OVERSUBSCRIBED = """
@@ -361,26 +366,16 @@ def test_same_bits_with_more_threads_than_cores(tmp_path):
     descheduled mid-op). Five runs with NUMBA_NUM_THREADS=4 in a fresh process, batch 1 (the ghost
     fusion, the three-phase squeeze-excite) and batch 3 (fewer images than threads: op by op): the
     same bits every time, and the same bits as one thread here (batch 3 image by image)."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
     out = tmp_path / "runs.npz"
-    env = dict(os.environ, NUMBA_NUM_THREADS="4")
-    subprocess.run([sys.executable, "-c", _OVERSUBSCRIBED, str(Path(__file__).parent), str(out)], env=env,
-                   check=True)
+    _run_fresh_python(_OVERSUBSCRIBED, out, NUMBA_NUM_THREADS="4")
     got = np.load(out)
     weights = random_weights(Config(width=0.75, out_stages=tuple(range(10))), seed=8)
-    saved = numba.get_num_threads()
-    try:
-        numba.set_num_threads(1)
-        for shape in [(1, 3, 192, 160), (3, 3, 64, 80)]:
-            x = _rng(4).standard_normal(shape).astype(np.float32)
-            for name, y in refghost.run(x, weights, impl="engine").items():
-                np.testing.assert_array_equal(got[f"{shape[0]}/{name}"], y)
-    finally:
-        numba.set_num_threads(saved)
+    for shape in [(1, 3, 192, 160), (3, 3, 64, 80)]:
+        x = _rng(4).standard_normal(shape).astype(np.float32)
+        with numba_threads(1):
+            one_thread = refghost.run(x, weights, impl="engine")
+        for name, y in one_thread.items():
+            np.testing.assert_array_equal(got[f"{shape[0]}/{name}"], y)
 
 
 def test_same_bits_when_python_threads_run_the_engine_at_once():
@@ -417,17 +412,13 @@ def test_image_by_image_gives_the_bits_of_op_by_op(dtype, config, shape):
     assert isinstance(plan, engine.ImagePlan)
     if shape[2] * shape[3] >= 4 * engine._GHOST_FUSE_MIN_PLANE:
         assert (plan.single._segments[0][1][:, 0] == fused.OP_GHOST).any()
-    saved = numba.get_num_threads()
-    try:
-        for threads in (1, 2):
-            numba.set_num_threads(threads)
+    for threads in (1, 2):
+        with numba_threads(threads):
             got = plan.run(x)
-            assert list(got) == list(want)
-            for name in want:
-                np.testing.assert_array_equal(got[name], want[name])
-            assert plan.arena.size <= threads * (plan.single.arena.size + 16)
-    finally:
-        numba.set_num_threads(saved)
+        assert list(got) == list(want)
+        for name in want:
+            np.testing.assert_array_equal(got[name], want[name])
+        assert plan.arena.size <= threads * (plan.single.arena.size + 16)
 
 
 def test_batches_with_python_steps_run_op_by_op():
@@ -472,15 +463,7 @@ def test_python_threads_at_once_with_the_workqueue_threading_layer():
     Python threads launch parallel code at once; refghost's launches then take a lock
     (kernels._jit.one_launch_at_a_time). Engine runs and the depthwise kernel from four threads
     at once, in a fresh process on that layer: no abort, the bits of a run alone."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    env = dict(os.environ, NUMBA_THREADING_LAYER="workqueue")
-    done = subprocess.run([sys.executable, "-c", _WORKQUEUE, str(Path(__file__).parent)], env=env,
-                          capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-2000:]
+    _run_fresh_python(_WORKQUEUE, NUMBA_THREADING_LAYER="workqueue")
 
 
 def test_plan_is_cached_per_dtype_and_shape_and_outputs_are_fresh_arrays():

@@ -3,7 +3,7 @@
 import numba
 import numpy as np
 import pytest
-from conftest import random_weights
+from conftest import numba_threads, random_weights
 
 from refghost.arch import Config
 from refghost.bounds import FLOAT64_U, error_bounds
@@ -42,16 +42,11 @@ def test_same_bits_whatever_the_thread_count(gelu_weights, x):
     params = gelu_weights.params("float32")
     xd = x.astype(np.float32)
     runs = []
-    saved = numba.get_num_threads()
-    try:
-        for threads in sorted({1, numba.config.NUMBA_NUM_THREADS}):
-            numba.set_num_threads(threads)
-            with single_threaded_blas():
-                runs.append(execute(gelu_weights.graph, params, xd, intermediates=True))
-        with single_threaded_blas():
+    for threads in sorted({1, numba.config.NUMBA_NUM_THREADS}):
+        with numba_threads(threads), single_threaded_blas():
             runs.append(execute(gelu_weights.graph, params, xd, intermediates=True))
-    finally:
-        numba.set_num_threads(saved)
+    with single_threaded_blas():
+        runs.append(execute(gelu_weights.graph, params, xd, intermediates=True))
     for other in runs[1:]:
         for name in runs[0]:
             assert np.array_equal(runs[0][name], other[name]), name

@@ -8,6 +8,7 @@ import numba
 import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
+from conftest import numba_threads
 
 from refghost import ops
 from refghost.kernels.depthwise import depthwise_conv2d
@@ -220,14 +221,10 @@ def test_depthwise_rejects_bad_arguments():
 def test_depthwise_deterministic_across_thread_counts(k, stride, dtype):
     rng = np.random.default_rng(11)
     x, w, b = _random_case(rng, 2, 7, 40, 37, k, dtype, True)
-    before = numba.get_num_threads()
-    try:
-        numba.set_num_threads(1)
+    with numba_threads(1):
         one = depthwise_conv2d(x, w, b, stride=stride, padding=k // 2)
-        numba.set_num_threads(2)
+    with numba_threads(2):
         two = depthwise_conv2d(x, w, b, stride=stride, padding=k // 2)
-    finally:
-        numba.set_num_threads(before)
     assert one.tobytes() == two.tobytes()
 
 
