@@ -23,7 +23,8 @@ pessimistic in practice: an honest float32 backend typically uses a small fracti
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
+from typing import NamedTuple
 
 import numpy as np
 
@@ -39,6 +40,89 @@ UNIT_ROUNDOFF = {"float64": FLOAT64_U, "float32": FLOAT32_U, "float16": 2.0 ** -
 #: to this much in absolute terms, not by u relatively (Higham, ch. 2.1). It matters mostly for
 #: float16, whose subnormals start at 6.1e-5.
 UNDERFLOW = {"float64": 2.0 ** -1075, "float32": 2.0 ** -150, "float16": 2.0 ** -25, "bfloat16": 2.0 ** -134}
+
+
+@dataclass(frozen=True)
+class Policy:
+    """How an honest backend rounds: the arithmetic, the stored weights, the stored tensors.
+
+    ``arithmetic`` is the format every operation (product, partial sum, activation) is rounded
+    to; ``weights`` the format the weights and biases are stored in (rounded once, then used
+    exactly: pnnx's fp16 ``.bin`` with float32 arithmetic); ``activations`` the format every
+    tensor is stored in between layers (rounded once more after each layer: ncnn's fp16 storage,
+    OpenVINO's bf16 inference precision with float32 accumulation). Each is a key of
+    :data:`UNIT_ROUNDOFF`.
+    """
+
+    name: str
+    arithmetic: str
+    weights: str
+    activations: str
+    description: str
+
+    @property
+    def u(self) -> float:
+        """Unit roundoff of the arithmetic."""
+        return UNIT_ROUNDOFF[self.arithmetic]
+
+    @property
+    def u_weights(self) -> float:
+        """Relative error of a stored weight beyond float32's (0 when weights are float32)."""
+        return 0.0 if self.weights == "float32" else UNIT_ROUNDOFF[self.weights]
+
+    @property
+    def u_activations(self) -> float:
+        """Relative error of storing a tensor beyond the arithmetic's own rounding (0 when equal)."""
+        narrower = UNIT_ROUNDOFF[self.activations] > UNIT_ROUNDOFF[self.arithmetic]
+        return UNIT_ROUNDOFF[self.activations] if narrower else 0.0
+
+    @property
+    def eta(self) -> float:
+        """Underflow allowance: half the smallest subnormal of the narrowest format in play."""
+        return max(UNDERFLOW[f] for f in (self.arithmetic, self.weights, self.activations))
+
+
+#: The precision policies ``refghost compare --policy`` knows, from the tightest to the loosest.
+#: Every one is an honest way to run a float32 model; the names say what is rounded to what.
+POLICIES = {p.name: p for p in (
+    Policy("float32", "float32", "float32", "float32", "float32 arithmetic and storage"),
+    Policy("float16-weights", "float32", "float16", "float32",
+           "weights stored in float16, float32 arithmetic (pnnx's default .bin)"),
+    Policy("float16-storage", "float32", "float16", "float16",
+           "weights and tensors stored in float16, float32 arithmetic (ncnn's fp16 storage)"),
+    Policy("bfloat16-storage", "float32", "bfloat16", "bfloat16",
+           "weights and tensors stored in bfloat16, float32 accumulation (OpenVINO's bf16 inference precision)"),
+    Policy("float16", "float16", "float16", "float16", "float16 arithmetic and storage"),
+    Policy("bfloat16", "bfloat16", "bfloat16", "bfloat16", "bfloat16 arithmetic and storage"),
+)}
+
+
+def as_policy(policy) -> Policy:
+    """The :class:`Policy` named ``policy`` (or ``policy`` itself)."""
+    if isinstance(policy, Policy):
+        return policy
+    if policy not in POLICIES:
+        raise ValueError(f"policy must be one of {tuple(POLICIES)}, got {policy!r}")
+    return POLICIES[policy]
+
+
+class _Roundoff(NamedTuple):
+    """What the error rules need of a policy: ``u`` of the arithmetic, ``uw`` of the stored
+    weights and ``us`` of the stored tensors (0 where as wide as float32 / the arithmetic)."""
+
+    u: float
+    uw: float = 0.0
+    us: float = 0.0
+
+
+def _roundoff(policy, u: float, oracle_u: float = 0.0) -> _Roundoff:
+    """``policy`` (a name or a Policy) when given, else float arithmetic at ``u``; the arithmetic's
+    roundoff raised by ``oracle_u`` (the float64 reference's own rounding, same rules)."""
+    if policy is None:
+        return _Roundoff(u + oracle_u)
+    pol = as_policy(policy)
+    return _Roundoff(pol.u + oracle_u, pol.u_weights, pol.u_activations)
+
 
 def _sigmoid(x):
     return 0.5 * (1.0 + np.tanh(0.5 * x))
@@ -81,13 +165,19 @@ def gamma(n, u):
 
 
 MODELS = ("worst", "probabilistic")
+#: Version of the error rules. A golden file records the version its stored bounds were computed
+#: with; ``refghost compare`` recomputes the bounds of a golden from another version.
+#: 2: correlated errors across the positions of a channel (spatial kernels, global pool), storage
+#: formats of weights and tensors, every form of the hard-sigmoid.
+BOUND_MODEL = 2
 #: Default lambda of the probabilistic model: a bound of lambda standard deviations fails with
 #: probability about exp(-lambda^2/2) per element (1e-14 at lambda = 8).
 DEFAULT_LAMBDA = 8.0
 
 
 def error_bounds(graph: Graph, params: dict[str, np.ndarray], x: np.ndarray, *, u: float = FLOAT32_U,
-                 model: str = "probabilistic", lam: float = DEFAULT_LAMBDA, isolated_from=None, extra=None):
+                 model: str = "probabilistic", lam: float = DEFAULT_LAMBDA, isolated_from=None, extra=None,
+                 policy=None):
     """Oracle values and elementwise error bounds of every node.
 
     Parameters
@@ -95,11 +185,18 @@ def error_bounds(graph: Graph, params: dict[str, np.ndarray], x: np.ndarray, *, 
     graph : the network
     params : state_dict arrays in float64 (the values the backend also uses, upcast exactly)
     x : (N, 3, H, W) float64, the input (exactly representable in the backend's precision)
-    u : unit roundoff of the backend's arithmetic (float32 2^-24, float16 2^-11, bfloat16 2^-8)
+    u : unit roundoff of the backend's arithmetic (float32 2^-24, float16 2^-11, bfloat16 2^-8),
+        every tensor and weight stored as wide; ignored when ``policy`` is given
+    policy : optional :class:`Policy` or name in :data:`POLICIES`: the arithmetic and the storage
+        formats of weights and tensors (overrides ``u``)
     model : ``"worst"``: rigorous for any summation order, but compounding through depth makes it
         vacuous after a few layers, so use it for one layer at a time (``isolated_from``).
-        ``"probabilistic"``: rounding errors as independent, zero-mean, ``|delta| <= u``;
-        variances propagate (squared coefficients), the bound is ``lam`` standard deviations.
+        ``"probabilistic"``: rounding errors as zero-mean, ``|delta| <= u``, independent from one
+        rounding to the next *except* that the errors of the positions of one channel may be
+        correlated in any way (a rounded weight or BN coefficient gives every position the same
+        relative error): variances propagate through sums over channels, standard deviations
+        (Minkowski) through sums over positions (spatial kernels, the global pool); the bound is
+        ``lam`` standard deviations.
     isolated_from : optional ``{node name: array}`` of a candidate's own tensors. When given,
         every node is evaluated on the candidate's inputs to that node (not the oracle's), and
         its bound covers that node's own rounding only: the isolated check.
@@ -115,19 +212,21 @@ def error_bounds(graph: Graph, params: dict[str, np.ndarray], x: np.ndarray, *, 
     if model not in MODELS:
         raise ValueError(f"model must be one of {MODELS}, got {model!r}")
     worst = model == "worst"
+    r = _roundoff(policy, u)
     values = {"input": x}
     state = {"input": np.zeros_like(x)}  # worst: error bound; probabilistic: error variance
     bounds = {}
     for node in graph.nodes:
         if isolated_from is not None:
             ins = [x if s == "input" else np.asarray(isolated_from[s], dtype=np.float64) for s in node.inputs]
-            values[node.name], bounds[node.name] = node_bound(node, ins, params, u=u, model=model, lam=lam)
+            values[node.name], bounds[node.name] = node_bound(node, ins, params, u=u, model=model, lam=lam,
+                                                              policy=policy)
             continue
         ins = [values[s] for s in node.inputs]
         y = evaluate(node, ins, params)
         p = {role: params[key] for role, key in node.params.items()}
         values[node.name] = y
-        state[node.name] = _node_error(node, ins, [state[s] for s in node.inputs], y, p, u, worst, lam)
+        state[node.name] = _node_error(node, ins, [state[s] for s in node.inputs], y, p, r, worst, lam)
         added = extra(node, ins, p) if extra is not None else None
         if added is not None:
             state[node.name] = state[node.name] + added
@@ -137,21 +236,23 @@ def error_bounds(graph: Graph, params: dict[str, np.ndarray], x: np.ndarray, *, 
 
 
 def node_bound(node, inputs, params, *, u: float = FLOAT32_U, model: str = "worst", lam: float = DEFAULT_LAMBDA,
-               eta: float = 0.0):
+               eta: float = 0.0, policy=None):
     """The float64 value of one node and the bound on its own rounding, its inputs taken as exact.
 
     ``inputs`` are the node's input arrays (converted to float64 here), ``params`` maps the
     node's state_dict keys to float64 arrays. Returns ``(value, bound)``, both float64 arrays of
-    the output's shape: an honest implementation with unit roundoff ``u`` computes this node
-    from these inputs within ``bound`` of ``value``, elementwise.
+    the output's shape: an honest implementation with unit roundoff ``u`` (or the formats of
+    ``policy``) computes this node from these inputs within ``bound`` of ``value``, elementwise.
     """
     if model not in MODELS:
         raise ValueError(f"model must be one of {MODELS}, got {model!r}")
-    u += FLOAT64_U  # the float64 reference value is itself rounded: same rules, u = 2^-53
+    r = _roundoff(policy, u, FLOAT64_U)  # the float64 reference value is itself rounded: same rules, u = 2^-53
     ins = [np.asarray(a, dtype=np.float64) for a in inputs]
     y = evaluate(node, ins, params)
     p = {role: params[key] for role, key in node.params.items()}
-    state = _node_error(node, ins, [np.zeros_like(a) for a in ins], y, p, u, model == "worst", lam)
+    # An exposed tensor may be the unrounded one while the node reads it rounded to the storage format.
+    read = [r.us * np.abs(a) if model == "worst" else (r.us * a) ** 2 for a in ins]
+    state = _node_error(node, ins, read, y, p, r, model == "worst", lam)
     if model == "worst":
         return y, state + _roundings(node, p) * eta
     return y, lam * np.sqrt(state + _roundings(node, p) * eta * eta)
@@ -160,19 +261,31 @@ def node_bound(node, inputs, params, *, u: float = FLOAT32_U, model: str = "wors
 def _roundings(node, p) -> int:
     """A count k of roundings per output element of ``node``, for the underflow term ``k*eta``:
     a dot product's products and partial sums (``2n + 1``), BN's few operations (8), an
-    activation's exp/erf (within 4 ulp = 8 eta, times a slope up to 1.76) and arithmetic (24)."""
+    activation's exp/erf (within 4 ulp = 8 eta, times a slope up to 1.76) and arithmetic (24);
+    one more for storing the output."""
     if node.op == "conv":
-        return 2 * (p["weight"][0].size + ("bias" in p)) + 1
+        return 2 * (p["weight"][0].size + ("bias" in p)) + 2
     if node.op == "linear":
-        return 2 * (p["weight"].shape[1] + 1) + 1
-    return {"concat": 0, "add": 1, "scale": 1, "hard_sigmoid": 2, "global_avg_pool": 2, "batch_norm": 8,
-            "act": 24}[node.op]
+        return 2 * (p["weight"].shape[1] + 1) + 2
+    return 1 + {"concat": 0, "add": 1, "scale": 1, "hard_sigmoid": 3, "global_avg_pool": 2, "batch_norm": 8,
+                "act": 24}[node.op]
 
 
-def _node_error(node, ins, errs, y, p, u, worst, lam):
+#: Relative rounding of the hard-sigmoid gate, per term: an honest backend may compute
+#: ``relu6(x + 3) / 6`` (add, divide), ``x * fl(1/6) + 0.5`` (the constant's rounding, multiply,
+#: add; or one FMA), ``(x + 3) * fl(1/6)`` (add, constant, multiply), or ONNX's
+#: ``HardSigmoid(alpha=fl(1/6), beta=0.5)``; the clip is exact. Every form is within
+#: ``u * (HARD_SIGMOID_SLOPE_ROUNDINGS * (|x| + 3) / 6 + |y|)``: two roundings on the affine part
+#: (``x * fl(1/6)`` then the add, or ``x + 3`` then ``fl(1/6)``), one on the result.
+HARD_SIGMOID_SLOPE_ROUNDINGS = 2
+
+
+def _node_error(node, ins, errs, y, p, r: _Roundoff, worst, lam):
     """One node's error state from its inputs' (bound if ``worst``, else variance)."""
     x, e = ins[0], errs[0]
     op = node.op
+    u, uw, us = r
+    stored = us * np.abs(y) if worst else (us * y) ** 2  # the output rounded to the storage format
     if op == "conv":
         key = node.params["weight"]
         coeff = np.abs(p["weight"]) if worst else p["weight"] ** 2
@@ -187,22 +300,26 @@ def _node_error(node, ins, errs, y, p, u, worst, lam):
             magnitude += (np.abs(p["bias"]) if worst else p["bias"] ** 2)[None, :, None, None]
             n += 1
         carried = apply(e) if e.any() else 0.0
-        return carried + (gamma(n, u) * magnitude if worst else n * u * u * magnitude)
+        if worst:
+            return carried + (gamma(n, u) + uw) * magnitude + stored
+        return carried + (n * u * u + uw * uw) * magnitude + stored
     if op == "linear":
         flat_x, flat_e = x.reshape(x.shape[0], -1), e.reshape(e.shape[0], -1)
         w, b = p["weight"], p["bias"]
         n = w.shape[1] + 1
         if worst:
-            return flat_e @ np.abs(w).T + gamma(n, u) * ((np.abs(flat_x) + flat_e) @ np.abs(w).T + np.abs(b))
-        return flat_e @ (w ** 2).T + n * u * u * (flat_x ** 2 @ (w ** 2).T + b ** 2)
+            return (flat_e @ np.abs(w).T + (gamma(n, u) + uw) * ((np.abs(flat_x) + flat_e) @ np.abs(w).T + np.abs(b))
+                    + stored)
+        return flat_e @ (w ** 2).T + (n * u * u + uw * uw) * (flat_x ** 2 @ (w ** 2).T + b ** 2) + stored
     if op == "batch_norm":
         alpha, _ = ops.batch_norm_coefficients(p["weight"], p["bias"], p["running_mean"], p["running_var"],
                                                eps=node.attrs.get("eps", ops.BN_EPS))
         a = np.abs(alpha)[None, :, None, None]
         const = (np.abs(p["bias"]) + np.abs(p["running_mean"] * alpha))[None, :, None, None]
+        # 7 roundings of the arithmetic, and alpha and beta stored once (folded or not)
         if worst:
-            return a * e + 7 * u * (a * (np.abs(x) + e) + const)
-        return a * a * e + 7 * (u * (a * np.abs(x) + const)) ** 2
+            return a * e + (7 * u + uw) * (a * (np.abs(x) + e) + const) + stored
+        return a * a * e + (7 * u * u + uw * uw) * (a * np.abs(x) + const) ** 2 + stored
     if op == "act":
         name = node.attrs["activation"]
         slope_fn, lip, c_x, c_y, c_abs = ACTIVATION_ERROR[name]
@@ -210,80 +327,86 @@ def _node_error(node, ins, errs, y, p, u, worst, lam):
             slope = ops.LEAKY_RELU_SLOPE if name == "LeakyReLU" else float(p["weight"].reshape(()))
             lip = max(1.0, abs(slope))
             slope_fn = lambda t: np.where(t > 0, 1.0, abs(slope))  # noqa: E731
-        own = u * (c_x * np.abs(x) + c_y * np.abs(y) + c_abs)
+        c_w = 1.0 if name == "PReLU" else 0.0  # PReLU's slope is a stored weight
+        own = u * (c_x * np.abs(x) + c_y * np.abs(y) + c_abs) + c_w * uw * np.abs(y)
         if worst:
-            return lip * e + own
+            return lip * e + own + stored
         # First order: the local slope, its largest over x -/+ lam*sigma (an error may cross a kink).
         reach = lam * np.sqrt(e)
         local = np.maximum(np.abs(slope_fn(x)), np.maximum(np.abs(slope_fn(x - reach)), np.abs(slope_fn(x + reach))))
-        return local * local * e + own ** 2
+        return local * local * e + own ** 2 + stored
     if op == "concat":
         return np.concatenate(errs, axis=1)
     if op == "add":
         if worst:
-            return errs[0] + errs[1] + u * (np.abs(y) + errs[0] + errs[1])
-        return errs[0] + errs[1] + (u * y) ** 2
+            return errs[0] + errs[1] + u * (np.abs(y) + errs[0] + errs[1]) + stored
+        return errs[0] + errs[1] + (u * y) ** 2 + stored
     if op == "global_avg_pool":
         m = x.shape[2] * x.shape[3]
         if worst:
-            return ops.global_avg_pool(e) + (gamma(m, u) + u) * ops.global_avg_pool(np.abs(x) + e)
-        # sum of m terms: variance <= m u^2 sum(x^2); divided by m^2; then the divide's rounding
-        return ops.global_avg_pool(e) / m + u * u * (ops.global_avg_pool(x ** 2) + y ** 2)
+            return ops.global_avg_pool(e) + (gamma(m, u) + u) * ops.global_avg_pool(np.abs(x) + e) + stored
+        # The positions' errors may be correlated: the std of the mean is at most the mean of the stds.
+        # Own rounding: a sum of m terms (variance <= m u^2 sum(x^2), divided by m^2), then the divide.
+        return ops.global_avg_pool(np.sqrt(e)) ** 2 + u * u * (ops.global_avg_pool(x ** 2) + y ** 2) + stored
     if op == "hard_sigmoid":
-        own = u * ((np.abs(x) + 3) / 6 + np.abs(y))  # the add, then the divide
-        return e / 6 + own if worst else e / 36 + own ** 2
+        own = u * (HARD_SIGMOID_SLOPE_ROUNDINGS * (np.abs(x) + 3) / 6 + np.abs(y))
+        return e / 6 + own + stored if worst else e / 36 + own ** 2 + stored
     if op == "scale":
         g, e_g = ins[1], errs[1]
         if worst:
-            return np.abs(g) * e + (np.abs(x) + e) * e_g + u * np.abs(y)
-        return g * g * e + x * x * e_g + (u * y) ** 2
+            return np.abs(g) * e + (np.abs(x) + e) * e_g + u * np.abs(y) + stored
+        return g * g * e + x * x * e_g + (u * y) ** 2 + stored
     raise ValueError(f"no error rule for op {op!r} (node {node.name})")
 
 
 def segment_bound(graph: Graph, names: list[str], leaves: dict, params: dict, *, u: float = FLOAT32_U,
-                  eta: float = 0.0):
+                  eta: float = 0.0, policy=None):
     """Value and worst-case bound of the last node of a short chain of nodes, from exact leaves.
 
     ``names`` are node names in forward order; every input of a node in the chain is either an
     earlier node of the chain or a key of ``leaves`` (the candidate's own tensors, or
     ``"input"``), taken as exact. Each node adds its own rounding and carries its inputs' errors
-    (the worst-case rules of :func:`error_bounds`). A BatchNorm whose conv is in the chain may
-    have been folded into that conv by the backend (ONNX exporters do), so its bound is the
-    larger of "conv then BN" and "one conv with weights W*alpha, bias beta, themselves rounded
-    once": an honest backend computes one or the other.
+    (the worst-case rules of :func:`error_bounds`, at ``u`` or the formats of ``policy``). A
+    BatchNorm whose conv is in the chain may have been folded into that conv by the backend (ONNX
+    exporters do), so its bound is the larger of "conv then BN" and "one conv with weights
+    W*alpha, bias beta, themselves rounded once": an honest backend computes one or the other.
     """
-    u += FLOAT64_U  # the float64 reference value is itself rounded: same rules, u = 2^-53
+    r = _roundoff(policy, u, FLOAT64_U)  # the float64 reference value is itself rounded: same rules, u = 2^-53
     values, errors = {}, {}
     for name in names:
         node = graph.node(name)
         ins = [values[s] if s in values else np.asarray(leaves[s], dtype=np.float64) for s in node.inputs]
-        errs = [errors[s] if s in errors else np.zeros_like(a) for s, a in zip(node.inputs, ins)]
+        # A leaf may be the unrounded tensor while the chain reads it rounded to the storage format.
+        errs = [errors[s] if s in errors else r.us * np.abs(a) for s, a in zip(node.inputs, ins)]
         y = evaluate(node, ins, params)
         p = {role: params[key] for role, key in node.params.items()}
-        err = _node_error(node, ins, errs, y, p, u, True, DEFAULT_LAMBDA) + _roundings(node, p) * eta
+        err = _node_error(node, ins, errs, y, p, r, True, DEFAULT_LAMBDA) + _roundings(node, p) * eta
         src = node.inputs[0]
         if node.op == "batch_norm" and src in values and graph.node(src).op == "conv":
             conv = graph.node(src)
             first = conv.inputs[0]
             conv_in = values[first] if first in values else np.asarray(leaves[first], dtype=np.float64)
             conv_p = {role: params[key] for role, key in conv.params.items()}
-            folded = _folded_conv_bn_error(conv, conv_p, node, p, conv_in, errors.get(first, 0.0), values[src], u)
+            conv_in_err = errors[first] if first in errors else r.us * np.abs(conv_in)
+            folded = _folded_conv_bn_error(conv, conv_p, node, p, conv_in, conv_in_err, values[src], y, r)
             err = np.maximum(err, folded + (_roundings(conv, conv_p) + 1) * eta)
         values[name], errors[name] = y, err
     return values[names[-1]], errors[names[-1]]
 
 
-def _folded_conv_bn_error(conv, conv_p, bn, bn_p, x, e, z, u):
+def _folded_conv_bn_error(conv, conv_p, bn, bn_p, x, e, z, y, r: _Roundoff):
     """Worst-case error of BN(conv(x)) computed as ONE conv with folded float-``u`` weights.
 
     Per output element, with ``z = conv(x) + b`` (float64), ``alpha, beta`` the BN coefficients,
     ``n`` products, ``A = |alpha| (|W| * (|x| + e))`` and ``C = |alpha b| + |alpha mean| + |bias|``:
     the backend computes ``alpha^ = alpha (1 + theta)`` with ``|theta| <= 4u`` (add eps, sqrt,
-    divide, multiply by gamma), ``W'_i = fl(W_i alpha^)`` (one more ``u`` each),
-    ``b' = fl(alpha^ (b - mean) + bias)`` (``<= 7u C``), then a conv of ``m = n + 1`` terms
-    (``gamma_m (A + |b'|) <= gamma_m (A + C)``). Total, plus the carried input error:
-    ``|alpha| (|W| * e) + gamma_m (A + C) + u A + 4u (|alpha z| + |alpha b|) + 7u C``.
+    divide, multiply by gamma), ``W'_i = fl(W_i alpha^)`` (one more ``u`` each, and ``uw`` when
+    stored narrower), ``b' = fl(alpha^ (b - mean) + bias)`` (``<= (7u + uw) C``), then a conv of
+    ``m = n + 1`` terms (``gamma_m (A + |b'|) <= gamma_m (A + C)``), then the output is stored
+    (``us |y|``). Total, plus the carried input error:
+    ``|alpha| (|W| * e) + gamma_m (A + C) + (u + uw) A + 4u (|alpha z| + |alpha b|) + (7u + uw) C + us |y|``.
     """
+    u, uw, us = r
     alpha, _ = ops.batch_norm_coefficients(bn_p["weight"], bn_p["bias"], bn_p["running_mean"], bn_p["running_var"],
                                            eps=bn.attrs.get("eps", ops.BN_EPS))
     a = np.abs(alpha)[None, :, None, None]
@@ -296,4 +419,5 @@ def _folded_conv_bn_error(conv, conv_p, bn, bn_p, x, e, z, u):
     ab = np.abs(alpha * b)[None, :, None, None]
     c = ab + (np.abs(alpha * bn_p["running_mean"]) + np.abs(bn_p["bias"]))[None, :, None, None]
     m = conv_p["weight"][0].size + 1
-    return carried + gamma(m, u) * (big_a + c) + u * big_a + 4 * u * (a * np.abs(z) + ab) + 7 * u * c
+    return (carried + gamma(m, u) * (big_a + c) + (u + uw) * big_a + 4 * u * (a * np.abs(z) + ab)
+            + (7 * u + uw) * c + us * np.abs(y))

@@ -25,6 +25,7 @@ import numpy as np
 
 from . import __version__
 from .atomic import atomic_path
+from .bounds import POLICIES
 from .errors import RefghostError
 
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -77,8 +78,10 @@ def make_parser() -> argparse.ArgumentParser:
     comp.add_argument("--json", help="write the full report to this JSON file")
     comp.add_argument("--map", action="append", default=[], metavar="CAND=MODULE",
                       help="rename a candidate array to a module path or output name (repeatable)")
-    comp.add_argument("--policy", choices=("float32", "float16", "bfloat16"), default="float32",
-                      help="precision of the backend's arithmetic (scales the derived bounds)")
+    comp.add_argument("--policy", choices=tuple(POLICIES), default="float32",
+                      help="how the backend rounds: " + "; ".join(f"{p.name}: {p.description}"
+                                                                   for p in POLICIES.values()))
+    comp.add_argument("--verbose", action="store_true", help="print every compared tensor, not only the failing ones")
     comp.add_argument("--atol", type=float, help="override the derived bounds with atol + rtol*|reference|")
     comp.add_argument("--rtol", type=float, help="see --atol")
     comp.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads")
@@ -221,7 +224,7 @@ def cmd_compare(args) -> int:
                                                  optimization=args.ort_optimization)
     report = compare(golden, tensors, policy=args.policy, atol=args.atol, rtol=args.rtol,
                      candidate_name=description, notes=notes)
-    print(format_report(report))
+    print(format_report(report, verbose=args.verbose))
     if args.json:
         with atomic_path(args.json) as tmp, open(tmp, "w") as f:
             json.dump(report.to_json(), f, indent=1)

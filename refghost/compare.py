@@ -3,17 +3,27 @@
 For every golden tensor (in forward order) that the candidate also has:
 
 * **accumulated** check: ``|candidate - oracle| <= bound`` elementwise, where ``bound`` is the
-  golden file's probabilistic bound for an honest backend of the chosen precision (it carries the
-  rounding of every layer before this one);
+  probabilistic bound of an honest backend of the chosen precision policy
+  (:data:`refghost.bounds.POLICIES`; it carries the rounding of every layer before this one). The
+  golden file stores the float32 bounds; other policies' are computed from the golden's input
+  and weights (not scaled: an error that crosses a ReLU's kink under float16 does not under
+  float32);
 * **isolated** check: the layer is recomputed in float64 from the candidate's *own* inputs to it
   (and, where the candidate lacks a tensor in between, from the nearest ones it has, over at most
   ``MAX_SEGMENT`` layers), and ``|candidate - recomputed| <= worst-case bound`` of that layer's
-  own rounding (``refghost.bounds.segment_bound``). A layer that breaks it computes a different
-  function from the reference: this is where a bug starts.
+  own rounding (``refghost.bounds.segment_bound``). A runtime may fuse a layer with the ones
+  before it (Conv+BN+ReLU, a conv with the hard-sigmoid as post-op) and still expose those
+  layers' outputs, computed separately: the layer then also counts as honest when it is within
+  the bound of the fused chain recomputed from that chain's inputs (up to ``FUSED_DEPTH``
+  layers back). A layer that breaks every such check computes a different function from the
+  reference: this is where a bug starts.
 
 ``first_divergent`` is the first tensor, in forward order, whose isolated check fails (or, when
-no isolated check was possible, the first whose accumulated check fails). Tolerances come from
-``refghost.bounds``; ``atol``/``rtol`` replace them with ``atol + rtol*|reference|`` when given.
+no isolated check was possible, the first whose accumulated check fails); the other failures of
+the isolated check are ranked by how far beyond their bounds they are. When the chosen policy
+fails, the looser policies are tried in turn and the report says which one the errors fit
+(``consistent with bfloat16 storage``). Tolerances come from ``refghost.bounds``;
+``atol``/``rtol`` replace them with ``atol + rtol*|reference|`` when given.
 """
 
 from __future__ import annotations
@@ -23,14 +33,23 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from .bounds import FLOAT32_U, UNDERFLOW, UNIT_ROUNDOFF, segment_bound
+from .bounds import BOUND_MODEL, DEFAULT_LAMBDA, POLICIES, as_policy, error_bounds, segment_bound
 from .errors import RefghostError
 from .forward import single_threaded_blas
 from .golden import Golden
 
 #: Longest chain of layers recomputed for one isolated check (e.g. a fused Conv+BN+ReLU is 3).
 MAX_SEGMENT = 6
-POLICIES = ("float32", "float16", "bfloat16")
+#: How many computing layers before a layer a runtime may have fused with it (Conv+BN+act: 2).
+FUSED_DEPTH = 2
+#: Ops a runtime fuses into the kernel of the op they follow.
+_FUSIBLE = {"conv", "batch_norm", "act", "hard_sigmoid", "linear"}
+#: When at least this share of the tensors from the first one on fail, the weights or the
+#: preprocessing probably differ, rather than one layer.
+_EVERYTHING_DIFFERS = 0.9
+#: A failure of at least this share of the isolated checks is widespread (a lower precision
+#: rounds every layer more coarsely; a bug breaks one layer and its copies).
+_WIDESPREAD = 0.2
 
 
 class CompareError(RefghostError):
@@ -71,6 +90,17 @@ class Report:
     first_divergent: str | None
     passed: bool
     notes: list[str] = field(default_factory=list)
+    #: the tightest policy under which every check passes, when ``policy`` itself fails (or None)
+    consistent_with: str | None = None
+    #: every tensor whose isolated check failed, as (name, ratio), largest ratio first
+    isolated_failures: list = field(default_factory=list)
+    #: what ran the candidate (runtime, version, options, precision), when a runtime did
+    runtime: dict = field(default_factory=dict)
+    diagnosis: list[str] = field(default_factory=list)
+
+    def __repr__(self) -> str:
+        verdict = "PASS" if self.passed else f"FAIL, first divergent {self.first_divergent}"
+        return f"Report({self.candidate!r}, policy {self.policy}, {len(self.tensors)} tensors, {verdict})"
 
     def to_json(self) -> dict:
         def clean(v):
@@ -80,8 +110,10 @@ class Report:
 
         tensors = [{k: clean(v) for k, v in asdict(t).items()} for t in self.tensors]
         return {"golden": self.golden, "candidate": self.candidate, "policy": self.policy,
-                "passed": self.passed, "first_divergent": self.first_divergent, "notes": self.notes,
-                "tensors": tensors}
+                "passed": self.passed, "first_divergent": self.first_divergent,
+                "consistent_with": self.consistent_with,
+                "isolated_failures": [[n, clean(r)] for n, r in self.isolated_failures],
+                "diagnosis": self.diagnosis, "notes": self.notes, "runtime": self.runtime, "tensors": tensors}
 
 
 def _ordered_ints(a: np.ndarray) -> np.ndarray:
@@ -102,12 +134,11 @@ def _ratio(err: np.ndarray, bound: np.ndarray) -> np.ndarray:
         return np.where(err == 0, 0.0, err / bound)
 
 
-def _metrics(cand: np.ndarray, ref: np.ndarray, bound: np.ndarray, cand_dtype) -> dict:
+def _metrics(cand: np.ndarray, ref: np.ndarray, cand_dtype) -> dict:
+    """The policy-independent metrics of one tensor (the ratios to a bound are the judge's)."""
     diff = np.abs(cand - ref)
-    ratio = _ratio(diff, bound)
     abs_ref = np.abs(ref)
     rel = diff / np.where(abs_ref > 0, abs_ref, np.inf)
-    worst = np.unravel_index(int(np.argmax(ratio)), diff.shape) if diff.size else ()
     noise = float(np.sum((cand - ref) ** 2))
     signal = float(np.sum(ref ** 2))
     norms = float(np.linalg.norm(cand) * np.linalg.norm(ref))
@@ -120,9 +151,6 @@ def _metrics(cand: np.ndarray, ref: np.ndarray, bound: np.ndarray, cand_dtype) -
         cosine=float(np.sum(cand * ref) / norms) if norms > 0 else (1.0 if noise == 0 else 0.0),
         snr_db=float(10 * math.log10(signal / noise)) if noise > 0 else math.inf,
         max_ulp=float(ulp.max(initial=0)),
-        worst_index=[int(i) for i in worst],
-        fraction_outside=float(np.mean(diff > bound)) if diff.size else 0.0,
-        accumulated_ratio=float(np.max(ratio, initial=0.0)),
         min_atol=float(diff.max(initial=0.0)),
         min_rtol=float(rel.max(initial=0.0)),
     )
@@ -146,75 +174,146 @@ def _segment(golden: Golden, node: str, available: set) -> list[str] | None:
     return sorted(needed, key=order.__getitem__)
 
 
-def compare(golden: Golden, candidate: dict[str, np.ndarray], *, policy: str = "float32",
-            atol: float | None = None, rtol: float | None = None, candidate_name: str = "candidate",
-            notes=()) -> Report:
-    """Compare ``candidate`` (``{module path or output name: array}``) with ``golden``."""
-    if policy not in POLICIES:
-        raise CompareError(f"policy must be one of {POLICIES}, got {policy!r}")
+def _segments(golden: Golden, node: str, available: set) -> list[list[str]]:
+    """The chains an honest runtime may have computed ``node`` with: from the available tensors,
+    and with the computing layers just before it fused in (their exposed outputs ignored), up to
+    ``FUSED_DEPTH`` layers back. The first is the plain isolated segment."""
+    graph = golden.weights.graph
+    available = set(available) - {node}
+    chains, fused = [], []
+    frontier = [node]
+    for depth in range(FUSED_DEPTH + 1):
+        segment = _segment(golden, node, available - set(fused))
+        if segment is None:
+            break
+        if segment not in chains:
+            chains.append(segment)
+        # the producers of the frontier that a runtime would fuse into the frontier's kernel
+        producers = [src for name in frontier for src in graph.node(name).inputs
+                     if src != "input" and graph.node(src).op in _FUSIBLE and src not in fused]
+        if not producers or graph.node(frontier[0]).op not in _FUSIBLE | {"add"}:
+            break
+        fused += producers
+        frontier = producers
+    return chains
+
+
+@dataclass
+class _Tensor:
+    """One candidate tensor that can be judged: its result row, float64 values, error to the oracle."""
+
+    result: TensorResult
+    value: np.ndarray  # float64
+    error: np.ndarray  # |candidate - oracle|
+    segments: list  # isolated-check chains (empty: no isolated check possible)
+
+
+def _accumulated_bounds(golden: Golden, policy) -> dict[str, np.ndarray]:
+    """The accumulated bound of every golden tensor under ``policy``: the stored ones when they were
+    computed by this bound model for float32, else computed now (cached on the golden)."""
+    cache = golden.__dict__.setdefault("_accumulated_bounds", {})
+    if policy.name in cache:
+        return cache[policy.name]
+    stored_ok = (policy.name == "float32" and golden.attrs.get("bound_model") == BOUND_MODEL
+                 and float(golden.attrs.get("bound_lambda", DEFAULT_LAMBDA)) == DEFAULT_LAMBDA)
+    if stored_ok:
+        bounds = {name: b.astype(np.float64) for name, b in golden.bounds.items()}
+    else:
+        with single_threaded_blas():
+            _, by_node = error_bounds(golden.weights.graph, golden.weights.params("float64"),
+                                      golden.input.astype(np.float64), policy=policy, lam=DEFAULT_LAMBDA)
+        bounds = {name: by_node[golden.node_of(name)] for name in golden.tensors()}
+    cache[policy.name] = bounds
+    return bounds
+
+
+def _judge(golden: Golden, tensors: list[_Tensor], by_node: dict, policy, atol, rtol) -> dict:
+    """Accumulated and isolated ratios of every tensor under ``policy`` (or atol/rtol when given).
+
+    Returns ``{name: (accumulated_ratio, fraction_outside, worst_index, isolated_ratio, segment)}``."""
     explicit = atol is not None or rtol is not None
     atol, rtol = atol or 0.0, rtol or 0.0
-    u = UNIT_ROUNDOFF[policy]
-    scale = u / float(golden.attrs.get("bound_unit_roundoff", FLOAT32_U))
+    graph = golden.weights.graph
+    params = golden.weights.params("float64")
+    reference = golden.tensors()
+    bounds = None if explicit else _accumulated_bounds(golden, policy)
+    out = {}
+    with single_threaded_blas():
+        for t in tensors:
+            name = t.result.name
+            bound = atol + rtol * np.abs(reference[name]) if explicit else bounds[name]
+            ratio = _ratio(t.error, bound)
+            worst = np.unravel_index(int(np.argmax(ratio)), ratio.shape) if ratio.size else ()
+            iso, iso_segment = None, []
+            for segment in t.segments:
+                value, seg_bound = segment_bound(graph, segment, by_node, params, policy=policy, eta=policy.eta)
+                if explicit:
+                    seg_bound = atol + rtol * np.abs(value)
+                r = _ratio(np.abs(t.value - value), seg_bound)
+                if iso is None:
+                    iso, iso_segment = r, segment
+                else:  # honest if within the bound of any of the chains
+                    better = float(np.max(np.minimum(iso, r), initial=0.0)) < float(np.max(iso, initial=0.0))
+                    iso = np.minimum(iso, r)
+                    if better:
+                        iso_segment = segment
+            out[name] = (float(np.max(ratio, initial=0.0)), float(np.mean(t.error > bound)) if t.error.size else 0.0,
+                         [int(i) for i in worst], None if iso is None else float(np.max(iso, initial=0.0)), iso_segment)
+    return out
+
+
+def _verdict(judged: dict) -> bool:
+    return all(acc <= 1.0 and (iso is None or iso <= 1.0) for acc, _, _, iso, _ in judged.values())
+
+
+def compare(golden: Golden, candidate: dict[str, np.ndarray], *, policy: str = "float32",
+            atol: float | None = None, rtol: float | None = None, candidate_name: str = "candidate",
+            notes=(), diagnose: bool = True, runtime: dict | None = None) -> Report:
+    """Compare ``candidate`` (``{module path or output name: array}``) with ``golden``.
+
+    ``policy`` is a name of :data:`refghost.bounds.POLICIES`. With ``diagnose`` (the default), a
+    failing comparison is judged again under each looser policy, and the report says which one
+    the errors fit (:attr:`Report.consistent_with`). ``runtime`` describes what ran the
+    candidate, for the report.
+    """
+    try:
+        pol = as_policy(policy)
+    except ValueError:
+        raise CompareError(f"policy must be one of {tuple(POLICIES)}, got {policy!r}") from None
+    explicit = atol is not None or rtol is not None
     reference = golden.tensors()
     common = [name for name in reference if name in candidate]
     if not common:
         raise CompareError(f"{candidate_name} has no tensor in common with the golden file (it has "
                            f"{_few(candidate)}; the golden has {_few(reference)}); name arrays by module path "
                            f"or use --map")
-    graph = golden.weights.graph
-    params = golden.weights.params("float64")
     # The candidate's tensors by graph node (an output name stands for its node), plus the input it was fed.
     by_node = {"input": golden.input}
-    own = {}  # each compared tensor, float64
-    results = []
+    results, judged_tensors = [], []
     notes = list(notes)
-    for name in common:
-        ref = reference[name]
-        cand = np.asarray(candidate[name])
-        if cand.shape != ref.shape and cand.size == ref.size and ref.shape[0] == 1 and cand.shape == ref.shape[1:]:
-            cand = cand.reshape(ref.shape)
-            notes.append(f"{name}: candidate has no batch axis; compared as {ref.shape}")
-        if cand.shape != ref.shape:
-            results.append(TensorResult(name, list(cand.shape), "shape",
-                                        note=f"candidate shape {cand.shape}, golden {ref.shape}"))
-            continue
-        if not np.isfinite(cand).all():
-            bad = int(cand.size - np.isfinite(cand).sum())
-            results.append(TensorResult(name, list(cand.shape), "nan", fraction_outside=bad / cand.size,
-                                        note=f"{bad} NaN or Inf value(s)"))
-            _keep(by_node, golden, name, cand.astype(np.float64))
-            continue
-        cand64 = own[name] = cand.astype(np.float64)
-        _keep(by_node, golden, name, cand64)
-        bound = atol + rtol * np.abs(ref) if explicit else golden.bounds[name].astype(np.float64) * scale
-        result = TensorResult(name, list(cand.shape), "ok", **_metrics(cand64, ref, bound, cand.dtype))
-        results.append(result)
+    with single_threaded_blas():  # the norms of the metrics: OpenBLAS threads only contend here
+        for name in common:
+            _admit(name, reference[name], candidate[name], golden, by_node, results, judged_tensors, notes)
+    own = {t.result.name for t in judged_tensors}
+    for t in judged_tensors:
+        node = golden.node_of(t.result.name)
+        if t.result.name != node and node in own:
+            continue  # an output alias of a layer checked under its own name (maybe another run)
+        t.segments = _segments(golden, node, set(by_node))
 
-    with single_threaded_blas():
-        for result in results:
-            if result.status != "ok":
-                continue
-            node = golden.node_of(result.name)
-            if result.name != node and node in own:
-                continue  # an output alias of a layer checked under its own name (maybe another run)
-            segment = _segment(golden, node, set(by_node) - {node})
-            if segment is None:
-                continue
-            value, bound = segment_bound(graph, segment, by_node, params, u=u, eta=UNDERFLOW[policy])
-            if explicit:
-                bound = atol + rtol * np.abs(value)
-            err = np.abs(own[result.name] - value)
-            result.isolated_ratio = float(np.max(_ratio(err, bound), initial=0.0))
-            result.isolated_segment = segment
-
+    judged = _judge(golden, judged_tensors, by_node, pol, atol, rtol)
+    for t in judged_tensors:
+        r = t.result
+        r.accumulated_ratio, r.fraction_outside, r.worst_index, r.isolated_ratio, r.isolated_segment = judged[r.name]
+        if r.accumulated_ratio > 1.0 or (r.isolated_ratio is not None and r.isolated_ratio > 1.0):
+            r.status = "mismatch"
+    isolated_failures = sorted(((r.name, r.isolated_ratio) for r in results
+                                if r.isolated_ratio is not None and r.isolated_ratio > 1.0), key=lambda nr: -nr[1])
     first = None
-    for result in results:
-        failed_isolated = result.isolated_ratio is not None and result.isolated_ratio > 1.0
-        if result.status == "ok" and (result.accumulated_ratio > 1.0 or failed_isolated):
-            result.status = "mismatch"
-        if first is None and (result.status in ("shape", "nan") or failed_isolated):
-            first = result.name
+    for r in results:
+        if r.status in ("shape", "nan") or (r.isolated_ratio is not None and r.isolated_ratio > 1.0):
+            first = r.name
+            break
     if first is None:
         first = next((r.name for r in results if r.status != "ok"), None)
         if first is not None:
@@ -224,7 +323,78 @@ def compare(golden: Golden, candidate: dict[str, np.ndarray], *, policy: str = "
         notes.append("no isolated check was possible (the candidate lacks the inputs of its tensors): "
                      "provide intermediates to localize a mismatch")
     passed = all(r.status == "ok" for r in results)
-    return Report(golden.path or "<golden>", candidate_name, policy, results, first, passed, notes)
+    report = Report(golden.path or "<golden>", candidate_name, pol.name, results, first, passed, notes,
+                    isolated_failures=isolated_failures, runtime=dict(runtime or {}))
+    if not passed and not explicit:
+        _diagnose(report, golden, judged_tensors, by_node, pol, diagnose)
+    return report
+
+
+def _admit(name, ref, cand, golden, by_node, results, judged_tensors, notes) -> None:
+    """Check one candidate tensor's shape and values and record it for judging."""
+    cand = np.asarray(cand)
+    if cand.shape != ref.shape and cand.size == ref.size and ref.shape[0] == 1 and cand.shape == ref.shape[1:]:
+        cand = cand.reshape(ref.shape)
+        notes.append(f"{name}: candidate has no batch axis; compared as {ref.shape}")
+    if cand.shape != ref.shape:
+        results.append(TensorResult(name, list(cand.shape), "shape",
+                                    note=f"candidate shape {cand.shape}, golden {ref.shape}"))
+        return
+    if not np.isfinite(cand).all():
+        bad = int(cand.size - np.isfinite(cand).sum())
+        results.append(TensorResult(name, list(cand.shape), "nan", fraction_outside=bad / cand.size,
+                                    note=f"{bad} NaN or Inf value(s)"))
+        _keep(by_node, golden, name, cand.astype(np.float64))
+        return
+    cand64 = cand.astype(np.float64)
+    _keep(by_node, golden, name, cand64)
+    result = TensorResult(name, list(cand.shape), "ok", **_metrics(cand64, ref, cand.dtype))
+    results.append(result)
+    judged_tensors.append(_Tensor(result, cand64, np.abs(cand64 - ref), []))
+
+
+def _diagnose(report: Report, golden: Golden, tensors: list[_Tensor], by_node: dict, policy, looser: bool) -> None:
+    """Say what the failure looks like: a looser honest precision, different weights or
+    preprocessing, or one layer computing a different function.
+
+    A looser policy explains a failure only when the failure is widespread (at least
+    ``_WIDESPREAD`` of the isolated checks fail, as when every layer is rounded more coarsely) or
+    no layer fails its isolated check; a failure of a few layers that a looser policy hides is a
+    difference smaller than that policy's rounding, not a sign of it. No looser policy is tried
+    when the runtime reported the precision it ran at."""
+    results = report.tensors
+    structural = any(r.status in ("shape", "nan") for r in results)
+    checked = [r for r in results if r.isolated_ratio is not None]
+    failures = report.isolated_failures
+    widespread = not failures or len(failures) >= _WIDESPREAD * len(checked)
+    if looser and not structural and not report.runtime.get("policy"):
+        names = list(POLICIES)
+        for name in names[names.index(policy.name) + 1:]:
+            if not _verdict(_judge(golden, tensors, by_node, POLICIES[name], None, None)):
+                continue
+            if widespread:
+                report.consistent_with = name
+                report.diagnosis.append(
+                    f"the errors are those of an honest backend with {POLICIES[name].description}: every check "
+                    f"passes under --policy {name}; no layer computes a different function at that precision")
+            else:
+                report.diagnosis.append(
+                    f"only {len(failures)} of {len(checked)} layers fail their isolated check: a localized "
+                    f"difference, not a lower precision (--policy {name} would pass it only because its rounding "
+                    f"is coarser than this difference)")
+            break
+    failing = [r for r in results if r.status != "ok"]
+    if (report.consistent_with is None and failing and results[0].status != "ok"
+            and len(failing) >= _EVERYTHING_DIFFERS * len(results)):
+        report.diagnosis.append(
+            f"every layer from the first ({results[0].name}) on differs: the candidate probably uses other weights "
+            f"or another preprocessing (channel order, mean/std, resize) than the golden file; compare "
+            f"`refghost info` of the golden with what the candidate was built from")
+    if report.consistent_with is None and len(failures) > 1:
+        ranked = ", ".join(f"{n} ({r:.3g}x)" for n, r in failures[:5])
+        report.diagnosis.append(f"{len(failures)} layers compute a different function even from their own inputs; "
+                                f"furthest beyond their bounds: {ranked}; the first in network order is "
+                                f"{report.first_divergent}")
 
 
 def _keep(by_node: dict, golden: Golden, name: str, value: np.ndarray) -> None:
@@ -241,24 +411,33 @@ def _few(names) -> str:
     return ", ".join(names[:4]) + (f", ... ({len(names)} in all)" if len(names) > 4 else "")
 
 
-def format_report(report: Report) -> str:
-    """The human table: one row per compared tensor in network order, the first divergent marked."""
-    lines = [f"golden    {report.golden}", f"candidate {report.candidate}", f"policy    {report.policy}"]
+LEGEND = ("acc/bound: the largest |candidate - oracle| / (bound of an honest backend, carrying every earlier "
+          "layer's rounding); iso/bound: the layer recomputed from the candidate's own inputs, its largest "
+          "error / (worst-case rounding of that layer alone). Both pass at <= 1; '-' no check possible; "
+          "'inf' a nonzero error where no honest error is possible (the bound is 0, e.g. a ReLU's zeros); an "
+          "iso/bound of 1 on a passing layer is a result one full rounding away from the exact value, the most an "
+          "honest rounding can be (residual adds, BN outputs)")
+
+
+def format_report(report: Report, *, verbose: bool = False) -> str:
+    """The human report: verdict and diagnosis first, then the failing tensors with the rows around
+    them (every row with ``verbose``), then a legend."""
+    lines = [f"golden    {report.golden}", f"candidate {report.candidate}"]
+    rt = report.runtime
+    if rt:
+        lines.append(f"runtime   {rt.get('runtime', '?')} {rt.get('version', '')}; precision in effect: "
+                     f"{rt.get('precision', 'float32')}")
+    lines.append(f"policy    {report.policy} ({POLICIES[report.policy].description})")
     lines += [f"note      {n}" for n in report.notes]
-    lines.append(f"  {'layer':<42} {'shape':<18} {'max abs':>9} {'acc/bound':>9} {'iso/bound':>9} "
-                 f"{'cosine':>9} {'SNR dB':>7}  status")
-    for t in report.tensors:
-        mark = ">" if t.name == report.first_divergent else " "
-        iso = "-" if t.isolated_ratio is None else f"{t.isolated_ratio:9.3g}"
-        lines.append(f"{mark} {t.name:<42} {str(tuple(t.shape)):<18} {t.max_abs:9.2e} {t.accumulated_ratio:9.3g} "
-                     f"{iso:>9} {t.cosine:9.6f} {t.snr_db:7.1f}  {t.status}{'  ' + t.note if t.note else ''}")
+    n = len(report.tensors)
     if report.passed:
-        lines.append(f"PASS: all {len(report.tensors)} compared tensors are within the bounds of an honest "
-                     f"{report.policy} backend")
+        worst_acc = max((t.accumulated_ratio for t in report.tensors), default=0.0)
+        isos = [t.isolated_ratio for t in report.tensors if t.isolated_ratio is not None]
+        lines.append(f"PASS: all {n} compared tensors are within the bounds of an honest {report.policy} backend "
+                     f"(largest acc/bound {worst_acc:.3g}, largest iso/bound {max(isos, default=0.0):.3g})")
     else:
         bad = sum(t.status != "ok" for t in report.tensors)
-        lines.append(f"FAIL: {bad} of {len(report.tensors)} tensors out of bounds; first divergent layer: "
-                     f"{report.first_divergent}")
+        lines.append(f"FAIL: {bad} of {n} tensors out of bounds; first divergent layer: {report.first_divergent}")
         first = next(t for t in report.tensors if t.name == report.first_divergent)
         if first.isolated_ratio is not None and first.isolated_ratio > 1:
             lines.append(f"  {first.name} computes a different function from the reference even from its own "
@@ -270,4 +449,37 @@ def format_report(report: Report) -> str:
             lines.append(f"  {first.name} is further from the oracle than honest rounding explains "
                          f"({first.accumulated_ratio:.3g}x its bound); provide the inputs of this layer to tell "
                          f"whether it or an earlier layer is at fault.")
+    lines += [f"  {d}" for d in report.diagnosis]
+    rows = _rows_to_show(report, verbose)
+    if rows:
+        lines.append(f"  {'layer':<42} {'shape':<18} {'max abs':>9} {'acc/bound':>9} {'iso/bound':>9} "
+                     f"{'cosine':>9} {'SNR dB':>7}  status")
+        previous = -1
+        for i in rows:
+            if i != previous + 1:
+                lines.append(f"  ... ({i - previous - 1} rows within bounds)")
+            t = report.tensors[i]
+            mark = ">" if t.name == report.first_divergent else " "
+            iso = "-" if t.isolated_ratio is None else f"{t.isolated_ratio:9.3g}"
+            lines.append(f"{mark} {t.name:<42} {str(tuple(t.shape)):<18} {t.max_abs:9.2e} {t.accumulated_ratio:9.3g} "
+                         f"{iso:>9} {t.cosine:9.6f} {t.snr_db:7.1f}  {t.status}{'  ' + t.note if t.note else ''}")
+            previous = i
+        if previous != n - 1:
+            lines.append(f"  ... ({n - 1 - previous} rows within bounds)")
+        lines.append(f"  ({LEGEND})")
+    elif not verbose:
+        lines.append("  (every row: --verbose; every metric: --json)")
     return "\n".join(lines)
+
+
+def _rows_to_show(report: Report, verbose: bool) -> list[int]:
+    """Indices of the rows to print: every row with ``verbose``; else the failing rows, each with
+    the row before and after it for context (none for a pass)."""
+    n = len(report.tensors)
+    if verbose:
+        return list(range(n))
+    show = set()
+    for i, t in enumerate(report.tensors):
+        if t.status != "ok":
+            show.update(j for j in (i - 1, i, i + 1) if 0 <= j < n)
+    return sorted(show)

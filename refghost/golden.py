@@ -11,13 +11,14 @@ Format (HDF5, schema v1, documented in ``docs/golden-format.md``):
 ``/bounds/<name>``
     for each tensor above, the probabilistic accumulated error bound (float32 arithmetic,
     ``u = 2^-24``, 8 sigma; ``refghost.bounds``): how far an honest float32 backend may be from it.
-    Bounds are first order in ``u``, so other precisions scale them by ``u / 2^-24``.
+    Other precision policies' bounds are computed by ``refghost compare`` from the input and weights.
 ``/weights``
     the weights, as in a weights file (so a golden file is self-contained: recomputing one
     layer from a candidate's input, the isolated check, needs them).
 root attributes
     ``format = "refghost-golden"``, ``schema_version``, ``refghost_version``, ``weights_sha256``,
-    ``input_source``, ``bound_unit_roundoff``, ``bound_lambda``, ``numpy_version``,
+    ``input_source``, ``bound_unit_roundoff``, ``bound_lambda``, ``bound_model`` (the version of the
+    error rules, ``refghost.bounds.BOUND_MODEL``), ``numpy_version``,
     ``numba_version``, ``h5py_version``, ``command``.
 
 Written atomically: a crash leaves no file.
@@ -32,7 +33,7 @@ import numpy as np
 
 from . import __version__
 from .atomic import atomic_path
-from .bounds import DEFAULT_LAMBDA, FLOAT32_U, error_bounds
+from .bounds import BOUND_MODEL, DEFAULT_LAMBDA, FLOAT32_U, error_bounds
 from .errors import RefghostError, WeightsError
 from .forward import single_threaded_blas
 from .weights import Weights, open_hdf5, read_weights_group, write_weights_group
@@ -94,6 +95,7 @@ def make_golden(weights: Weights, x: np.ndarray, *, intermediates: bool = False,
         "input_source": input_source,
         "bound_unit_roundoff": FLOAT32_U,
         "bound_lambda": DEFAULT_LAMBDA,
+        "bound_model": BOUND_MODEL,
         "numpy_version": np.__version__,
         "numba_version": numba.__version__,
         "h5py_version": h5py.__version__,

@@ -157,7 +157,10 @@ def test_cli_exit_codes_and_json(env, tmp_path, capsys):
     np.savez(tmp_path / "good.npz", **refghost.run(env["x"], env["weights"], intermediates=True))
     assert main(["compare", golden, str(tmp_path / "good.npz"), "--json", str(tmp_path / "r.json")]) == 0
     out = capsys.readouterr().out
-    assert "PASS" in out and "conv_stem" in out
+    assert "PASS" in out and "conv_stem" not in out  # a pass is one line, every row with --verbose
+    assert main(["compare", golden, str(tmp_path / "good.npz"), "--verbose"]) == 0
+    out = capsys.readouterr().out
+    assert "PASS" in out and "conv_stem" in out and "acc/bound: the largest" in out
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["passed"] is True and report["first_divergent"] is None
     assert {"max_abs", "max_rel", "mean_abs", "cosine", "snr_db", "max_ulp", "fraction_outside", "worst_index",
