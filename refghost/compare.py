@@ -71,6 +71,7 @@ class Report:
     first_divergent: str | None
     passed: bool
     notes: list[str] = field(default_factory=list)
+    runtime: dict | None = None  # the run of a model file (refghost.runtimes.RuntimeRun.summary())
 
     def to_json(self) -> dict:
         def clean(v):
@@ -79,9 +80,12 @@ class Report:
             return v
 
         tensors = [{k: clean(v) for k, v in asdict(t).items()} for t in self.tensors]
-        return {"golden": self.golden, "candidate": self.candidate, "policy": self.policy,
-                "passed": self.passed, "first_divergent": self.first_divergent, "notes": self.notes,
-                "tensors": tensors}
+        report = {"golden": self.golden, "candidate": self.candidate, "policy": self.policy,
+                  "passed": self.passed, "first_divergent": self.first_divergent, "notes": self.notes,
+                  "tensors": tensors}
+        if self.runtime is not None:
+            report["runtime"] = self.runtime
+        return report
 
 
 def _ordered_ints(a: np.ndarray) -> np.ndarray:
@@ -236,6 +240,14 @@ def _keep(by_node: dict, golden: Golden, name: str, value: np.ndarray) -> None:
         by_node[node] = value
 
 
+def _hows(mapping: dict) -> dict[str, int]:
+    """How many tensors of a runtime's mapping were matched each way."""
+    hows: dict[str, int] = {}
+    for entry in mapping.values():
+        hows[entry["how"]] = hows.get(entry["how"], 0) + 1
+    return hows
+
+
 def _few(names) -> str:
     names = list(names)
     return ", ".join(names[:4]) + (f", ... ({len(names)} in all)" if len(names) > 4 else "")
@@ -244,6 +256,13 @@ def _few(names) -> str:
 def format_report(report: Report) -> str:
     """The human table: one row per compared tensor in network order, the first divergent marked."""
     lines = [f"golden    {report.golden}", f"candidate {report.candidate}", f"policy    {report.policy}"]
+    if report.runtime is not None:
+        run = report.runtime
+        p = run["precision"]
+        lines.append(f"runtime   {run['runtime']} {run['version']}: precision in effect arithmetic {p['arithmetic']}, "
+                     f"weights {p['weights']}, activations {p['activations']} ({p['detail']})")
+        lines.append(f"mapping   {run['mapped']} of {run['exposed']} exposed tensors mapped to layers "
+                     f"({', '.join(f'{n} {how}' for how, n in _hows(run['mapping']).items())})")
     lines += [f"note      {n}" for n in report.notes]
     lines.append(f"  {'layer':<42} {'shape':<18} {'max abs':>9} {'acc/bound':>9} {'iso/bound':>9} "
                  f"{'cosine':>9} {'SNR dB':>7}  status")
