@@ -112,6 +112,7 @@ def run(path: str, golden, *, precise: bool, options: dict[str, str], threads: i
         raise RuntimeFailed(f"{path}: the model does not take the golden input {list(x.shape)}: "
                             f"{_first_line(exc)}") from None
 
+    weights, weights_detail = _weights_precision(model)  # before folding turns f16 -> f32 Converts into f32
     _fold_constants(model)
 
     def infer(m):
@@ -137,7 +138,6 @@ def run(path: str, golden, *, precise: bool, options: dict[str, str], threads: i
                                                         "INFERENCE_NUM_THREADS", "NUM_STREAMS")}
     hint = used["INFERENCE_PRECISION_HINT"]
     arithmetic = _PRECISIONS.get(hint, hint)
-    weights, weights_detail = _weights_precision(model)
     precision = Precision(arithmetic=arithmetic, weights=weights, activations=arithmetic,
                           detail=f"INFERENCE_PRECISION_HINT={hint} read back from the compiled model; {weights_detail}")
     options_used = {**{k: str(v) for k, v in config.items()}, **used}
