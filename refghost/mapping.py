@@ -198,3 +198,156 @@ def map_by_structure(ops: list[Op], network: Graph, *, fused_activations: bool =
         mapping[ops[i - 1].output] = name
         k += 1
     return mapping
+
+
+# ------------------------------------------------------------------------------------------
+# By data flow and weights: for runtimes that reorder ops and fuse them (LiteRT, ncnn)
+# ------------------------------------------------------------------------------------------
+BY_WEIGHTS = "by conv weights and data flow"
+#: Ops that pass a tensor on unchanged in value (padding is part of the conv that reads it).
+PASS_THROUGH = frozenset({"Pad", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Identity", "Cast", "Flatten"})
+_ACTIVATIONS = {"Relu", "LeakyRelu", "Clip", "Elu", "Selu", "PRelu", "HardSwish", "Gelu"}
+_POOLS = {"GlobalAveragePool", "ReduceMean", "AveragePool"}
+#: Largest max|w_runtime - w_network| / max|w_network| of a conv matched by its weights (a bug may
+#: change a weight by a few percent; two different convs of a trained or random net differ by ~1).
+WEIGHT_MATCH = 0.1
+
+
+@dataclass(frozen=True)
+class FlowOp:
+    """One op of a runtime's graph for :func:`map_by_dataflow`: ``kind`` in ONNX's vocabulary, the
+    tensor it produces, the data tensors it reads (constants left out), and for a Conv or Gemm its
+    weight in PyTorch's layout (OIHW, or (out, in))."""
+
+    kind: str
+    output: str
+    inputs: tuple[str, ...]
+    weight: object = None  # np.ndarray
+    fused: str | None = None  # an activation the op applies to its result (Relu, Clip for ReLU6), if any
+
+
+def _folded_weight(network: Graph, params: dict, conv) -> "np.ndarray":
+    """The weight of ``conv`` with the BatchNorm after it (if any) folded in: W * gamma / sqrt(var + eps)."""
+    import numpy as np
+
+    w = np.asarray(params[conv.params["weight"]], dtype=np.float64)
+    consumers = [n for n in network.nodes if conv.name in n.inputs]
+    if len(consumers) == 1 and consumers[0].op == "batch_norm":
+        bn = consumers[0]
+        scale = params[bn.params["weight"]] / np.sqrt(params[bn.params["running_var"]] + bn.attrs.get("eps", 1e-5))
+        w = w * scale.reshape((-1,) + (1,) * (w.ndim - 1))
+    return w
+
+
+def map_by_dataflow(ops: list[FlowOp], network: Graph, params: dict) -> dict[str, str]:
+    """Map by the graph itself: each conv (and linear) op to the layer with its weights (BN folded
+    in), then every other layer to the op that reads the tensors of its inputs (concat, add,
+    pooling, scaling), whatever order the runtime keeps its ops in. A layer the runtime fused into
+    the op before it (BN and activation into a conv; an SE's hard-sigmoid steps into its second
+    conv) has no tensor of its own: the fused op's tensor maps to the last layer it computes.
+    ``params`` are the network's parameters (float64). Raises :class:`MappingError` when a layer
+    has no op."""
+    import numpy as np
+
+    producer = {op.output: op for op in ops}
+    root: dict[str, str] = {}
+
+    def resolve(t: str) -> str:
+        seen = t
+        while seen in producer and producer[seen].kind in PASS_THROUGH and producer[seen].inputs:
+            seen = producer[seen].inputs[0]
+        return seen
+
+    for op in ops:
+        root[op.output] = resolve(op.output)
+    consumers: dict[str, list[FlowOp]] = {}
+    for op in ops:
+        if op.kind in PASS_THROUGH:
+            continue
+        for t in op.inputs:
+            consumers.setdefault(resolve(t), []).append(op)
+
+    # convs and linears by weights
+    weighted = [op for op in ops if op.weight is not None]
+    taken: set[str] = set()
+    conv_op: dict[str, FlowOp] = {}
+    for node in network.nodes:
+        if node.op not in ("conv", "linear"):
+            continue
+        w = _folded_weight(network, params, node)
+        best, best_d = None, np.inf
+        for op in weighted:
+            if op.output in taken or np.shape(op.weight) != w.shape:
+                continue
+            d = float(np.max(np.abs(np.asarray(op.weight, np.float64) - w)) / max(float(np.max(np.abs(w))), 1e-30))
+            if d < best_d:
+                best, best_d = op, d
+        if best is None or best_d > WEIGHT_MATCH:
+            raise MappingError(f"no op of the runtime's graph has the weights of layer {node.name} "
+                               f"{tuple(w.shape)} (closest differs by {best_d:.3g} of its largest weight)")
+        taken.add(best.output)
+        conv_op[node.name] = best
+
+    value: dict[str, str] = {"input": None}  # layer -> the runtime tensor (a root) holding its output
+    mapping: dict[str, str] = {}
+
+    def find(node, kinds, inputs) -> str:
+        wanted = [value[i] for i in inputs]
+        for op in consumers.get(wanted[0], []):
+            if op.kind in kinds and [resolve(t) for t in op.inputs][: len(wanted)] == wanted:
+                return op.output
+            if op.kind in kinds and sorted(resolve(t) for t in op.inputs) == sorted(wanted):
+                return op.output
+        raise MappingError(f"no {'/'.join(sorted(kinds))} op reads the tensors of the inputs of layer {node.name} "
+                           f"({', '.join(node.inputs)})")
+
+    for node in network.nodes:
+        src = value.get(node.inputs[0]) if node.inputs else None
+        if node.op in ("conv", "linear"):
+            t = conv_op[node.name].output
+        elif node.op == "batch_norm":
+            bns = [op for op in consumers.get(src, []) if op.kind == "BatchNormalization"]
+            t = bns[0].output if bns else src  # folded into the conv before it
+        elif node.op == "act":
+            acts = [op for op in consumers.get(src, []) if op.kind in _ACTIVATIONS]
+            t = acts[0].output if acts else src  # fused into the op before it
+            if not acts and (src not in producer or producer[src].fused is None):
+                value[node.name] = src  # the runtime computes no activation here: no tensor holds it
+                continue
+        elif node.op == "hard_sigmoid":
+            t = _gate(node, network, value, consumers, resolve)
+        elif node.op == "concat":
+            t = find(node, {"Concat"}, node.inputs)
+        elif node.op == "add":
+            t = find(node, {"Add", "Sum"}, node.inputs)
+        elif node.op == "scale":
+            t = find(node, {"Mul"}, node.inputs)
+        elif node.op == "global_avg_pool":
+            t = find(node, _POOLS, node.inputs)
+        else:
+            raise MappingError(f"layer {node.name}: op {node.op} has no data-flow rule")
+        t = resolve(t)
+        value[node.name] = t
+        if node.op in ("conv", "batch_norm") and t in producer and producer[t].fused is not None:
+            # the op applies an activation after this layer: its tensor holds the activation layer
+            # that follows (mapped there), or no layer (an SE's conv with its hard-sigmoid's ReLU6)
+            continue
+        mapping[t] = node.name  # a later layer computed by the same op takes its tensor
+    return mapping
+
+
+def _gate(node, network: Graph, value, consumers, resolve) -> str:
+    """The tensor of an SE's gate: the input the SE's scaling Mul reads besides the SE's input,
+    found from the gate's own input by following single-input elementwise ops."""
+    scale = next(n for n in network.nodes if node.name in n.inputs and n.op == "scale")
+    x = value[next(i for i in scale.inputs if i != node.name)]
+    t = value[node.inputs[0]]
+    for _ in range(8):
+        for op in consumers.get(t, []):
+            if op.kind == "Mul" and sorted(resolve(i) for i in op.inputs) == sorted([x, t]):
+                return t
+        steps = [op for op in consumers.get(t, []) if len(op.inputs) == 1]
+        if len(steps) != 1:
+            break
+        t = resolve(steps[0].output)
+    raise MappingError(f"layer {node.name}: no Mul of the SE's input by a tensor computed from {node.inputs[0]}")

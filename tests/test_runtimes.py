@@ -111,7 +111,7 @@ def large(tmp_path_factory):
 
 def _expected_layers(golden, *, fused_activations: bool) -> set[str]:
     """The layers whose output a runtime exposes: every node but a conv whose BN was folded into it
-    (and, where activations are fused, a BN followed by its activation)."""
+    (and, where activations are fused, a conv or BN followed by its activation)."""
     graph = golden.weights.graph
     skip = set()
     for node in graph.nodes:
@@ -120,7 +120,7 @@ def _expected_layers(golden, *, fused_activations: bool) -> set[str]:
             continue
         if node.op == "conv" and consumers[0].op == "batch_norm":
             skip.add(node.name)
-        if fused_activations and node.op == "batch_norm" and consumers[0].op == "act":
+        if fused_activations and node.op in ("conv", "batch_norm") and consumers[0].op == "act":
             skip.add(node.name)
     return {n.name for n in graph.nodes} - skip
 
