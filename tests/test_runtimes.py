@@ -1,6 +1,7 @@
-"""Real runtimes as candidates (refghost.runtimes): OpenVINO, MNN and ONNX Runtime run models this
-file converts itself (torch -> ONNX -> OpenVINO IR / MNN), on golden inputs, every exposed tensor
-mapped to a module path.
+"""Real runtimes as candidates (refghost.runtimes): OpenVINO, MNN, LiteRT and ONNX Runtime run models
+this file converts itself (torch -> ONNX -> OpenVINO IR / MNN; refghost weights -> .tflite with
+tests/tflite_writer.py, no TFLite converter installing within CI's limits), on golden inputs,
+every exposed tensor mapped to a module path.
 
 Small models (width 0.5, 64x64) check mapping coverage, layouts, values, the precision reported,
 errors and a bug written into the weights; one honest run per runtime at 320x320 (width 1.0), at
@@ -22,6 +23,7 @@ import torch
 import torch_ghostnet as tg
 from onnx import numpy_helper
 from onnx_bank import _anonymize, _export_torchscript
+from tflite_writer import write_ghostnet_tflite
 
 from refghost import Config
 from refghost.cli import main
@@ -30,7 +32,8 @@ from refghost.golden import make_golden, read_golden, write_golden
 from refghost.runtimes import RuntimeMissing, run_model
 from refghost.weights import from_tensors
 
-import MNN  # noqa: F401  (the runtimes are in the test extra: a missing one fails loudly)
+import ai_edge_litert.interpreter  # noqa: F401  (the runtimes are in the test extra: a missing one fails loudly)
+import MNN  # noqa: F401
 import openvino as ov
 
 OUTPUTS = ("blocks.4", "blocks.6", "blocks.9")
@@ -97,6 +100,9 @@ class Models:
             _mnnconvert(folder / f"{name}.onnx", folder / f"{name}.mnn")
         if bug:
             _openvino_ir(self.onnx, folder / "model_fp16.xml", compress_to_fp16=True)
+        write_ghostnet_tflite(self.golden.weights, folder / "model.tflite", x.shape)
+        if bug:
+            write_ghostnet_tflite(self.golden.weights, folder / "bug.tflite", x.shape, bug_layer=f"{BUG_MODULE}.0")
 
 
 @pytest.fixture(scope="session")
@@ -109,7 +115,7 @@ def large(tmp_path_factory):
     return Models(tmp_path_factory.mktemp("rt_large"), width=1.0, size=320, seed=1)
 
 
-def _expected_layers(golden, *, fused_activations: bool) -> set[str]:
+def _expected_layers(golden, *, fused_activations: bool, se_conv_fused: bool = False) -> set[str]:
     """The layers whose output a runtime exposes: every node but a conv whose BN was folded into it
     (and, where activations are fused, a conv or BN followed by its activation)."""
     graph = golden.weights.graph
@@ -122,12 +128,15 @@ def _expected_layers(golden, *, fused_activations: bool) -> set[str]:
             skip.add(node.name)
         if fused_activations and node.op in ("conv", "batch_norm") and consumers[0].op == "act":
             skip.add(node.name)
+        if se_conv_fused and node.op == "conv" and consumers[0].op == "hard_sigmoid":
+            skip.add(node.name)  # LiteRT: it computes relu6(conv + 3), the gate's first steps
     return {n.name for n in graph.nodes} - skip
 
 
 def _check_run(run, golden, *, fused_activations: bool, min_cosine: float):
     """Coverage, shapes and closeness of a run; returns its comparison report."""
-    expected = _expected_layers(golden, fused_activations=fused_activations)
+    litert = run.runtime == "litert"
+    expected = _expected_layers(golden, fused_activations=fused_activations, se_conv_fused=litert)
     mapped = {module for module, _ in run.mapping.values()}
     assert mapped == expected, (sorted(expected - mapped)[:5], sorted(mapped - expected)[:5])
     assert len(run.mapping) == len(expected) <= run.exposed
@@ -135,7 +144,8 @@ def _check_run(run, golden, *, fused_activations: bool, min_cosine: float):
         # the exposed tensors that hold no layer: the two steps of each SE's hard-sigmoid before its
         # last op ((x + 3) and its clip; the division is the gate)
         n_se = sum(n.op == "scale" for n in golden.weights.graph.nodes)
-        assert run.exposed - len(run.mapping) == 2 * n_se, (run.exposed, len(run.mapping), n_se)
+        # (LiteRT: one per SE, its second conv computing relu6(x + 3))
+        assert run.exposed - len(run.mapping) == (1 if litert else 2) * n_se, (run.exposed, len(run.mapping), n_se)
     reference = golden.tensors()
     for name, value in run.tensors.items():
         assert value.shape == reference[name].shape, name
@@ -208,9 +218,23 @@ def test_mnn_structure_fallback_gives_the_same_tensors(small):
 
 
 # ------------------------------------------------------------------------------------------
+# LiteRT
+# ------------------------------------------------------------------------------------------
+def test_litert_maps_every_layer_and_matches(small):
+    for precise in (False, True):
+        run = run_model(str(small.folder / "model.tflite"), small.golden, precise=precise, threads=2)
+        assert run.runtime == "litert" and run.options["num_threads"] == "2"
+        assert run.options["delegate"] == ("none" if precise else "default (XNNPACK)")
+        _check_run(run, small.golden, fused_activations=True, min_cosine=0.99999)
+        assert {how for _, how in run.mapping.values()} == {"by conv weights and data flow"}
+        assert run.precision.is_float32
+        print(f"litert precise={precise}: {run.mapping_summary()}; {run.precision}")
+
+
+# ------------------------------------------------------------------------------------------
 # A bug in the weights shows at its module, in every runtime
 # ------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("ext", [".onnx", ".xml", ".mnn"])
+@pytest.mark.parametrize("ext", [".onnx", ".xml", ".mnn", ".tflite"])
 def test_a_weight_bug_differs_first_at_its_module(small, ext):
     honest = run_model(str(small.folder / f"model{ext}"), small.golden, precise=True)
     bug = run_model(str(small.folder / f"bug{ext}"), small.golden, precise=True)
@@ -226,7 +250,8 @@ def test_a_weight_bug_differs_first_at_its_module(small, ext):
 # ------------------------------------------------------------------------------------------
 # Errors
 # ------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("module, package, ext", [("openvino", "openvino", ".xml"), ("MNN", "mnn", ".mnn")])
+@pytest.mark.parametrize("module, package, ext", [("openvino", "openvino", ".xml"), ("MNN", "mnn", ".mnn"),
+                                                  ("ai_edge_litert", "ai-edge-litert", ".tflite")])
 def test_missing_runtime_package_is_named(small, module, package, ext):
     code = (f"import sys; sys.modules[{module!r}] = None\n"
             f"from refghost.cli import main\n"
@@ -239,7 +264,7 @@ def test_missing_runtime_package_is_named(small, module, package, ext):
         require("refghost_no_such_runtime", "no-such-runtime")
 
 
-@pytest.mark.parametrize("ext, runtime", [(".xml", "OpenVINO"), (".mnn", "MNN")])
+@pytest.mark.parametrize("ext, runtime", [(".xml", "OpenVINO"), (".mnn", "MNN"), (".tflite", "LiteRT")])
 def test_a_model_the_runtime_refuses_exits_2_with_its_message(small, tmp_path, capsys, ext, runtime):
     bad = tmp_path / f"bad{ext}"
     bad.write_bytes(b"\x00\x01 not a model")
@@ -310,7 +335,7 @@ def test_onnxruntime_behind_the_interface_gives_the_old_tensors(small):
 # ------------------------------------------------------------------------------------------
 # Honest runs at 320x320 (width 1.0): verdicts recorded, values asserted close
 # ------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("ext, fused", [(".xml", False), (".mnn", True), (".onnx", False)])
+@pytest.mark.parametrize("ext, fused", [(".xml", False), (".mnn", True), (".tflite", True), (".onnx", False)])
 def test_honest_320_runs(large, ext, fused):
     for precise in (False, True):
         t0 = time.perf_counter()
@@ -325,3 +350,22 @@ def test_honest_320_runs(large, ext, fused):
               f"{run.precision.arithmetic}; run {seconds:.1f} s; float32 bounds: passed={report.passed}; "
               f"{policy} bounds: passed={verdict.passed}, {len(bad)} outside, first divergent "
               f"{verdict.first_divergent}")
+
+
+# ------------------------------------------------------------------------------------------
+# A protobuf that onnx cannot use (what MNN's mnnconvert wrapper installs) is named, not a traceback
+# ------------------------------------------------------------------------------------------
+def test_an_old_protobuf_is_explained(small, tmp_path):
+    """protobuf 5.29 (the version MNN's converter wrapper pulled in here) shadows the installed one
+    in a child process: refghost's ONNX paths say which packages clash and how to fix it."""
+    target = tmp_path / "old_protobuf"
+    done = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(target),
+                           "protobuf==5.29.5"], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    code = (f"import sys; sys.path.insert(0, {str(target)!r})\n"
+            f"from refghost.cli import main\n"
+            f"sys.exit(main(['compare', {str(small.golden_path)!r}, {str(small.onnx)!r}]))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "cannot be imported with the installed 'protobuf' (5.29.5)" in done.stderr, done.stderr[-2000:]
+    assert 'pip install "protobuf>=' in done.stderr and "Traceback" not in done.stderr
