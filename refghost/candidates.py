@@ -4,7 +4,9 @@
   (``blocks.4``); in an ``.h5`` file, dataset paths under ``outputs/`` or ``intermediates/`` (a
   golden file's layout) lose that prefix, and other ``/`` separators become ``.``;
 * ``.npy``: one array, the network's only output unless ``--map`` names it;
-* ``.onnx``: run with ONNX Runtime on the golden input (:mod:`refghost.onnx_candidate`).
+* a model file (``.onnx``, ``.xml``, ``.mnn``, ``.param``, ``.tflite``): run on the golden input by
+  its runtime (:func:`refghost.runtimes.run_model`; ``.onnx`` with ONNX Runtime unless
+  ``runtime=`` says otherwise), every tensor it exposes mapped to a module path.
 
 ``maps`` renames candidate arrays (``{"cand_name": "module.path"}``), for dumps named otherwise
 (ncnn blob names, TFLite tensor names, C variable names).
@@ -21,16 +23,33 @@ from .golden import Golden
 
 
 def load_candidate(path, golden: Golden, *, maps: dict | None = None, threads: int = 1,
-                   optimization: str = "all") -> tuple[dict, str, list[str]]:
-    """Return ``(tensors, description, notes)`` for the candidate file at ``path``."""
+                   optimization: str = "all", runtime: str | None = None, precise: bool = False,
+                   options: dict | None = None, run: list | None = None) -> tuple[dict, str, list[str]]:
+    """Return ``(tensors, description, notes)`` for the candidate file at ``path``.
+
+    A model file runs in ``runtime`` (default: by extension) with ``precise`` and ``options``
+    (see :func:`refghost.runtimes.run_model`; ``optimization`` is ONNX Runtime's); the
+    :class:`~refghost.runtimes.RuntimeRun` is appended to ``run`` when a list is given.
+    """
+    from .runtimes import EXTENSIONS, run_model
+
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise CompareError(f"{path}: no such candidate file")
     notes = []
-    if path.endswith(".onnx"):
-        from .onnx_candidate import run_onnx
-
-        tensors, description, notes = run_onnx(path, golden, threads=threads, optimization=optimization)
+    if runtime is not None or os.path.splitext(path)[1].lower() in EXTENSIONS:
+        options = dict(options or {})
+        if (runtime or "onnxruntime") == "onnxruntime" and path.lower().endswith(".onnx"):
+            options.setdefault("optimization", optimization)
+        result = run_model(path, golden, runtime=runtime, precise=precise, options=options, threads=threads)
+        if run is not None:
+            run.append(result)
+        tensors, notes = result.tensors, list(result.notes)
+        if result.runtime == "onnxruntime":  # the description refghost gave ONNX candidates before
+            description = (f"{path} (ONNX Runtime {result.version}, {threads} thread(s), optimization "
+                           f"{result.options['optimization']})")
+        else:
+            description = result.describe()
     elif path.endswith(".npz"):
         try:
             with np.load(path, allow_pickle=False) as data:
@@ -57,7 +76,8 @@ def load_candidate(path, golden: Golden, *, maps: dict | None = None, threads: i
         tensors = _read_h5(path)
         description = f"{path} ({len(tensors)} arrays)"
     else:
-        raise CompareError(f"{path}: unknown candidate type; give .onnx, .npz, .npy or .h5")
+        raise CompareError(f"{path}: unknown candidate type; give a model file ("
+                           + ", ".join(EXTENSIONS) + "), or arrays as .npz, .npy or .h5")
     if maps:
         unknown = [k for k in maps if k not in tensors]
         if unknown:

@@ -6,6 +6,10 @@
                      [--out-stages 4,6,9]
     refghost golden --weights W.h5 --out golden.h5 [--input x.npy | IMAGE | --seed N] [--intermediates]
     refghost compare golden.h5 model.onnx|dump.npz|dump.h5|out.npy [--json report.json] [--map a=b]
+    refghost compare golden.h5 model.xml|model.mnn|model.param|model.tflite [--runtime NAME] [--precise]
+                     [--runtime-option KEY=VALUE] [--threads N]
+    refghost dump golden.h5 MODEL --out dump.npz  # the runtime's tensors on the golden input, by module path
+    refghost map MODEL [--golden golden.h5] [--json]  # runtime tensor -> module path, and how matched
     refghost info W.h5|golden.h5 [--json]
     refghost export W.h5 --out state_dict.npz|state_dict.pth
 
@@ -78,15 +82,28 @@ def make_parser() -> argparse.ArgumentParser:
     comp.add_argument("--json", help="write the full report to this JSON file")
     comp.add_argument("--map", action="append", default=[], metavar="CAND=MODULE",
                       help="rename a candidate array to a module path or output name (repeatable)")
-    comp.add_argument("--policy", choices=tuple(POLICIES), default="float32",
-                      help="how the backend rounds: " + "; ".join(f"{p.name}: {p.description}"
-                                                                   for p in POLICIES.values()))
+    comp.add_argument("--policy", choices=("auto",) + tuple(POLICIES), default="auto",
+                      help="how the backend rounds (default auto: the precision the runtime reports for a model "
+                           "file, float32 for arrays): " + "; ".join(f"{p.name}: {p.description}"
+                                                                     for p in POLICIES.values()))
     comp.add_argument("--verbose", action="store_true", help="print every compared tensor, not only the failing ones")
     comp.add_argument("--atol", type=float, help="override the derived bounds with atol + rtol*|reference|")
     comp.add_argument("--rtol", type=float, help="see --atol")
-    comp.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads")
     comp.add_argument("--ort-optimization", choices=("all", "none"), default="all",
                       help="ONNX Runtime graph optimization level")
+    _runtime_arguments(comp)
+    dump = sub.add_parser("dump", help="run a model file in its runtime on a golden input and write its "
+                                       "tensors by module path (.npz)")
+    dump.add_argument("golden", help="golden file written by `refghost golden` (its input is fed)")
+    dump.add_argument("model", help="model file: .onnx .xml .mnn .param .tflite")
+    dump.add_argument("--out", required=True, help=".npz to write (arrays named by module path or output name)")
+    _runtime_arguments(dump)
+    mapc = sub.add_parser("map", help="show which runtime tensor holds which layer, and how it was matched")
+    mapc.add_argument("model", help="model file: .onnx .xml .mnn .param .tflite")
+    mapc.add_argument("--golden", help="golden file giving the network and the input shape (needed unless "
+                                       "the model is .onnx, whose weights and input shape are read from it)")
+    mapc.add_argument("--json", action="store_true", help="print JSON instead of text")
+    _runtime_arguments(mapc)
     info = sub.add_parser("info", help="describe and validate a weights or golden file")
     info.add_argument("file", help="weights file or golden file")
     info.add_argument("--json", action="store_true", help="print JSON instead of text")
@@ -95,6 +112,29 @@ def make_parser() -> argparse.ArgumentParser:
     export.add_argument("weights", help="refghost weights file")
     export.add_argument("--out", required=True, help=".npz (NumPy) or .pth (needs torch) state_dict to write")
     return parser
+
+
+def _runtime_arguments(parser) -> None:
+    """The options of a run of a model file in its runtime (compare, dump, map)."""
+    from .runtimes import RUNTIMES
+
+    parser.add_argument("--runtime", choices=tuple(RUNTIMES),
+                        help="runtime that runs the model file (default: by extension; .onnx: onnxruntime)")
+    parser.add_argument("--precise", action="store_true",
+                        help="the runtime's most precise settings instead of its defaults")
+    parser.add_argument("--runtime-option", action="append", default=[], metavar="KEY=VALUE",
+                        help="a runtime setting (OpenVINO property, MNN precision, ncnn opt flag...), repeatable")
+    parser.add_argument("--threads", type=int, default=1, help="threads of the runtime")
+
+
+def _runtime_options(args) -> dict[str, str]:
+    options = {}
+    for item in args.runtime_option:
+        if "=" not in item:
+            raise RefghostError(f"--runtime-option {item!r}: expected KEY=VALUE")
+        key, value = item.split("=", 1)
+        options[key.strip()] = value.strip()
+    return options
 
 
 def _load_input(image: str):
@@ -220,15 +260,95 @@ def cmd_compare(args) -> int:
         key, value = item.split("=", 1)
         maps[key] = value
     golden = read_golden(args.golden)
+    runs = []
     tensors, description, notes = load_candidate(args.candidate, golden, maps=maps, threads=args.threads,
-                                                 optimization=args.ort_optimization)
-    report = compare(golden, tensors, policy=args.policy, atol=args.atol, rtol=args.rtol,
-                     candidate_name=description, notes=notes)
+                                                 optimization=args.ort_optimization, runtime=args.runtime,
+                                                 precise=args.precise, options=_runtime_options(args), run=runs)
+    policy, runtime = args.policy, None
+    if runs:
+        runtime = runs[0].summary()
+        precision = runs[0].precision
+        if policy == "auto":
+            policy = runtime["policy"] = precision.policy
+            if not precision.is_float32:
+                notes = [*notes, f"the runtime did not run in float32 ({precision.detail}): judged under "
+                                 f"--policy {policy}; --precise runs it at its most precise settings"]
+        elif policy != precision.policy:
+            notes = [*notes, f"the runtime reports {precision.policy} precision ({precision.detail}); judged under "
+                             f"--policy {policy} as asked"]
+    elif policy == "auto":
+        policy = "float32"  # arrays from a file say nothing of how they were computed
+    report = compare(golden, tensors, policy=policy, atol=args.atol, rtol=args.rtol,
+                     candidate_name=description, notes=notes, runtime=runtime)
     print(format_report(report, verbose=args.verbose))
     if args.json:
         with atomic_path(args.json) as tmp, open(tmp, "w") as f:
             json.dump(report.to_json(), f, indent=1)
     return 0 if report.passed else 1
+
+
+def cmd_dump(args) -> int:
+    from .golden import read_golden
+    from .runtimes import run_model
+
+    if not args.out.endswith(".npz"):
+        raise RefghostError(f"--out {args.out}: dumps are written as .npz; give a path ending in .npz")
+    folder = os.path.dirname(os.path.abspath(args.out))
+    if not os.path.isdir(folder):
+        raise RefghostError(f"--out {args.out}: folder {folder} does not exist")
+    if not os.path.isfile(args.model):
+        raise RefghostError(f"{args.model}: no such model file")
+    golden = read_golden(args.golden)
+    run = run_model(args.model, golden, runtime=args.runtime, precise=args.precise,
+                    options=_runtime_options(args), threads=args.threads)
+    with atomic_path(args.out) as tmp:
+        with open(tmp, "wb") as f:
+            np.savez(f, **run.tensors)
+    p = run.precision
+    print(f"wrote {args.out}: {len(run.tensors)} tensors from {run.describe()}; {run.mapping_summary()}; "
+          f"precision arithmetic {p.arithmetic}, weights {p.weights}, activations {p.activations}")
+    return 0
+
+
+def cmd_map(args) -> int:
+    import json
+
+    from .runtimes import run_model
+
+    if not os.path.isfile(args.model):
+        raise RefghostError(f"{args.model}: no such model file")
+    golden = _golden_for_map(args)
+    run = run_model(args.model, golden, runtime=args.runtime, precise=args.precise,
+                    options=_runtime_options(args), threads=args.threads)
+    if args.json:
+        print(json.dumps(run.summary(), indent=1))
+        return 0
+    print(f"{run.describe()}")
+    print(run.mapping_summary())
+    width = max((len(k) for k in run.mapping), default=0)
+    for tensor, (module, how) in run.mapping.items():
+        print(f"  {tensor:<{width}}  {module:<44} {how}")
+    return 0
+
+
+def _golden_for_map(args):
+    """The golden a map runs on: ``--golden``, else one made from an ONNX model's own weights on a
+    seeded input of its input shape (outputs only)."""
+    from .golden import make_golden, read_golden
+
+    if args.golden:
+        return read_golden(args.golden)
+    if not args.model.lower().endswith(".onnx"):
+        raise RefghostError(f"{args.model}: give --golden golden.h5 (the network and the input shape); only an "
+                            f".onnx model carries what refghost needs to make one")
+    from .onnx_import import import_onnx, read_onnx
+
+    shape = read_onnx(args.model).input_shape
+    if shape is None or any(d is None for d in shape):
+        raise RefghostError(f"{args.model}: its input shape is not fixed ({shape}); give --golden golden.h5")
+    weights = import_onnx(args.model)
+    x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+    return make_golden(weights, x)
 
 
 def describe(path: str) -> dict:
@@ -325,7 +445,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.argv = argv
     commands = {"run": cmd_run, "convert": cmd_convert, "golden": cmd_golden, "compare": cmd_compare,
-                "info": cmd_info, "export": cmd_export}
+                "dump": cmd_dump, "map": cmd_map, "info": cmd_info, "export": cmd_export}
     try:
         return commands[args.command](args)
     except RefghostError as exc:

@@ -109,11 +109,14 @@ class Report:
             return v
 
         tensors = [{k: clean(v) for k, v in asdict(t).items()} for t in self.tensors]
-        return {"golden": self.golden, "candidate": self.candidate, "policy": self.policy,
-                "passed": self.passed, "first_divergent": self.first_divergent,
-                "consistent_with": self.consistent_with,
-                "isolated_failures": [[n, clean(r)] for n, r in self.isolated_failures],
-                "diagnosis": self.diagnosis, "notes": self.notes, "runtime": self.runtime, "tensors": tensors}
+        report = {"golden": self.golden, "candidate": self.candidate, "policy": self.policy,
+                  "passed": self.passed, "first_divergent": self.first_divergent,
+                  "consistent_with": self.consistent_with,
+                  "isolated_failures": [[n, clean(r)] for n, r in self.isolated_failures],
+                  "diagnosis": self.diagnosis, "notes": self.notes, "tensors": tensors}
+        if self.runtime:
+            report["runtime"] = self.runtime
+        return report
 
 
 def _ordered_ints(a: np.ndarray) -> np.ndarray:
@@ -367,16 +370,18 @@ def _diagnose(report: Report, golden: Golden, tensors: list[_Tensor], by_node: d
     checked = [r for r in results if r.isolated_ratio is not None]
     failures = report.isolated_failures
     widespread = not failures or len(failures) >= _WIDESPREAD * len(checked)
-    if looser and not structural and not report.runtime.get("policy"):
+    if looser and not structural:
         names = list(POLICIES)
         for name in names[names.index(policy.name) + 1:]:
             if not _verdict(_judge(golden, tensors, by_node, POLICIES[name], None, None)):
                 continue
             if widespread:
                 report.consistent_with = name
+                reported = report.runtime.get("policy")
                 report.diagnosis.append(
                     f"the errors are those of an honest backend with {POLICIES[name].description}: every check "
-                    f"passes under --policy {name}; no layer computes a different function at that precision")
+                    f"passes under --policy {name}; no layer computes a different function at that precision"
+                    + (f" (the runtime reports {reported}: check its precision settings)" if reported else ""))
             else:
                 report.diagnosis.append(
                     f"only {len(failures)} of {len(checked)} layers fail their isolated check: a localized "
@@ -406,6 +411,14 @@ def _keep(by_node: dict, golden: Golden, name: str, value: np.ndarray) -> None:
         by_node[node] = value
 
 
+def _hows(mapping: dict) -> dict[str, int]:
+    """How many tensors of a runtime's mapping were matched each way."""
+    hows: dict[str, int] = {}
+    for entry in mapping.values():
+        hows[entry["how"]] = hows.get(entry["how"], 0) + 1
+    return hows
+
+
 def _few(names) -> str:
     names = list(names)
     return ", ".join(names[:4]) + (f", ... ({len(names)} in all)" if len(names) > 4 else "")
@@ -423,10 +436,13 @@ def format_report(report: Report, *, verbose: bool = False) -> str:
     """The human report: verdict and diagnosis first, then the failing tensors with the rows around
     them (every row with ``verbose``), then a legend."""
     lines = [f"golden    {report.golden}", f"candidate {report.candidate}"]
-    rt = report.runtime
-    if rt:
-        lines.append(f"runtime   {rt.get('runtime', '?')} {rt.get('version', '')}; precision in effect: "
-                     f"{rt.get('precision', 'float32')}")
+    if report.runtime:
+        run = report.runtime
+        p = run["precision"]
+        lines.append(f"runtime   {run['runtime']} {run['version']}: precision in effect arithmetic {p['arithmetic']}, "
+                     f"weights {p['weights']}, activations {p['activations']} ({p['detail']})")
+        lines.append(f"mapping   {run['mapped']} of {run['exposed']} exposed tensors mapped to layers "
+                     f"({', '.join(f'{n} {how}' for how, n in _hows(run['mapping']).items())})")
     lines.append(f"policy    {report.policy} ({POLICIES[report.policy].description})")
     lines += [f"note      {n}" for n in report.notes]
     n = len(report.tensors)

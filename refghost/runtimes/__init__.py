@@ -18,14 +18,15 @@ from __future__ import annotations
 
 import importlib
 import os
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from ..arch import output_shapes
 from ..compare import CompareError
 
-__all__ = ["EXTENSIONS", "RUNTIMES", "Precision", "RuntimeMissing", "RuntimeRun", "require", "run_model",
-           "runtime_for"]
+__all__ = ["EXTENSIONS", "RUNTIMES", "Precision", "RuntimeFailed", "RuntimeMissing", "RuntimeRun", "collect", "layer_shapes",
+           "require", "run_model", "runtime_for", "to_golden_shape"]
 
 #: Runtime name -> the module of this package that runs it.
 RUNTIMES = {
@@ -41,6 +42,10 @@ EXTENSIONS = {".onnx": "onnxruntime", ".xml": "openvino", ".mnn": "mnn", ".param
 
 class RuntimeMissing(CompareError):
     """The runtime a candidate needs is not installed."""
+
+
+class RuntimeFailed(CompareError):
+    """The runtime refused the model or crashed on it (the message is the runtime's)."""
 
 
 @dataclass(frozen=True)
@@ -62,6 +67,24 @@ class Precision:
     def is_float32(self) -> bool:
         return self.arithmetic == self.weights == self.activations == "float32"
 
+    @property
+    def policy(self) -> str:
+        """The precision policy (:data:`refghost.bounds.POLICIES`) that bounds a run at this precision.
+
+        Narrow arithmetic gives that format's arithmetic policy: a runtime does not say whether it
+        accumulates in float32, so the looser model is taken. Otherwise the storage formats give
+        the storage policies; a bfloat16 weight with float32 tensors is bounded as bfloat16 storage.
+        """
+        if self.arithmetic != "float32":
+            return self.arithmetic
+        if self.activations != "float32":
+            return f"{self.activations}-storage"
+        if self.weights == "float16":
+            return "float16-weights"
+        if self.weights == "bfloat16":
+            return "bfloat16-storage"
+        return "float32"
+
 
 @dataclass
 class RuntimeRun:
@@ -75,10 +98,26 @@ class RuntimeRun:
     mapping: dict[str, tuple[str, str]]  # runtime tensor name -> (module path, how it was matched)
     exposed: int  # how many tensors the runtime exposed
     notes: list[str] = field(default_factory=list)
+    model: str = ""  # the model file that ran
 
     def describe(self) -> str:
         opts = ", ".join(f"{k}={v}" for k, v in self.options.items())
-        return f"{self.runtime} {self.version}" + (f" ({opts})" if opts else "")
+        return f"{self.model} ({self.runtime} {self.version}" + (f", {opts})" if opts else ")")
+
+    def mapping_summary(self) -> str:
+        """``"183 of 497 exposed tensors mapped to layers (183 by exporter scope names)"``."""
+        hows: dict[str, int] = {}
+        for _, how in self.mapping.values():
+            hows[how] = hows.get(how, 0) + 1
+        detail = ", ".join(f"{n} {how}" for how, n in hows.items())
+        return f"{len(self.mapping)} of {self.exposed} exposed tensors mapped to layers" + (f" ({detail})" if detail
+                                                                                          else "")
+
+    def summary(self) -> dict:
+        """The run as JSON-ready data (the ``runtime`` entry of a ``--json`` report)."""
+        return {"runtime": self.runtime, "version": self.version, "model": self.model, "options": self.options,
+                "precision": asdict(self.precision), "exposed": self.exposed, "mapped": len(self.mapping),
+                "mapping": {k: {"module": m, "how": h} for k, (m, h) in self.mapping.items()}, "notes": self.notes}
 
 
 def require(module: str, package: str):
@@ -109,3 +148,38 @@ def run_model(path: str, golden, *, runtime: str | None = None, precise: bool = 
     name = runtime_for(path, runtime)
     module = importlib.import_module(f"{__name__}.{RUNTIMES[name]}")
     return module.run(path, golden, precise=precise, options=dict(options or {}), threads=threads)
+
+
+def to_golden_shape(array: np.ndarray, shape: tuple[int, ...], layout: str = "NCHW") -> np.ndarray:
+    """``array`` as the golden's NCHW ``shape``: moved from ``layout`` (``NCHW``, ``NHWC``, ``CHW``,
+    ``HWC``) and given back dropped axes of length 1 (a pooled ``(N, C)`` vector is ``(N, C, 1, 1)``).
+    An array of another size is returned as it is (the comparison reports the shape mismatch)."""
+    array = np.asarray(array)
+    if layout in ("NHWC", "HWC") and array.ndim == len(layout):
+        array = np.moveaxis(array, -1, -3)
+    if array.shape != tuple(shape) and array.size == int(np.prod(shape)):
+        array = array.reshape(shape)
+    return array
+
+
+def layer_shapes(golden) -> dict[str, tuple[int, ...]]:
+    """The NCHW shape of every layer's output on ``golden``'s input."""
+    n, _, h, w = golden.input.shape
+    return output_shapes(golden.weights.graph, n, h, w)
+
+
+def collect(golden, outputs: list[np.ndarray], values: dict[str, np.ndarray], mapping: dict[str, str], how: str,
+            layout: str = "NCHW") -> tuple[dict[str, np.ndarray], dict[str, tuple[str, str]]]:
+    """``(tensors, mapping)`` of a run: the deployed ``outputs`` (in the model's output order) under
+    the golden's output names, and every mapped runtime tensor of ``values`` under its module path,
+    each in the golden's shape. ``mapping`` comes back as ``{runtime name: (module path, how)}``."""
+    names = list(golden.outputs)
+    if len(outputs) != len(names):
+        raise CompareError(f"the model has {len(outputs)} outputs, the golden has {len(names)} ({names})")
+    shape_of = layer_shapes(golden)
+    tensors = {name: to_golden_shape(out, golden.outputs[name].shape, layout) for name, out in zip(names, outputs)}
+    for runtime_name, layer in mapping.items():
+        if runtime_name in values and layer not in tensors:
+            value = values[runtime_name]
+            tensors[layer] = to_golden_shape(value, shape_of[layer], layout) if layer in shape_of else value
+    return tensors, {k: (v, how) for k, v in mapping.items()}
