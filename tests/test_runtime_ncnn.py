@@ -46,13 +46,15 @@ def pnnx_executable() -> str:
     return found
 
 
-def export(model, shape, folder: Path, stem: str = "model") -> tuple[Path, Path]:
+def export(model, shape, folder: Path, stem: str = "model", *, onnx_too: bool = True) -> tuple[Path, Path | None]:
     """Write ``model`` as TorchScript (``torch.jit.trace``) and ONNX (TorchScript exporter, opset 17)."""
     folder.mkdir(parents=True, exist_ok=True)
     x = torch.zeros(shape)
     pt, onnx_path = folder / f"{stem}.pt", folder / f"{stem}.onnx"
     with torch.no_grad():
         torch.jit.trace(model, x).save(str(pt))
+        if not onnx_too:
+            return pt, None
         torch.onnx.export(model, (x,), str(onnx_path), dynamo=False, opset_version=17, input_names=["input"],
                           output_names=[f"out{i}" for i in range(len(model(x)))])
     return pt, onnx_path
@@ -71,14 +73,18 @@ def convert(source: Path, shape, folder: Path, *, fp16: bool = True) -> Path:
     return param
 
 
-def make_case(folder: Path, *, width: float, size: int, activation: str = "ReLU", seed: int = 0, batch: int = 1):
-    """A seeded GhostNet, its golden (float64 oracle of every layer) and its TorchScript/ONNX files."""
+def make_case(folder: Path | None, *, width: float, size: int, activation: str = "ReLU", seed: int = 0,
+              onnx_too: bool = True):
+    """A seeded GhostNet, its golden (float64 oracle of every layer) and its TorchScript/ONNX files
+    (none when ``folder`` is None)."""
     model = tg.randomize(tg.build("nanodet", width, activation, (4, 6, 9)), seed)
     weights = from_tensors(tg.state_dict_numpy(model), Config(arch="nanodet", width=width, activation=activation,
                                                               out_stages=(4, 6, 9)))
-    x = np.random.default_rng(seed).standard_normal((batch, 3, size, size)).astype(np.float32)
+    x = np.random.default_rng(seed).standard_normal((1, 3, size, size)).astype(np.float32)
     golden = make_golden(weights, x, intermediates=True)
-    pt, onnx_path = export(model, (1, 3, size, size), folder)
+    if folder is None:
+        return golden, None, None
+    pt, onnx_path = export(model, (1, 3, size, size), folder, onnx_too=onnx_too)
     return golden, pt, onnx_path
 
 
@@ -105,6 +111,14 @@ def small(tmp_path_factory):
     params = {f"{src}_{'fp16' if fp16 else 'fp32'}": convert(path, shape, root / f"{src}_{int(fp16)}", fp16=fp16)
               for src, path in (("ts", pt), ("onnx", onnx_path)) for fp16 in (True, False)}
     return golden, params, root, onnx_path
+
+
+@pytest.fixture(scope="session")
+def leaky(tmp_path_factory):
+    """The small network with LeakyReLU(0.1): its golden and its ncnn model (fp16=0, from TorchScript)."""
+    root = tmp_path_factory.mktemp("ncnn_leaky")
+    golden, pt, _ = make_case(root / "src", activation="LeakyReLU", onnx_too=False, **SMALL)
+    return golden, convert(pt, golden.input.shape, root / "ncnn", fp16=False)
 
 
 def _run(param, golden, **kw):
@@ -191,9 +205,8 @@ def test_batch_runs_image_by_image(small):
         assert np.array_equal(both.tensors[name][:1], value), name
 
 
-def test_a_leaky_relu_network_maps_its_fused_activation(tmp_path):
-    golden, pt, _ = make_case(tmp_path / "src", activation="LeakyReLU", **SMALL)
-    param = convert(pt, golden.input.shape, tmp_path / "ncnn", fp16=False)
+def test_a_leaky_relu_network_maps_its_fused_activation(leaky):
+    golden, param = leaky
     run = _run(param, golden, precise=True)
     assert run.exposed == len(run.mapping) > 150
     assert any(layer.get(9) == 2 for layer in rncnn.parse_param(str(param)).layers)  # fused LeakyReLU
@@ -201,14 +214,14 @@ def test_a_leaky_relu_network_maps_its_fused_activation(tmp_path):
     assert min(t.cosine for t in report.tensors) > 0.999
 
 
-def test_a_model_of_another_network_does_not_align(small, tmp_path):
-    """A ReLU golden against a LeakyReLU ncnn model: refused, naming the layer that does not fit."""
+def test_a_model_of_another_network_does_not_align(small, leaky):
+    """A ReLU golden against a LeakyReLU ncnn model, a 1.0x golden against a 0.5x model: refused,
+    naming the layer that does not fit."""
     golden, _, _, _ = small
-    _, pt, _ = make_case(tmp_path / "src", activation="LeakyReLU", **SMALL)
-    param = convert(pt, golden.input.shape, tmp_path / "ncnn")
+    _, param = leaky
     with pytest.raises(CompareError, match=r"cannot match .* by structure: Convolution \S+ \(line 4\) has a fused LeakyReLU, act1 is ReLU"):
         _run(param, golden)
-    wider, _, _ = make_case(tmp_path / "wide", width=1.0, size=64)
+    wider, _, _ = make_case(None, width=1.0, size=64)
     with pytest.raises(CompareError, match="output channels"):
         _run(small[1]["ts_fp32"], wider)
 
@@ -296,12 +309,16 @@ def test_a_bad_param_file_names_its_line(small, tmp_path, edit, message):
         _run(_edit(params["ts_fp32"], tmp_path, edit), golden)
 
 
-def test_a_bin_that_does_not_belong(small, tmp_path):
+def test_a_bin_that_does_not_belong(small, leaky, tmp_path):
     golden, params, _, _ = small
     param = _edit(params["ts_fp32"], tmp_path, lambda lines: None)
-    shutil.copyfile(params["ts_fp16"].with_suffix(".bin"), param.with_suffix(".bin"))
-    with pytest.raises(CompareError, match="does not belong to this .param"):
-        _run(param, golden)
+    data = params["ts_fp32"].with_suffix(".bin").read_bytes()
+    for wrong, message in [(data[:-100], r"ends at byte \d+ inside the weights of Convolution"),
+                           (data + bytes(8), r"the layers of .* read \d+"),
+                           (b"\x47\x6b\x30\x01" + data[4:], "does not belong")]:  # a float16 tag on float32 data
+        param.with_suffix(".bin").write_bytes(wrong)
+        with pytest.raises(CompareError, match=message):
+            _run(param, golden)
     param.with_suffix(".bin").unlink()
     with pytest.raises(CompareError, match="cannot read the ncnn weights"):
         _run(param, golden)
@@ -313,7 +330,7 @@ def test_a_bin_that_does_not_belong(small, tmp_path):
 def full(tmp_path_factory):
     """GhostNet 1.0x at 320x320 from TorchScript, pnnx's default (fp16 weights) and fp16=0."""
     root = tmp_path_factory.mktemp("ncnn_full")
-    golden, pt, _ = make_case(root / "src", width=1.0, size=320)
+    golden, pt, _ = make_case(root / "src", width=1.0, size=320, onnx_too=False)
     return golden, {fp16: convert(pt, golden.input.shape, root / f"fp16_{int(fp16)}", fp16=fp16) for fp16 in (True, False)}
 
 
