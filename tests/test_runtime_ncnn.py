@@ -214,6 +214,20 @@ def test_a_leaky_relu_network_maps_its_fused_activation(leaky):
     assert min(t.cosine for t in report.tensors) > 0.999
 
 
+def test_the_imagenet_classifier_maps_its_head(tmp_path):
+    """Huawei's classifier: global pool, conv_head (an InnerProduct with ReLU), Flatten, classifier."""
+    model = tg.randomize(tg.build("ghostnet", 0.5, num_classes=10), 0)
+    weights = from_tensors(tg.state_dict_numpy(model), Config(arch="ghostnet", width=0.5, num_classes=10))
+    golden = make_golden(weights, np.random.default_rng(0).standard_normal((1, 3, 64, 64)).astype(np.float32),
+                         intermediates=True)
+    pt, _ = export(model, golden.input.shape, tmp_path, onnx_too=False)
+    run = _run(convert(pt, golden.input.shape, tmp_path / "ncnn", fp16=False), golden, precise=True)
+    assert run.exposed == len(run.mapping) > 150
+    assert [node for node, _ in list(run.mapping.values())[-3:]] == ["global_pool", "act2", "classifier"]
+    assert run.tensors["classifier"].shape == golden.outputs["classifier"].shape == (1, 10)
+    assert min(t.cosine for t in compare(golden, run.tensors).tensors) > 0.999
+
+
 def test_a_model_of_another_network_does_not_align(small, leaky):
     """A ReLU golden against a LeakyReLU ncnn model, a 1.0x golden against a 0.5x model: refused,
     naming the layer that does not fit."""
