@@ -269,6 +269,12 @@ def test_precision_reported_from_the_bin_and_the_flags(small):
     # the option overrides the default
     opted = _run(params["ts_fp32"], golden, options={"use_fp16_storage": "0"})
     assert opted.precision.is_float32 and opted.options["use_fp16_storage"] == "0"
+    # bf16 storage, asked for: reported, and it is in effect (bf16 keeps 8 significant bits)
+    bf16 = _run(params["ts_fp32"], golden, precise=True, options={"use_bf16_storage": "1"})
+    assert bf16.precision.activations == bf16.precision.weights == "bfloat16"
+    rel = max(float(np.abs(bf16.tensors[n] - precise.tensors[n]).max() / np.abs(precise.tensors[n]).max())
+              for n in names)
+    assert 2.0 ** -12 < rel < 0.1, rel
 
 
 def test_runtime_options_are_validated(small):

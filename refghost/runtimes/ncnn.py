@@ -23,7 +23,10 @@ This module
    maps to (1, C, H, W), the 1-D vectors after global pooling to (1, C, 1, 1)).
 
 Precision: by default ``net.opt`` is left as ncnn constructs it (as a user ships it: fp16 storage,
-fp16 arithmetic, fp16 packing on); ``precise=True`` turns every reduced-precision flag off.
+fp16 arithmetic, fp16 packing on); ``precise=True`` turns every reduced-precision flag off
+(:data:`REDUCED_PRECISION_FLAGS`). The winograd and sgemm flags stay as they are: GhostNet has no
+stride-1 dense 3x3 conv for winograd, and turning either off changed no bit of any blob (measured,
+ncnn 1.0.20261020, x86); ``use_packing_layout`` changes the order of sums, not their precision.
 What actually ran in reduced precision depends on the CPU as well as the flags (ncnn's x86 build
 stores only InnerProduct weights in fp16, and only with F16C; ARM stores and computes in fp16 with
 asimdhp): :func:`effective_precision` says which.
@@ -478,8 +481,8 @@ def effective_precision(opt: dict[str, bool], storage: dict[str, int], layer_typ
             weights = "float16"
             detail.append("use_fp16_storage on an x86 CPU with F16C: InnerProduct weights converted to fp16 at load"
                           + (" (F16C assumed: /proc/cpuinfo unreadable)" if flags is None else ""))
-        detail.append("x86: ncnn has no fp16 arithmetic and keeps blobs in float32 (use_fp16_arithmetic has no "
-                      "effect)")
+        detail.append("x86: ncnn has no fp16 arithmetic and no fp16 blobs (use_fp16_arithmetic and fp16 packing "
+                      "have no effect)")
     else:
         detail.append(f"{machine}: precision taken from the flags alone")
         if opt["use_fp16_storage"]:
