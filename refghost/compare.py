@@ -363,8 +363,7 @@ def _diagnose(report: Report, golden: Golden, tensors: list[_Tensor], by_node: d
     A looser policy explains a failure only when the failure is widespread (at least
     ``_WIDESPREAD`` of the isolated checks fail, as when every layer is rounded more coarsely) or
     no layer fails its isolated check; a failure of a few layers that a looser policy hides is a
-    difference smaller than that policy's rounding, not a sign of it. No looser policy is tried
-    when the runtime reported the precision it ran at."""
+    difference smaller than that policy's rounding, not a sign of it."""
     results = report.tensors
     structural = any(r.status in ("shape", "nan") for r in results)
     checked = [r for r in results if r.isolated_ratio is not None]
