@@ -350,12 +350,15 @@ def _node_error(node, ins, errs, y, p, r: _Roundoff, worst, lam):
         return ops.global_avg_pool(np.sqrt(e)) ** 2 + u * u * (ops.global_avg_pool(x ** 2) + y ** 2) + stored
     if op == "hard_sigmoid":
         own = u * (HARD_SIGMOID_SLOPE_ROUNDINGS * (np.abs(x) + 3) / 6 + np.abs(y))
-        return e / 6 + own + stored if worst else e / 36 + own ** 2 + stored
+        if worst:
+            return e / 6 + own + stored
+        # The gate lies in [0, 1] whatever its input: its error never exceeds 1 (bound at most 1).
+        return np.minimum(e / 36 + own ** 2 + stored, 1.0 / (lam * lam))
     if op == "scale":
         g, e_g = ins[1], errs[1]
         if worst:
             return np.abs(g) * e + (np.abs(x) + e) * e_g + u * np.abs(y) + stored
-        return g * g * e + x * x * e_g + (u * y) ** 2 + stored
+        return g * g * e + x * x * e_g + e * e_g + (u * y) ** 2 + stored  # e*e_g: both errors at once
     raise ValueError(f"no error rule for op {op!r} (node {node.name})")
 
 

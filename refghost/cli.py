@@ -279,7 +279,7 @@ def cmd_compare(args) -> int:
     elif policy == "auto":
         policy = "float32"  # arrays from a file say nothing of how they were computed
     report = compare(golden, tensors, policy=policy, atol=args.atol, rtol=args.rtol,
-                     candidate_name=description, notes=notes, runtime=runtime)
+                     candidate_name=description, notes=notes, runtime=runtime, separate_outputs=bool(runs))
     print(format_report(report, verbose=args.verbose))
     if args.json:
         with atomic_path(args.json) as tmp, open(tmp, "w") as f:

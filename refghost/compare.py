@@ -271,13 +271,14 @@ def _verdict(judged: dict) -> bool:
 
 def compare(golden: Golden, candidate: dict[str, np.ndarray], *, policy: str = "float32",
             atol: float | None = None, rtol: float | None = None, candidate_name: str = "candidate",
-            notes=(), diagnose: bool = True, runtime: dict | None = None) -> Report:
+            notes=(), diagnose: bool = True, runtime: dict | None = None, separate_outputs: bool = False) -> Report:
     """Compare ``candidate`` (``{module path or output name: array}``) with ``golden``.
 
     ``policy`` is a name of :data:`refghost.bounds.POLICIES`. With ``diagnose`` (the default), a
     failing comparison is judged again under each looser policy, and the report says which one
     the errors fit (:attr:`Report.consistent_with`). ``runtime`` describes what ran the
-    candidate, for the report.
+    candidate, for the report. ``separate_outputs``: the outputs come from another run than the
+    intermediates (a runtime's deployed run), so an output is not recomputed from intermediates.
     """
     try:
         pol = as_policy(policy)
@@ -296,12 +297,13 @@ def compare(golden: Golden, candidate: dict[str, np.ndarray], *, policy: str = "
     notes = list(notes)
     with single_threaded_blas():  # the norms of the metrics: OpenBLAS threads only contend here
         for name in common:
-            _admit(name, reference[name], candidate[name], golden, by_node, results, judged_tensors, notes)
+            _admit(name, reference[name], candidate[name], golden, by_node, results, judged_tensors, notes,
+                   separate_outputs)
     own = {t.result.name for t in judged_tensors}
     for t in judged_tensors:
         node = golden.node_of(t.result.name)
-        if t.result.name != node and node in own:
-            continue  # an output alias of a layer checked under its own name (maybe another run)
+        if t.result.name != node and (node in own or separate_outputs):
+            continue  # an output alias of a layer checked under its own name, or of another run
         t.segments = _segments(golden, node, set(by_node))
 
     judged = _judge(golden, judged_tensors, by_node, pol, atol, rtol)
@@ -333,8 +335,10 @@ def compare(golden: Golden, candidate: dict[str, np.ndarray], *, policy: str = "
     return report
 
 
-def _admit(name, ref, cand, golden, by_node, results, judged_tensors, notes) -> None:
-    """Check one candidate tensor's shape and values and record it for judging."""
+def _admit(name, ref, cand, golden, by_node, results, judged_tensors, notes, separate_outputs) -> None:
+    """Check one candidate tensor's shape and values and record it for judging (and, unless it is an
+    output of a separate run, as its node's value for the isolated checks of the layers after it)."""
+    keep = not (separate_outputs and name != golden.node_of(name))
     cand = np.asarray(cand)
     if cand.shape != ref.shape and cand.size == ref.size and ref.shape[0] == 1 and cand.shape == ref.shape[1:]:
         cand = cand.reshape(ref.shape)
@@ -347,10 +351,12 @@ def _admit(name, ref, cand, golden, by_node, results, judged_tensors, notes) -> 
         bad = int(cand.size - np.isfinite(cand).sum())
         results.append(TensorResult(name, list(cand.shape), "nan", fraction_outside=bad / cand.size,
                                     note=f"{bad} NaN or Inf value(s)"))
-        _keep(by_node, golden, name, cand.astype(np.float64))
+        if keep:
+            _keep(by_node, golden, name, cand.astype(np.float64))
         return
     cand64 = cand.astype(np.float64)
-    _keep(by_node, golden, name, cand64)
+    if keep:
+        _keep(by_node, golden, name, cand64)
     result = TensorResult(name, list(cand.shape), "ok", **_metrics(cand64, ref, cand.dtype))
     results.append(result)
     judged_tensors.append(_Tensor(result, cand64, np.abs(cand64 - ref), []))

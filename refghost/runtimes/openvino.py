@@ -12,7 +12,9 @@ else by structure (:mod:`refghost.mapping`). A bias is a separate ``Add`` after 
 
 Precision: the CPU plugin's default ``INFERENCE_PRECISION_HINT`` is ``bf16`` on CPUs with bf16
 instructions (AVX512_BF16, AMX) and ``f32`` otherwise; the value in effect is read back from the
-compiled model. ``precise=True`` sets ``INFERENCE_PRECISION_HINT=f32`` and
+compiled model; the CPU plugin's bf16 kernels take bf16 inputs and weights and accumulate in
+float32, reported as bfloat16 weights and tensors with float32 arithmetic (policy
+``bfloat16-storage``). ``precise=True`` sets ``INFERENCE_PRECISION_HINT=f32`` and
 ``EXECUTION_MODE_HINT=ACCURACY``. Weights stored as ``f16`` constants (``openvino.save_model``
 compresses them by default) are reported as float16 weights. ``options`` are OpenVINO
 properties (``KEY=VALUE``), applied last.
@@ -137,9 +139,16 @@ def run(path: str, golden, *, precise: bool, options: dict[str, str], threads: i
     used = {k: _text(compiled.get_property(k)) for k in ("INFERENCE_PRECISION_HINT", "EXECUTION_MODE_HINT",
                                                         "INFERENCE_NUM_THREADS", "NUM_STREAMS")}
     hint = used["INFERENCE_PRECISION_HINT"]
-    arithmetic = _PRECISIONS.get(hint, hint)
-    precision = Precision(arithmetic=arithmetic, weights=weights, activations=arithmetic,
-                          detail=f"INFERENCE_PRECISION_HINT={hint} read back from the compiled model; {weights_detail}")
+    stored = _PRECISIONS.get(hint, hint)
+    if stored == "bfloat16":  # the CPU plugin's bf16 kernels (AVX512-BF16 dot products, AMX) accumulate in f32
+        precision = Precision(arithmetic="float32", weights="bfloat16", activations="bfloat16",
+                              detail=f"INFERENCE_PRECISION_HINT={hint} read back from the compiled model: weights and "
+                                     f"tensors in bf16, float32 accumulation; {weights_detail}")
+    else:
+        precision = Precision(arithmetic=stored, weights=weights if stored == "float32" else stored,
+                              activations=stored,
+                              detail=f"INFERENCE_PRECISION_HINT={hint} read back from the compiled model; "
+                                     f"{weights_detail}")
     options_used = {**{k: str(v) for k, v in config.items()}, **used}
     notes = [f"intermediates from a second compilation with {len(ports)} ports as outputs (no fusion across them)"]
     notes.append(f"OpenVINO build {ov.__version__}")
