@@ -66,6 +66,8 @@ from __future__ import annotations
 
 import numbers
 import os
+import re
+import warnings
 from typing import Any, Sequence
 
 import numpy as np
@@ -78,6 +80,7 @@ __all__ = [
     "IMAGENET_PREPROCESSING",
     "NANODET_PREPROCESSING",
     "WARP_KERNELS",
+    "kernel_for_opencv",
     "normalize",
     "prepare_image",
     "read_image",
@@ -108,7 +111,7 @@ IMAGENET_PREPROCESSING: dict[str, Any] = {
 }
 
 #: Interpolation kernels of :func:`warp_resize`, see the module docstring.
-WARP_KERNELS = ("fixed_point", "float32_fma", "float32")
+WARP_KERNELS = ("fixed_point", "float32_fma", "float32", "ipp_float32_fma")
 #: OpenCV 4.x behaviour, the one NanoDet was developed and trained with.
 DEFAULT_WARP_KERNEL = "fixed_point"
 
@@ -398,7 +401,67 @@ def _warp_float32(img: np.ndarray, dst_w: int, dst_h: int, fused: bool) -> np.nd
     return np.clip(np.rint(v), 0, 255).astype(np.uint8)
 
 
-def warp_resize(img: np.ndarray, size: Sequence[int], *, kernel: str = DEFAULT_WARP_KERNEL) -> np.ndarray:
+def _ipp_coords(n_dst: int, n_src: int, m: float, m8: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Source position of destination indices 0..n_dst-1 as IPP's warpPerspective computes it.
+
+    The coordinate ``s = i*m/m8`` is computed in double and rounded to float32; its integer part
+    is ``floor`` of that float32 value. Returns ``(index, frac_inner, frac_border, inside)``:
+    ``frac_inner = fl32(s) - index`` in float32 (IPP's inner-region code), ``frac_border =
+    fl32(s_double - index)`` (its border code, which keeps the double fraction), and ``inside``
+    whether the 2-tap neighbourhood lies in the source (a coordinate exactly on the last
+    pixel, fraction 0, counts as inside).
+    """
+    s64 = np.arange(n_dst, dtype=np.float64) * m / m8
+    s32 = s64.astype(np.float32)
+    index = np.floor(s32).astype(np.int64)
+    frac_inner = s32 - index.astype(np.float32)
+    frac_border = (s64 - index).astype(np.float32)
+    inside = (index >= 0) & ((index + 1 < n_src) | ((index == n_src - 1) & (frac_inner == 0)))
+    return index, frac_inner, frac_border, inside
+
+
+def _warp_ipp(img: np.ndarray, dst_w: int, dst_h: int) -> np.ndarray:
+    src_h, src_w = img.shape[:2]
+    if src_w <= 1 or src_h <= 1:
+        # OpenCV's IPP wrapper (hal/ipp/src/warp_ipp.cpp) declines such images; OpenCV's own
+        # float32 kernel then runs.
+        return _warp_float32(img, dst_w, dst_h, fused=True)
+    m0, m4, m8 = _inverse_diagonal(src_w, src_h, dst_w, dst_h)
+    ix, fx_in, fx_out, x_inside = _ipp_coords(dst_w, src_w, m0, m8)
+    iy, fy_in, fy_out, y_inside = _ipp_coords(dst_h, src_h, m4, m8)
+    inner = y_inside[:, None] & x_inside[None, :]
+    fx = np.where(inner, fx_in[None, :], fx_out[None, :])[:, :, None]
+    fy = np.where(inner, fy_in[:, None], fy_out[:, None])[:, :, None]
+
+    pad = np.zeros((src_h + 2, src_w + 2, 3), dtype=np.float32)
+    pad[1:-1, 1:-1] = img
+    cx0, cx1 = _border_index(ix, src_w), _border_index(ix + 1, src_w)
+    rows0 = pad[_border_index(iy, src_h)]
+    rows1 = pad[_border_index(iy + 1, src_h)]
+    p00, p01 = rows0[:, cx0], rows0[:, cx1]
+    p10, p11 = rows1[:, cx0], rows1[:, cx1]
+    fx = np.broadcast_to(fx, p00.shape)
+    fy = np.broadcast_to(fy, p00.shape)
+    # vertical first, then horizontal, each a fused multiply-add
+    v0 = _fma32(fy, p10 - p00, p00)
+    v1 = _fma32(fy, p11 - p01, p01)
+    v = _fma32(fx, v1 - v0, v0)
+    return np.clip(np.rint(v), 0, 255).astype(np.uint8)
+
+
+def _check_kernel(kernel: Any, name: str) -> str:
+    if not isinstance(kernel, str) or kernel not in WARP_KERNELS:
+        raise RefghostError(f"{name} must be one of {', '.join(WARP_KERNELS)}; got {kernel!r}")
+    return kernel
+
+
+def warp_resize(
+    img: np.ndarray,
+    size: Sequence[int],
+    *,
+    warp_kernel: str = DEFAULT_WARP_KERNEL,
+    kernel: str | None = None,
+) -> np.ndarray:
     """Resize like NanoDet: ``cv2.warpPerspective(img, diag(dst_w/W, dst_h/H, 1), (dst_w, dst_h))``.
 
     Default flags are reproduced: INTER_LINEAR, BORDER_CONSTANT with value 0. Destination pixel
@@ -412,10 +475,13 @@ def warp_resize(img: np.ndarray, size: Sequence[int], *, kernel: str = DEFAULT_W
         Source image, any channel order (channels are independent).
     size : (dst_w, dst_h)
         Output width and height, integers in 1..32767.
-    kernel : {"fixed_point", "float32_fma", "float32"}
+    warp_kernel : one of :data:`WARP_KERNELS`
         Which OpenCV implementation to reproduce bit for bit: "fixed_point" is OpenCV 4.x (the
-        default); "float32_fma" is OpenCV 5.x on FMA-capable CPUs (x86-64 AVX2); "float32" is
-        OpenCV 5.x without FMA. See the module docstring.
+        default); "float32_fma" is OpenCV 5.0 (and 5.x without IPP) on FMA-capable CPUs;
+        "float32" is OpenCV 5.x without FMA; "ipp_float32_fma" is OpenCV 5.1's x86-64 wheels
+        (Intel IPP). :func:`kernel_for_opencv` picks it from a version string; see the module
+        docstring.
+    kernel : deprecated spelling of ``warp_kernel`` (emits a DeprecationWarning)
 
     Returns
     -------
@@ -427,15 +493,58 @@ def warp_resize(img: np.ndarray, size: Sequence[int], *, kernel: str = DEFAULT_W
     ImageError
         ``img`` is not a uint8 (H, W, 3) array with H, W >= 1.
     RefghostError
-        ``size`` is not two integers in 1..32767, or ``kernel`` is unknown.
+        ``size`` is not two integers in 1..32767, or the kernel is unknown.
     """
+    if kernel is not None:
+        warnings.warn("warp_resize(kernel=) is deprecated; use warp_kernel=", DeprecationWarning, stacklevel=2)
+        warp_kernel = kernel
     img = _check_image(img)
     dst_w, dst_h = _check_size(size, "size")
-    if kernel not in WARP_KERNELS:
-        raise RefghostError(f"kernel must be one of {', '.join(WARP_KERNELS)}; got {kernel!r}")
-    if kernel == "fixed_point":
+    warp_kernel = _check_kernel(warp_kernel, "warp_kernel")
+    if warp_kernel == "fixed_point":
         return _warp_fixed_point(img, dst_w, dst_h)
-    return _warp_float32(img, dst_w, dst_h, fused=(kernel == "float32_fma"))
+    if warp_kernel == "ipp_float32_fma":
+        return _warp_ipp(img, dst_w, dst_h)
+    return _warp_float32(img, dst_w, dst_h, fused=(warp_kernel == "float32_fma"))
+
+
+def kernel_for_opencv(version: str, *, fma: bool = True, ipp: bool = True) -> str:
+    """The :data:`WARP_KERNELS` entry that reproduces ``cv2.warpPerspective`` of OpenCV ``version``.
+
+    Parameters
+    ----------
+    version : str
+        ``cv2.__version__`` (e.g. "4.14.0", "5.1.0") or a pip version ("5.1.0.95"); anything
+        after the numbers ("-dev", "+cuda") is ignored.
+    fma : bool
+        Whether OpenCV's SIMD dispatch uses fused multiply-add: True on x86-64 with AVX2/FMA3 and
+        on AArch64; False with ``cv2.setUseOptimized(False)`` or on a CPU without AVX2.
+    ipp : bool
+        Whether the build calls Intel IPP (the x86-64 pip wheels do, unless
+        ``cv2.ipp.setUseIPP(False)``); OpenCV 5.1 routes this warp to IPP.
+
+    Returns
+    -------
+    "fixed_point" for 4.x, "float32_fma"/"float32" for 5.0 (and for 5.1+ without IPP),
+    "ipp_float32_fma" for 5.1+ with IPP. Versions after 5.1 are assumed to behave as 5.1 (checked
+    up to 5.1.0).
+
+    Raises
+    ------
+    RefghostError
+        ``version`` does not start with MAJOR.MINOR, or MAJOR is below 4 (not reproduced).
+    """
+    match = re.match(r"\s*(\d+)\.(\d+)", version) if isinstance(version, str) else None
+    if match is None:
+        raise RefghostError(f"OpenCV version must look like '4.14.0' or '5.1.0', got {version!r}")
+    major, minor = int(match.group(1)), int(match.group(2))
+    if major < 4:
+        raise RefghostError(f"OpenCV {version}: only OpenCV 4.x and 5.x warps are reproduced")
+    if major == 4:
+        return "fixed_point"
+    if (major, minor) >= (5, 1) and ipp:
+        return "ipp_float32_fma"
+    return "float32_fma" if fma else "float32"
 
 
 # --------------------------------------------------------------------------------------------
@@ -499,8 +608,9 @@ def prepare_image(
         Network input width and height.
     resize : {"warp_perspective"}
         The only supported resize, NanoDet's ``warpPerspective`` with keep_ratio False.
-    warp_kernel : {"fixed_point", "float32_fma", "float32"}
-        Which OpenCV implementation of the warp to reproduce; see :func:`warp_resize`.
+    warp_kernel : one of :data:`WARP_KERNELS`
+        Which OpenCV implementation of the warp to reproduce; see :func:`warp_resize` and
+        :func:`kernel_for_opencv`.
 
     Returns
     -------
@@ -518,8 +628,7 @@ def prepare_image(
     dst_w, dst_h = _check_size(input_size, "input_size")
     if resize not in _RESIZE_METHODS:
         raise RefghostError(f"resize must be one of {', '.join(_RESIZE_METHODS)}; got {resize!r}")
-    if warp_kernel not in WARP_KERNELS:
-        raise RefghostError(f"warp_kernel must be one of {', '.join(WARP_KERNELS)}; got {warp_kernel!r}")
+    warp_kernel = _check_kernel(warp_kernel, "warp_kernel")
     mean_arr = _check_stats(mean, "mean")
     std_arr = _check_stats(std, "std")
 
@@ -529,5 +638,5 @@ def prepare_image(
         img = _check_image(image)
     if img.shape[:2] != (dst_h, dst_w):
         # With equal sizes the identity warp is exact for every kernel, so skipping it is safe.
-        img = warp_resize(img, (dst_w, dst_h), kernel=warp_kernel)
+        img = warp_resize(img, (dst_w, dst_h), warp_kernel=warp_kernel)
     return normalize(img, mean_arr, std_arr)[None]
