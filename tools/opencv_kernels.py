@@ -256,8 +256,9 @@ def table(results: list[dict]) -> str:
 
 
 def hashes(results: list[dict]) -> dict:
-    out = {"generated_by": "tools/opencv_kernels.py hashes", "cases": [list(c) for c in CASES],
-           "sample_sizes": [list(s) for s in SAMPLE_SIZES], "opencv": []}
+    out = {"generated_by": "python tools/opencv_kernels.py hashes DIR ... --write tests/opencv_warp_hashes.json",
+           "inputs": "WxH->wxh: pattern_image(H, W) warped to (w, h); sample->wxh: refghost/data/sample.png (BGR)",
+           "opencv": []}
     for res in results:
         for cfg in res["configs"]:
             out["opencv"].append({"version": res["version"], "config": cfg["name"],
