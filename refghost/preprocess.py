@@ -15,13 +15,34 @@ This module reproduces those steps with NumPy and Pillow only (refghost never im
 
 Bit-exactness of :func:`warp_resize`
 ------------------------------------
-OpenCV changed its ``warpPerspective`` kernel for 8-bit 1/3/4-channel images with INTER_LINEAR in
-5.0, so "what OpenCV does" depends on the installed version. :func:`warp_resize` implements all
-three variants and is **bit-exact (max abs difference 0)** to each on every input tested
-(random images, 1-pixel images, odd and non-integer ratios, tie-heavy ratios such as 7 -> 320):
+``cv2.warpPerspective`` for 8-bit 1/3/4-channel images with INTER_LINEAR changed twice: OpenCV
+5.0 replaced 4.x's fixed-point kernel by a float32 one, and OpenCV 5.1 hands the call to Intel IPP
+on the builds that have it (the x86-64 pip wheels): ``hal/ipp/include/ipp_hal_imgproc.hpp``
+enables ``cv_hal_warpPerspective = ipp_hal_warpPerspective`` (in 5.0 it was commented out, "Does
+not pass tests in 5.x branch"), and ``ipp_hal_warpPerspective`` (``hal/ipp/src/warp_ipp.cpp``)
+calls ``ipp::iwiWarpPerspective`` for 8U INTER_LINEAR unless the source is 1 pixel wide or high
+or the border is BORDER_TRANSPARENT. :func:`warp_resize` implements the four variants, and
+:func:`kernel_for_opencv` names the one for an OpenCV version. Measured against the pip wheels of
+opencv-python-headless on x86-64 (AMD EPYC, AVX-512) by ``python tools/opencv_kernels.py table
+DIR ...``; "exact" is max abs difference 0 on the three images of the cells and on 27 more cases
+(1-pixel images, odd and non-integer ratios, 1/64 ties such as 7 -> 320, wide tiles)::
+
+    OpenCV                        bit-exact kernel   the others: max diff / fraction of values that differ
+                                                     on sample.png 320x320; sample.png 416x416;
+                                                     random 640x480 -> 320x320
+    4.10, 4.11, 4.12, 4.13, 4.14  fixed_point        float32_fma, float32, ipp_float32_fma:
+                                                     1 / 7.8 %; 4 / 2.36 %; 1 / 12.5 %
+    5.0; 5.0 and 5.1 with         float32_fma        fixed_point: 1 / 7.8 %; 4 / 2.36 %; 1 / 12.5 %
+      cv2.ipp.setUseIPP(False)                       float32: 0; 0; 0 (differs on other cases)
+                                                     ipp_float32_fma: 0; 1 / 0.041 %; 0
+    5.0 and 5.1 with              float32            fixed_point: 1 / 7.8 %; 4 / 2.36 %; 1 / 12.5 %
+      cv2.setUseOptimized(False)                     float32_fma: 0; 0; 0 (differs on other cases)
+                                                     ipp_float32_fma: 0; 1 / 0.041 %; 0
+    5.1                           ipp_float32_fma    fixed_point: 1 / 7.8 %; 4 / 2.36 %; 1 / 12.5 %
+                                                     float32_fma, float32: 0; 1 / 0.041 %; 0
 
 ``"fixed_point"`` (the default)
-    OpenCV 4.x; measured against opencv-python-headless 4.10.0, 4.11.0 and 4.12.0 on x86-64.
+    OpenCV 4.x, the one NanoDet was developed and trained with.
     The inverse matrix is computed in double (``cv::invert``'s 3x3 formula, so ``M^-1[2, 2]`` is
     not always exactly 1), the source coordinate is quantised to 1/32 pixel
     (``X = rint((M^-1[0,0]*x_block + M^-1[0,0]*x_in_block) * (32 / M^-1[2,2]))`` in double,
@@ -34,23 +55,40 @@ three variants and is **bit-exact (max abs difference 0)** to each on every inpu
     Untested: ARM builds of OpenCV 4.x may compute that sum with a fused multiply-add, which
     could move a coordinate lying exactly on a 1/64 tie by 1/32 pixel; that is not reproduced.
 ``"float32_fma"``
-    OpenCV 5.x (measured against opencv-python-headless 5.0.0) on CPUs where its SIMD dispatch
-    uses FMA (x86-64 with AVX2/FMA3, the usual case; expected but untested on AArch64). Coordinates are
-    float32 (``fl(x*m0)/m8`` with the inverse matrix rounded to float32), the fraction is
-    ``sx - floor(sx)``, and the interpolation is ``v0 = fma(fx, p01-p00, p00)``,
-    ``v1 = fma(fx, p11-p10, p10)``, ``v = fma(fy, v1-v0, v0)`` in float32, rounded half-to-even.
-    NumPy has no FMA, so the fused operations are emulated exactly (double product, TwoSum, and
-    a correction of double rounding at float32 ties).
+    OpenCV 5.0, and 5.x without IPP (``cv2.ipp.setUseIPP(False)``, builds without IPP such as
+    the AArch64 wheels: expected, untested), on CPUs where its SIMD dispatch uses FMA (x86-64
+    with AVX2/FMA3, AArch64). Coordinates are float32 (``fl(x*m0)/m8`` with the inverse matrix
+    rounded to float32), the fraction is ``sx - floor(sx)``, and the interpolation is
+    ``v0 = fma(fx, p01-p00, p00)``, ``v1 = fma(fx, p11-p10, p10)``, ``v = fma(fy, v1-v0, v0)`` in
+    float32, rounded half-to-even. NumPy has no FMA, so the fused operations are emulated exactly
+    (double product, TwoSum, and a correction of double rounding at float32 ties).
 ``"float32"``
-    OpenCV 5.x without FMA (``cv2.setUseOptimized(False)``, or a CPU without AVX2): the same as
-    ``"float32_fma"`` with separately rounded multiply and add.
+    OpenCV 5.x without FMA (``cv2.setUseOptimized(False)``, which also switches IPP off, or a CPU
+    without AVX2): the same as ``"float32_fma"`` with separately rounded multiply and add.
+``"ipp_float32_fma"``
+    OpenCV 5.1 with IPP (the x86-64 wheels' default). IPP is closed source; this is its
+    arithmetic as measured on real outputs (pairs of pixel values over all 65536 combinations,
+    tie-heavy ratios). The coordinate ``s = x*m0/m8`` is computed in double from OpenCV's
+    inverse matrix and rounded to float32, ``i = floor(fl32(s))``. Inside the image (the 2x2
+    neighbourhood in the source; a coordinate exactly on the last row/column counts as inside)
+    the fraction is ``fl32(s) - i`` in float32; in the border band it is ``fl32(s - i)`` from the
+    double coordinate. The interpolation is vertical first: ``v0 = fma(fy, p10-p00, p00)``,
+    ``v1 = fma(fy, p11-p01, p01)``, ``v = fma(fx, v1-v0, v0)``, rounded half-to-even. Sources 1
+    pixel wide or high go to OpenCV's own kernel (``"float32_fma"``), as OpenCV 5.1 does.
+    Not reproduced: on upscales where a source coordinate is a whole number along one axis at
+    or past the last source row or column (``tools/opencv_kernels.py whole_coordinate_pixels``;
+    possible only when the upscale ratio makes such coordinates whole, e.g. a destination size
+    that is a multiple of the source size), IPP chooses between its inner and border code by a
+    rule not found; there a few values differ by 1 (``python tools/opencv_kernels.py edges DIR``:
+    84 of 675 such random images, 146 values in all, max difference 1, none elsewhere).
+    Downscales (both destination sides smaller than the source's) never meet it; a side equal to
+    the source's can (its last row/column lands on the last source pixel), though none of 25
+    random images of 480x320, 640x320, 333x320, 320x480 -> 320x320, 500x416 -> 416x416 differed.
+    Untested: other CPUs (IPP picks its code by CPU; measured on AVX-512).
 
 OpenCV 5's ``ALGO_HINT_APPROX`` kernels (not the pip wheels' default, which is
-``ALGO_HINT_ACCURATE``) are not reproduced. The kernels differ from each other by a few 8-bit
-levels in a small fraction of pixels (fixed_point vs float32: up to 4 levels in 2-8 % of the
-pixels of ``refghost/data/sample.png`` resized to 320x320 or 416x416; float32_fma and float32
-agree on that image but not on every input), so pick the kernel that matches the OpenCV you
-compare against.
+``ALGO_HINT_ACCURATE``) are not reproduced. Pick the kernel that matches the OpenCV you compare
+against: ``kernel_for_opencv(cv2.__version__, fma=..., ipp=cv2.ipp.useIPP())``.
 
 Reading images
 --------------
@@ -110,7 +148,8 @@ IMAGENET_PREPROCESSING: dict[str, Any] = {
     "resize": "warp_perspective",
 }
 
-#: Interpolation kernels of :func:`warp_resize`, see the module docstring.
+#: Interpolation kernels of :func:`warp_resize` (which OpenCV each reproduces: the module
+#: docstring and :func:`kernel_for_opencv`).
 WARP_KERNELS = ("fixed_point", "float32_fma", "float32", "ipp_float32_fma")
 #: OpenCV 4.x behaviour, the one NanoDet was developed and trained with.
 DEFAULT_WARP_KERNEL = "fixed_point"
