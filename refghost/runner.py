@@ -40,7 +40,8 @@ def prepare_input(image, weights: Weights, dtype, warp_kernel: str | None = None
 
         pre = weights.preprocessing
         x = prepare_image(image, mean=pre.mean, std=pre.std, channel_order=pre.channel_order,
-                          input_size=pre.input_size, warp_kernel=warp_kernel or DEFAULT_WARP_KERNEL)
+                          input_size=pre.input_size,
+                          warp_kernel=DEFAULT_WARP_KERNEL if warp_kernel is None else warp_kernel)
     elif isinstance(image, np.ndarray) and image.dtype.kind == "f":
         x = image[None] if image.ndim == 3 else image
         if x.ndim != 4 or x.shape[1] != 3 or x.shape[0] < 1 or x.shape[2] < 1 or x.shape[3] < 1:
