@@ -266,9 +266,10 @@ def _recorded_input(key: str):
 
 
 def test_recorded_opencv_outputs_cover_every_kernel():
-    kernels = {kernel_for_opencv(e["version"], fma=e["use_optimized"], ipp=e["use_ipp"]) for e in OPENCV_HASHES["opencv"]}
+    entries = OPENCV_HASHES["opencv"]
+    kernels = {kernel_for_opencv(e["version"], fma=e["use_optimized"], ipp=e["use_ipp"]) for e in entries}
     assert kernels == set(WARP_KERNELS)
-    assert {e["version"] for e in OPENCV_HASHES["opencv"]} >= {"4.14.0", "5.0.0", "5.1.0"}
+    assert {e["version"] for e in entries} >= {"4.14.0", "5.0.0", "5.1.0"}
 
 
 @pytest.mark.parametrize("entry,key", _RECORDED, ids=[f"{e['version']}-{e['config']}-{k}" for e, k in _RECORDED])
