@@ -2,9 +2,11 @@
 
     refghost run                                  # shipped weights on the shipped sample image
     refghost run photo.jpg --weights my.h5 --dtype float64 --out result.npz [--intermediates]
+                 [--warp-kernel fixed_point|float32_fma|float32|ipp_float32_fma]
     refghost convert SRC --out W.h5 --arch nanodet|ghostnet [--width W] [--activation NAME]
                      [--out-stages 4,6,9]
     refghost golden --weights W.h5 --out golden.h5 [--input x.npy | IMAGE | --seed N] [--intermediates]
+                    [--warp-kernel KERNEL]
     refghost compare golden.h5 model.onnx|dump.npz|dump.h5|out.npy [--json report.json] [--map a=b]
     refghost compare golden.h5 model.xml|model.mnn|model.param|model.tflite [--runtime NAME] [--precise]
                      [--runtime-option KEY=VALUE] [--threads N]
@@ -56,6 +58,7 @@ def make_parser() -> argparse.ArgumentParser:
     run.add_argument("--impl", choices=("fast", "plain", "engine", "interpreter"), default="fast",
                      help="fast: the compiled engine (BN folded, fused kernels), or the interpreter with "
                           "BLAS/Numba ops when --intermediates is given; plain: the NumPy definitions")
+    _add_warp_kernel_option(run)
 
     conv = sub.add_parser("convert", help="convert a PyTorch checkpoint (or .npz state_dict) to a weights file")
     conv.add_argument("src", help=".pth/.pt/.ckpt checkpoint (needs torch) or .npz of state_dict arrays")
@@ -74,6 +77,7 @@ def make_parser() -> argparse.ArgumentParser:
     source.add_argument("--seed", type=int, help="use a seeded N(0,1) input of the weights' input size")
     gold.add_argument("--batch", type=int, default=1, help="batch size of the --seed input")
     gold.add_argument("--intermediates", action="store_true", help="also store every layer's output")
+    _add_warp_kernel_option(gold)
 
     comp = sub.add_parser("compare", help="compare a backend's outputs with a golden file")
     comp.add_argument("golden", help="golden file written by `refghost golden`")
@@ -137,6 +141,21 @@ def _runtime_options(args) -> dict[str, str]:
     return options
 
 
+def _add_warp_kernel_option(parser) -> None:
+    from .preprocess import DEFAULT_WARP_KERNEL, WARP_KERNELS
+
+    parser.add_argument("--warp-kernel", choices=WARP_KERNELS, default=DEFAULT_WARP_KERNEL,
+                        help="which OpenCV's warpPerspective the image resize reproduces bit for bit: "
+                             "fixed_point = OpenCV 4.x (NanoDet's; default), float32_fma = 5.0, "
+                             "ipp_float32_fma = 5.1 x86-64 wheels, float32 = 5.x without FMA/IPP; "
+                             "refghost.preprocess.kernel_for_opencv(cv2.__version__) names yours")
+
+
+def _is_image(image) -> bool:
+    """Whether the input is an image file (resized with the warp kernel), not a .npy array."""
+    return isinstance(image, str)
+
+
 def _load_input(image: str):
     """A .npy file is the network input as is; anything else is an image file path."""
     if image.endswith(".npy"):
@@ -186,14 +205,15 @@ def cmd_run(args) -> int:
     if compiles:
         print("compiling the kernels for this machine: about half a minute, the first time only "
               "(Numba caches them)", file=sys.stderr, flush=True)
-    out = run(image, weights, dtype=args.dtype, intermediates=args.intermediates, impl=args.impl)
+    out = run(image, weights, dtype=args.dtype, intermediates=args.intermediates, impl=args.impl,
+              warp_kernel=args.warp_kernel)
     t2 = time.perf_counter()
     cfg = weights.config
     print(f"weights  {args.weights} ({cfg.arch}, width {cfg.width:g}, {cfg.activation}, sha256 "
           f"{weights.sha256[:12]})")
     if "description" in weights.provenance:
         print(f"         {weights.provenance['description']}")
-    print(f"input    {args.image}")
+    print(f"input    {args.image}" + (f" (resized with warp kernel {args.warp_kernel})" if _is_image(image) else ""))
     outputs = weights.graph.outputs
     print(f"outputs  ({args.dtype}, {args.impl}; {len(out)} tensors; load {1e3 * (t1 - t0):.0f} ms, first forward "
           f"{1e3 * (t2 - t1):.0f} ms including {'compiling' if compiles else 'loading compiled'} kernels)")
@@ -230,18 +250,24 @@ def cmd_golden(args) -> int:
     from .weights import load_weights
 
     weights = load_weights(args.weights)
+    warp_kernel = None  # recorded only when the input is an image file
     if args.seed is not None:
         w, h = weights.preprocessing.input_size
         x = np.random.default_rng(args.seed).standard_normal((args.batch, 3, h, w)).astype(np.float32)
         source = f"seed {args.seed}: N(0, 1) of shape {x.shape}"
     else:
         image = args.input or str(SAMPLE_IMAGE)
-        x = prepare_input(_load_input(image), weights, np.float32)
+        loaded = _load_input(image)
+        x = prepare_input(loaded, weights, np.float32, args.warp_kernel)
         source = image
+        if _is_image(loaded):
+            warp_kernel = args.warp_kernel
     command = "refghost " + " ".join(sys.argv[1:] if args.argv is None else args.argv)
-    golden = make_golden(weights, x, intermediates=args.intermediates, input_source=source, command=command)
+    golden = make_golden(weights, x, intermediates=args.intermediates, input_source=source, command=command,
+                         warp_kernel=warp_kernel)
     write_golden(args.out, golden)
-    print(f"wrote {args.out}: input {x.shape} ({source}), {len(golden.outputs)} outputs"
+    resized = f", warp kernel {warp_kernel}" if warp_kernel else ""
+    print(f"wrote {args.out}: input {x.shape} ({source}{resized}), {len(golden.outputs)} outputs"
           f"{f', {len(golden.intermediates)} intermediates' if golden.intermediates else ''}")
     return 0
 

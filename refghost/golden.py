@@ -19,7 +19,9 @@ root attributes
     ``format = "refghost-golden"``, ``schema_version``, ``refghost_version``, ``weights_sha256``,
     ``input_source``, ``bound_unit_roundoff``, ``bound_lambda``, ``bound_model`` (the version of the
     error rules, ``refghost.bounds.BOUND_MODEL``), ``numpy_version``,
-    ``numba_version``, ``h5py_version``, ``command``.
+    ``numba_version``, ``h5py_version``, ``command``; ``warp_kernel`` (the
+    ``refghost.preprocess`` kernel, i.e. which OpenCV's resize the input reproduces) when the
+    input was made from an image.
 
 Written atomically: a crash leaves no file.
 """
@@ -76,8 +78,11 @@ class Golden:
 
 
 def make_golden(weights: Weights, x: np.ndarray, *, intermediates: bool = False, input_source: str = "",
-                command: str = "") -> Golden:
-    """Compute the float64 oracle and its bounds for input ``x`` (N, 3, H, W) float32."""
+                command: str = "", warp_kernel: str | None = None) -> Golden:
+    """Compute the float64 oracle and its bounds for input ``x`` (N, 3, H, W) float32.
+
+    ``warp_kernel``: the resize kernel that made ``x`` from an image, recorded as a root attribute.
+    """
     import h5py
     import numba
 
@@ -101,6 +106,8 @@ def make_golden(weights: Weights, x: np.ndarray, *, intermediates: bool = False,
         "h5py_version": h5py.__version__,
         "command": command,
     }
+    if warp_kernel is not None:
+        attrs["warp_kernel"] = warp_kernel
     return Golden(weights, x, outputs, layers, bounds, attrs)
 
 

@@ -15,13 +15,34 @@ This module reproduces those steps with NumPy and Pillow only (refghost never im
 
 Bit-exactness of :func:`warp_resize`
 ------------------------------------
-OpenCV changed its ``warpPerspective`` kernel for 8-bit 1/3/4-channel images with INTER_LINEAR in
-5.0, so "what OpenCV does" depends on the installed version. :func:`warp_resize` implements all
-three variants and is **bit-exact (max abs difference 0)** to each on every input tested
-(random images, 1-pixel images, odd and non-integer ratios, tie-heavy ratios such as 7 -> 320):
+``cv2.warpPerspective`` for 8-bit 1/3/4-channel images with INTER_LINEAR changed twice: OpenCV
+5.0 replaced 4.x's fixed-point kernel by a float32 one, and OpenCV 5.1 hands the call to Intel IPP
+on the builds that have it (the x86-64 pip wheels): ``hal/ipp/include/ipp_hal_imgproc.hpp``
+enables ``cv_hal_warpPerspective = ipp_hal_warpPerspective`` (in 5.0 it was commented out, "Does
+not pass tests in 5.x branch"), and ``ipp_hal_warpPerspective`` (``hal/ipp/src/warp_ipp.cpp``)
+calls ``ipp::iwiWarpPerspective`` for 8U INTER_LINEAR unless the source is 1 pixel wide or high
+or the border is BORDER_TRANSPARENT. :func:`warp_resize` implements the four variants, and
+:func:`kernel_for_opencv` names the one for an OpenCV version. Measured against the pip wheels of
+opencv-python-headless on x86-64 (AMD EPYC, AVX-512) by ``python tools/opencv_kernels.py table
+DIR ...``; "exact" is max abs difference 0 on the three images of the cells and on 27 more cases
+(1-pixel images, odd and non-integer ratios, 1/64 ties such as 7 -> 320, wide tiles)::
+
+    OpenCV                        bit-exact kernel   the others: max diff / fraction of values that differ
+                                                     on sample.png 320x320; sample.png 416x416;
+                                                     random 640x480 -> 320x320
+    4.10, 4.11, 4.12, 4.13, 4.14  fixed_point        float32_fma, float32, ipp_float32_fma:
+                                                     1 / 7.8 %; 4 / 2.36 %; 1 / 12.5 %
+    5.0; 5.0 and 5.1 with         float32_fma        fixed_point: 1 / 7.8 %; 4 / 2.36 %; 1 / 12.5 %
+      cv2.ipp.setUseIPP(False)                       float32: 0; 0; 0 (differs on other cases)
+                                                     ipp_float32_fma: 0; 1 / 0.041 %; 0
+    5.0 and 5.1 with              float32            fixed_point: 1 / 7.8 %; 4 / 2.36 %; 1 / 12.5 %
+      cv2.setUseOptimized(False)                     float32_fma: 0; 0; 0 (differs on other cases)
+                                                     ipp_float32_fma: 0; 1 / 0.041 %; 0
+    5.1                           ipp_float32_fma    fixed_point: 1 / 7.8 %; 4 / 2.36 %; 1 / 12.5 %
+                                                     float32_fma, float32: 0; 1 / 0.041 %; 0
 
 ``"fixed_point"`` (the default)
-    OpenCV 4.x; measured against opencv-python-headless 4.10.0, 4.11.0 and 4.12.0 on x86-64.
+    OpenCV 4.x, the one NanoDet was developed and trained with.
     The inverse matrix is computed in double (``cv::invert``'s 3x3 formula, so ``M^-1[2, 2]`` is
     not always exactly 1), the source coordinate is quantised to 1/32 pixel
     (``X = rint((M^-1[0,0]*x_block + M^-1[0,0]*x_in_block) * (32 / M^-1[2,2]))`` in double,
@@ -34,23 +55,40 @@ three variants and is **bit-exact (max abs difference 0)** to each on every inpu
     Untested: ARM builds of OpenCV 4.x may compute that sum with a fused multiply-add, which
     could move a coordinate lying exactly on a 1/64 tie by 1/32 pixel; that is not reproduced.
 ``"float32_fma"``
-    OpenCV 5.x (measured against opencv-python-headless 5.0.0) on CPUs where its SIMD dispatch
-    uses FMA (x86-64 with AVX2/FMA3, the usual case; expected but untested on AArch64). Coordinates are
-    float32 (``fl(x*m0)/m8`` with the inverse matrix rounded to float32), the fraction is
-    ``sx - floor(sx)``, and the interpolation is ``v0 = fma(fx, p01-p00, p00)``,
-    ``v1 = fma(fx, p11-p10, p10)``, ``v = fma(fy, v1-v0, v0)`` in float32, rounded half-to-even.
-    NumPy has no FMA, so the fused operations are emulated exactly (double product, TwoSum, and
-    a correction of double rounding at float32 ties).
+    OpenCV 5.0, and 5.x without IPP (``cv2.ipp.setUseIPP(False)``, builds without IPP such as
+    the AArch64 wheels: expected, untested), on CPUs where its SIMD dispatch uses FMA (x86-64
+    with AVX2/FMA3, AArch64). Coordinates are float32 (``fl(x*m0)/m8`` with the inverse matrix
+    rounded to float32), the fraction is ``sx - floor(sx)``, and the interpolation is
+    ``v0 = fma(fx, p01-p00, p00)``, ``v1 = fma(fx, p11-p10, p10)``, ``v = fma(fy, v1-v0, v0)`` in
+    float32, rounded half-to-even. NumPy has no FMA, so the fused operations are emulated exactly
+    (double product, TwoSum, and a correction of double rounding at float32 ties).
 ``"float32"``
-    OpenCV 5.x without FMA (``cv2.setUseOptimized(False)``, or a CPU without AVX2): the same as
-    ``"float32_fma"`` with separately rounded multiply and add.
+    OpenCV 5.x without FMA (``cv2.setUseOptimized(False)``, which also switches IPP off, or a CPU
+    without AVX2): the same as ``"float32_fma"`` with separately rounded multiply and add.
+``"ipp_float32_fma"``
+    OpenCV 5.1 with IPP (the x86-64 wheels' default). IPP is closed source; this is its
+    arithmetic as measured on real outputs (pairs of pixel values over all 65536 combinations,
+    tie-heavy ratios). The coordinate ``s = x*m0/m8`` is computed in double from OpenCV's
+    inverse matrix and rounded to float32, ``i = floor(fl32(s))``. Inside the image (the 2x2
+    neighbourhood in the source; a coordinate exactly on the last row/column counts as inside)
+    the fraction is ``fl32(s) - i`` in float32; in the border band it is ``fl32(s - i)`` from the
+    double coordinate. The interpolation is vertical first: ``v0 = fma(fy, p10-p00, p00)``,
+    ``v1 = fma(fy, p11-p01, p01)``, ``v = fma(fx, v1-v0, v0)``, rounded half-to-even. Sources 1
+    pixel wide or high go to OpenCV's own kernel (``"float32_fma"``), as OpenCV 5.1 does.
+    Not reproduced: on upscales where a source coordinate is a whole number along one axis at
+    or past the last source row or column (``tools/opencv_kernels.py whole_coordinate_pixels``;
+    possible only when the upscale ratio makes such coordinates whole, e.g. a destination size
+    that is a multiple of the source size), IPP chooses between its inner and border code by a
+    rule not found; there a few values differ by 1 (``python tools/opencv_kernels.py edges DIR``:
+    84 of 675 such random images, 146 values in all, max difference 1, none elsewhere).
+    Downscales (both destination sides smaller than the source's) never meet it; a side equal to
+    the source's can (its last row/column lands on the last source pixel), though none of 25
+    random images of 480x320, 640x320, 333x320, 320x480 -> 320x320, 500x416 -> 416x416 differed.
+    Untested: other CPUs (IPP picks its code by CPU; measured on AVX-512).
 
 OpenCV 5's ``ALGO_HINT_APPROX`` kernels (not the pip wheels' default, which is
-``ALGO_HINT_ACCURATE``) are not reproduced. The kernels differ from each other by a few 8-bit
-levels in a small fraction of pixels (fixed_point vs float32: up to 4 levels in 2-8 % of the
-pixels of ``refghost/data/sample.png`` resized to 320x320 or 416x416; float32_fma and float32
-agree on that image but not on every input), so pick the kernel that matches the OpenCV you
-compare against.
+``ALGO_HINT_ACCURATE``) are not reproduced. Pick the kernel that matches the OpenCV you compare
+against: ``kernel_for_opencv(cv2.__version__, fma=..., ipp=cv2.ipp.useIPP())``.
 
 Reading images
 --------------
@@ -66,6 +104,8 @@ from __future__ import annotations
 
 import numbers
 import os
+import re
+import warnings
 from typing import Any, Sequence
 
 import numpy as np
@@ -78,6 +118,7 @@ __all__ = [
     "IMAGENET_PREPROCESSING",
     "NANODET_PREPROCESSING",
     "WARP_KERNELS",
+    "kernel_for_opencv",
     "normalize",
     "prepare_image",
     "read_image",
@@ -107,8 +148,9 @@ IMAGENET_PREPROCESSING: dict[str, Any] = {
     "resize": "warp_perspective",
 }
 
-#: Interpolation kernels of :func:`warp_resize`, see the module docstring.
-WARP_KERNELS = ("fixed_point", "float32_fma", "float32")
+#: Interpolation kernels of :func:`warp_resize` (which OpenCV each reproduces: the module
+#: docstring and :func:`kernel_for_opencv`).
+WARP_KERNELS = ("fixed_point", "float32_fma", "float32", "ipp_float32_fma")
 #: OpenCV 4.x behaviour, the one NanoDet was developed and trained with.
 DEFAULT_WARP_KERNEL = "fixed_point"
 
@@ -398,7 +440,67 @@ def _warp_float32(img: np.ndarray, dst_w: int, dst_h: int, fused: bool) -> np.nd
     return np.clip(np.rint(v), 0, 255).astype(np.uint8)
 
 
-def warp_resize(img: np.ndarray, size: Sequence[int], *, kernel: str = DEFAULT_WARP_KERNEL) -> np.ndarray:
+def _ipp_coords(n_dst: int, n_src: int, m: float, m8: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Source position of destination indices 0..n_dst-1 as IPP's warpPerspective computes it.
+
+    The coordinate ``s = i*m/m8`` is computed in double and rounded to float32; its integer part
+    is ``floor`` of that float32 value. Returns ``(index, frac_inner, frac_border, inside)``:
+    ``frac_inner = fl32(s) - index`` in float32 (IPP's inner-region code), ``frac_border =
+    fl32(s_double - index)`` (its border code, which keeps the double fraction), and ``inside``
+    whether the 2-tap neighbourhood lies in the source (a coordinate exactly on the last
+    pixel, fraction 0, counts as inside).
+    """
+    s64 = np.arange(n_dst, dtype=np.float64) * m / m8
+    s32 = s64.astype(np.float32)
+    index = np.floor(s32).astype(np.int64)
+    frac_inner = s32 - index.astype(np.float32)
+    frac_border = (s64 - index).astype(np.float32)
+    inside = (index >= 0) & ((index + 1 < n_src) | ((index == n_src - 1) & (frac_inner == 0)))
+    return index, frac_inner, frac_border, inside
+
+
+def _warp_ipp(img: np.ndarray, dst_w: int, dst_h: int) -> np.ndarray:
+    src_h, src_w = img.shape[:2]
+    if src_w <= 1 or src_h <= 1:
+        # OpenCV's IPP wrapper (hal/ipp/src/warp_ipp.cpp) declines such images; OpenCV's own
+        # float32 kernel then runs.
+        return _warp_float32(img, dst_w, dst_h, fused=True)
+    m0, m4, m8 = _inverse_diagonal(src_w, src_h, dst_w, dst_h)
+    ix, fx_in, fx_out, x_inside = _ipp_coords(dst_w, src_w, m0, m8)
+    iy, fy_in, fy_out, y_inside = _ipp_coords(dst_h, src_h, m4, m8)
+    inner = y_inside[:, None] & x_inside[None, :]
+    fx = np.where(inner, fx_in[None, :], fx_out[None, :])[:, :, None]
+    fy = np.where(inner, fy_in[:, None], fy_out[:, None])[:, :, None]
+
+    pad = np.zeros((src_h + 2, src_w + 2, 3), dtype=np.float32)
+    pad[1:-1, 1:-1] = img
+    cx0, cx1 = _border_index(ix, src_w), _border_index(ix + 1, src_w)
+    rows0 = pad[_border_index(iy, src_h)]
+    rows1 = pad[_border_index(iy + 1, src_h)]
+    p00, p01 = rows0[:, cx0], rows0[:, cx1]
+    p10, p11 = rows1[:, cx0], rows1[:, cx1]
+    fx = np.broadcast_to(fx, p00.shape)
+    fy = np.broadcast_to(fy, p00.shape)
+    # vertical first, then horizontal, each a fused multiply-add
+    v0 = _fma32(fy, p10 - p00, p00)
+    v1 = _fma32(fy, p11 - p01, p01)
+    v = _fma32(fx, v1 - v0, v0)
+    return np.clip(np.rint(v), 0, 255).astype(np.uint8)
+
+
+def _check_kernel(kernel: Any, name: str) -> str:
+    if not isinstance(kernel, str) or kernel not in WARP_KERNELS:
+        raise RefghostError(f"{name} must be one of {', '.join(WARP_KERNELS)}; got {kernel!r}")
+    return kernel
+
+
+def warp_resize(
+    img: np.ndarray,
+    size: Sequence[int],
+    *,
+    warp_kernel: str = DEFAULT_WARP_KERNEL,
+    kernel: str | None = None,
+) -> np.ndarray:
     """Resize like NanoDet: ``cv2.warpPerspective(img, diag(dst_w/W, dst_h/H, 1), (dst_w, dst_h))``.
 
     Default flags are reproduced: INTER_LINEAR, BORDER_CONSTANT with value 0. Destination pixel
@@ -412,10 +514,13 @@ def warp_resize(img: np.ndarray, size: Sequence[int], *, kernel: str = DEFAULT_W
         Source image, any channel order (channels are independent).
     size : (dst_w, dst_h)
         Output width and height, integers in 1..32767.
-    kernel : {"fixed_point", "float32_fma", "float32"}
+    warp_kernel : one of :data:`WARP_KERNELS`
         Which OpenCV implementation to reproduce bit for bit: "fixed_point" is OpenCV 4.x (the
-        default); "float32_fma" is OpenCV 5.x on FMA-capable CPUs (x86-64 AVX2); "float32" is
-        OpenCV 5.x without FMA. See the module docstring.
+        default); "float32_fma" is OpenCV 5.0 (and 5.x without IPP) on FMA-capable CPUs;
+        "float32" is OpenCV 5.x without FMA; "ipp_float32_fma" is OpenCV 5.1's x86-64 wheels
+        (Intel IPP). :func:`kernel_for_opencv` picks it from a version string; see the module
+        docstring.
+    kernel : deprecated spelling of ``warp_kernel`` (emits a DeprecationWarning)
 
     Returns
     -------
@@ -427,15 +532,58 @@ def warp_resize(img: np.ndarray, size: Sequence[int], *, kernel: str = DEFAULT_W
     ImageError
         ``img`` is not a uint8 (H, W, 3) array with H, W >= 1.
     RefghostError
-        ``size`` is not two integers in 1..32767, or ``kernel`` is unknown.
+        ``size`` is not two integers in 1..32767, or the kernel is unknown.
     """
+    if kernel is not None:
+        warnings.warn("warp_resize(kernel=) is deprecated; use warp_kernel=", DeprecationWarning, stacklevel=2)
+        warp_kernel = kernel
     img = _check_image(img)
     dst_w, dst_h = _check_size(size, "size")
-    if kernel not in WARP_KERNELS:
-        raise RefghostError(f"kernel must be one of {', '.join(WARP_KERNELS)}; got {kernel!r}")
-    if kernel == "fixed_point":
+    warp_kernel = _check_kernel(warp_kernel, "warp_kernel")
+    if warp_kernel == "fixed_point":
         return _warp_fixed_point(img, dst_w, dst_h)
-    return _warp_float32(img, dst_w, dst_h, fused=(kernel == "float32_fma"))
+    if warp_kernel == "ipp_float32_fma":
+        return _warp_ipp(img, dst_w, dst_h)
+    return _warp_float32(img, dst_w, dst_h, fused=(warp_kernel == "float32_fma"))
+
+
+def kernel_for_opencv(version: str, *, fma: bool = True, ipp: bool = True) -> str:
+    """The :data:`WARP_KERNELS` entry that reproduces ``cv2.warpPerspective`` of OpenCV ``version``.
+
+    Parameters
+    ----------
+    version : str
+        ``cv2.__version__`` (e.g. "4.14.0", "5.1.0") or a pip version ("5.1.0.95"); anything
+        after the numbers ("-dev", "+cuda") is ignored.
+    fma : bool
+        Whether OpenCV's SIMD dispatch uses fused multiply-add: True on x86-64 with AVX2/FMA3 and
+        on AArch64; False with ``cv2.setUseOptimized(False)`` or on a CPU without AVX2.
+    ipp : bool
+        Whether the build calls Intel IPP (the x86-64 pip wheels do, unless
+        ``cv2.ipp.setUseIPP(False)``); OpenCV 5.1 routes this warp to IPP.
+
+    Returns
+    -------
+    "fixed_point" for 4.x, "float32_fma"/"float32" for 5.0 (and for 5.1+ without IPP),
+    "ipp_float32_fma" for 5.1+ with IPP. Versions after 5.1 are assumed to behave as 5.1 (checked
+    up to 5.1.0).
+
+    Raises
+    ------
+    RefghostError
+        ``version`` does not start with MAJOR.MINOR, or MAJOR is below 4 (not reproduced).
+    """
+    match = re.match(r"\s*(\d+)\.(\d+)", version) if isinstance(version, str) else None
+    if match is None:
+        raise RefghostError(f"OpenCV version must look like '4.14.0' or '5.1.0', got {version!r}")
+    major, minor = int(match.group(1)), int(match.group(2))
+    if major < 4:
+        raise RefghostError(f"OpenCV {version}: only OpenCV 4.x and 5.x warps are reproduced")
+    if major == 4:
+        return "fixed_point"
+    if (major, minor) >= (5, 1) and ipp:
+        return "ipp_float32_fma"
+    return "float32_fma" if fma else "float32"
 
 
 # --------------------------------------------------------------------------------------------
@@ -499,8 +647,9 @@ def prepare_image(
         Network input width and height.
     resize : {"warp_perspective"}
         The only supported resize, NanoDet's ``warpPerspective`` with keep_ratio False.
-    warp_kernel : {"fixed_point", "float32_fma", "float32"}
-        Which OpenCV implementation of the warp to reproduce; see :func:`warp_resize`.
+    warp_kernel : one of :data:`WARP_KERNELS`
+        Which OpenCV implementation of the warp to reproduce; see :func:`warp_resize` and
+        :func:`kernel_for_opencv`.
 
     Returns
     -------
@@ -518,8 +667,7 @@ def prepare_image(
     dst_w, dst_h = _check_size(input_size, "input_size")
     if resize not in _RESIZE_METHODS:
         raise RefghostError(f"resize must be one of {', '.join(_RESIZE_METHODS)}; got {resize!r}")
-    if warp_kernel not in WARP_KERNELS:
-        raise RefghostError(f"warp_kernel must be one of {', '.join(WARP_KERNELS)}; got {warp_kernel!r}")
+    warp_kernel = _check_kernel(warp_kernel, "warp_kernel")
     mean_arr = _check_stats(mean, "mean")
     std_arr = _check_stats(std, "std")
 
@@ -529,5 +677,5 @@ def prepare_image(
         img = _check_image(image)
     if img.shape[:2] != (dst_h, dst_w):
         # With equal sizes the identity warp is exact for every kernel, so skipping it is safe.
-        img = warp_resize(img, (dst_w, dst_h), kernel=warp_kernel)
+        img = warp_resize(img, (dst_w, dst_h), warp_kernel=warp_kernel)
     return normalize(img, mean_arr, std_arr)[None]

@@ -27,19 +27,21 @@ def as_weights(weights) -> Weights:
     raise RefghostError(f"weights must be a path or what refghost.load_weights returns, got {type(weights).__name__}")
 
 
-def prepare_input(image, weights: Weights, dtype) -> np.ndarray:
+def prepare_input(image, weights: Weights, dtype, warp_kernel: str | None = None) -> np.ndarray:
     """The network input (N, 3, H, W) in ``dtype`` for any accepted form of ``image``.
 
     * float array (N, 3, H, W) or (3, H, W): the network input as is (cast to ``dtype``);
     * uint8 array (H, W, 3) in the weights' recorded channel order, or an image file path:
-      preprocessed as the weights file records (warp-resize to ``input_size``, mean/std).
+      preprocessed as the weights file records (warp-resize to ``input_size`` with
+      ``warp_kernel``, default :data:`refghost.preprocess.DEFAULT_WARP_KERNEL`, then mean/std).
     """
     if isinstance(image, (str, os.PathLike)) or (isinstance(image, np.ndarray) and image.dtype == np.uint8):
-        from .preprocess import prepare_image
+        from .preprocess import DEFAULT_WARP_KERNEL, prepare_image
 
         pre = weights.preprocessing
         x = prepare_image(image, mean=pre.mean, std=pre.std, channel_order=pre.channel_order,
-                          input_size=pre.input_size)
+                          input_size=pre.input_size,
+                          warp_kernel=DEFAULT_WARP_KERNEL if warp_kernel is None else warp_kernel)
     elif isinstance(image, np.ndarray) and image.dtype.kind == "f":
         x = image[None] if image.ndim == 3 else image
         if x.ndim != 4 or x.shape[1] != 3 or x.shape[0] < 1 or x.shape[2] < 1 or x.shape[3] < 1:
@@ -53,7 +55,8 @@ def prepare_input(image, weights: Weights, dtype) -> np.ndarray:
     return np.ascontiguousarray(x, dtype=dtype)
 
 
-def run(image, weights, *, dtype="float32", intermediates=False, impl="fast") -> dict[str, np.ndarray]:
+def run(image, weights, *, dtype="float32", intermediates=False, impl="fast",
+        warp_kernel: str | None = None) -> dict[str, np.ndarray]:
     """Run GhostNet on ``image`` with ``weights`` and return ``{module path: array}``.
 
     Parameters
@@ -69,6 +72,9 @@ def run(image, weights, *, dtype="float32", intermediates=False, impl="fast") ->
     impl : "fast" (default: the compiled engine of :mod:`refghost.engine`, or the interpreter's
         BLAS + Numba ops when ``intermediates`` is set), "plain" (the definitions in
         :mod:`refghost.ops`), "engine" or "interpreter" (force one of the two fast paths)
+    warp_kernel : which OpenCV's ``warpPerspective`` the resize of a uint8 image or image file
+        reproduces (:data:`refghost.preprocess.WARP_KERNELS`; default "fixed_point", OpenCV 4.x;
+        :func:`refghost.preprocess.kernel_for_opencv` names the one of an OpenCV version)
 
     Returns
     -------
@@ -84,7 +90,7 @@ def run(image, weights, *, dtype="float32", intermediates=False, impl="fast") ->
         raise RefghostError("impl='engine' folds BatchNorm into the convolutions, so it has no per-module "
                             "intermediates; use impl='fast' or 'interpreter'")
     w = as_weights(weights)
-    x = prepare_input(image, w, dtype)
+    x = prepare_input(image, w, dtype, warp_kernel)
     if impl in ("fast", "engine") and not intermediates:
         # The compiled plan (refghost.engine): cached on w per dtype and input shape; it owns
         # the thread settings. It declines graphs it cannot run, and "fast" then interprets.

@@ -155,3 +155,57 @@ def test_export_round_trips_through_torch_and_convert(weights_file, tmp_path, ca
             assert np.array_equal(model.state_dict()[key].numpy(), value)
     assert main(["export", str(weights_file), "--out", str(tmp_path / "sd.txt")]) == 2
     capsys.readouterr()
+
+
+@pytest.mark.parametrize("kernel", ["fixed_point", "ipp_float32_fma"])
+def test_run_warp_kernel_is_used_and_named(tmp_path, weights_file, capsys, kernel):
+    from refghost import load_weights, run
+    from refghost.preprocess import prepare_image
+
+    out_file = tmp_path / "r.npz"
+    argv = ["run", str(SAMPLE_IMAGE), "--weights", str(weights_file), "--out", str(out_file)]
+    assert main(argv + ([] if kernel == "fixed_point" else ["--warp-kernel", kernel])) == 0
+    assert f"(resized with warp kernel {kernel})" in capsys.readouterr().out
+    weights = load_weights(weights_file)
+    pre = weights.preprocessing
+    x = prepare_image(SAMPLE_IMAGE, mean=pre.mean, std=pre.std, channel_order=pre.channel_order,
+                      input_size=pre.input_size, warp_kernel=kernel)
+    expected = run(x, weights)
+    with np.load(out_file) as saved:
+        for name, value in expected.items():
+            assert np.array_equal(saved[name], value), name
+
+
+def test_run_npy_input_names_no_warp_kernel(tmp_path, weights_file, capsys):
+    np.save(tmp_path / "x.npy", np.zeros((3, 16, 16), np.float32))
+    assert main(["run", str(tmp_path / "x.npy"), "--weights", str(weights_file)]) == 0
+    assert "warp kernel" not in capsys.readouterr().out
+
+
+def test_golden_records_the_warp_kernel_of_an_image_input(tmp_path, weights_file, capsys):
+    import h5py
+
+    from refghost.golden import read_golden
+    from refghost.preprocess import WARP_KERNELS
+
+    base = ["golden", "--weights", str(weights_file)]
+    inputs = {}
+    for kernel in ("fixed_point", "float32_fma"):
+        path = tmp_path / f"{kernel}.h5"
+        assert main(base + ["--out", str(path), "--warp-kernel", kernel]) == 0
+        assert f"sample.png, warp kernel {kernel})" in capsys.readouterr().out
+        with h5py.File(path, "r") as f:
+            assert f.attrs["warp_kernel"] == kernel and f.attrs["warp_kernel"] in WARP_KERNELS
+        inputs[kernel] = read_golden(path).input
+    assert not np.array_equal(inputs["fixed_point"], inputs["float32_fma"])  # the kernels differ on sample.png
+    assert main(base + ["--out", str(tmp_path / "seed.h5"), "--seed", "0"]) == 0
+    assert "warp kernel" not in capsys.readouterr().out
+    with h5py.File(tmp_path / "seed.h5", "r") as f:
+        assert "warp_kernel" not in f.attrs
+
+
+def test_warp_kernel_option_rejects_unknown_kernels(tmp_path, weights_file, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["run", "--weights", str(weights_file), "--warp-kernel", "cv6"])
+    assert info.value.code == 2
+    assert "--warp-kernel" in capsys.readouterr().err

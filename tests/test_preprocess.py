@@ -1,16 +1,21 @@
 """Tests for refghost.preprocess against OpenCV (which CI installs; it is a test-only dependency).
 
-OpenCV 4.x and 5.x use different warpPerspective kernels for 8-bit images, so the tests compare
-against the installed cv2 with the kernel that reproduces it (``INSTALLED_KERNEL``), check the
-fixed-point (4.x) kernel's interpolation against ``cv2.remap`` with fixed-point maps (same code
-in 4.x and 5.x), and check its coordinates against hashes of real OpenCV 4.10/4.11/4.12 output.
+OpenCV 4.x, 5.0 and 5.1 use different warpPerspective kernels for 8-bit images, so the tests
+compare against the installed cv2 with the kernel :func:`kernel_for_opencv` names for it
+(``INSTALLED_KERNEL``; also with OpenCV's optimisations and its IPP calls switched off), and every
+kernel against hashes of real OpenCV 4.14, 5.0 and 5.1 outputs (``tests/opencv_warp_hashes.json``,
+written by ``tools/opencv_kernels.py``), so no second OpenCV is needed at test time. The
+fixed-point (4.x) kernel is also checked against ``cv2.remap`` with fixed-point maps (the same
+code in 4.x and 5.x) and against hashes of real OpenCV 4.10/4.11/4.12 output.
 """
 
 from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import platform
+import warnings
 from fractions import Fraction
 from pathlib import Path
 
@@ -26,6 +31,7 @@ from refghost.preprocess import (
     IMAGENET_PREPROCESSING,
     NANODET_PREPROCESSING,
     WARP_KERNELS,
+    kernel_for_opencv,
     normalize,
     prepare_image,
     read_image,
@@ -34,7 +40,6 @@ from refghost.preprocess import (
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLE = REPO / "refghost" / "data" / "sample.png"
-CV2_MAJOR = int(cv2.__version__.split(".")[0])
 
 
 def _cv2_feature(name: str) -> bool:
@@ -42,18 +47,33 @@ def _cv2_feature(name: str) -> bool:
     return name in ids and bool(cv2.checkHardwareSupport(ids[name]))
 
 
-def _installed_kernel() -> str:
-    """The warp_resize kernel that reproduces the installed cv2.warpPerspective."""
-    if CV2_MAJOR < 5:
-        return "fixed_point"
+def _cv2_uses_fma() -> bool:
+    """Whether the installed cv2's SIMD dispatch computes with fused multiply-add."""
     if not cv2.useOptimized():
-        return "float32"
+        return False
     if platform.machine().lower() in ("aarch64", "arm64"):
-        return "float32_fma"
-    return "float32_fma" if (_cv2_feature("AVX2") and _cv2_feature("FMA3")) else "float32"
+        return True
+    return _cv2_feature("AVX2") and _cv2_feature("FMA3")
+
+
+def _installed_kernel() -> str:
+    """The warp_resize kernel that reproduces the installed cv2.warpPerspective as configured now."""
+    return kernel_for_opencv(cv2.__version__, fma=_cv2_uses_fma(), ipp=cv2.ipp.useIPP())
 
 
 INSTALLED_KERNEL = _installed_kernel()
+
+
+def _load_tool(name: str):
+    tool_path = REPO / "tools" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, tool_path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+OPENCV_KERNELS_TOOL = _load_tool("opencv_kernels")
+_pattern = OPENCV_KERNELS_TOOL.pattern_image
 
 
 def _cv2_warp(img: np.ndarray, dst_w: int, dst_h: int) -> np.ndarray:
@@ -118,7 +138,7 @@ WARP_CASES = [
 def test_warp_matches_installed_opencv(sw, sh, dw, dh):
     img = _random_image(sh, sw, seed=sw * 7 + sh * 13 + dw * 17 + dh)
     ref = _cv2_warp(img, dw, dh)
-    out = warp_resize(img, (dw, dh), kernel=INSTALLED_KERNEL)
+    out = warp_resize(img, (dw, dh), warp_kernel=INSTALLED_KERNEL)
     assert out.shape == (dh, dw, 3) and out.dtype == np.uint8
     assert np.array_equal(out, ref), (
         f"cv2 {cv2.__version__} with kernel {INSTALLED_KERNEL!r}: max abs diff {_max_diff(out, ref)}"
@@ -129,23 +149,52 @@ def test_warp_matches_installed_opencv(sw, sh, dw, dh):
 def test_warp_sample_matches_installed_opencv(size):
     img = cv2.imread(str(SAMPLE))
     ref = _cv2_warp(img, *size)
-    out = warp_resize(img, size, kernel=INSTALLED_KERNEL)
+    out = warp_resize(img, size, warp_kernel=INSTALLED_KERNEL)
     assert np.array_equal(out, ref), f"max abs diff {_max_diff(out, ref)}"
 
 
-def test_warp_matches_opencv_without_optimizations():
-    """cv2.setUseOptimized(False): OpenCV 5 then runs its non-FMA baseline code (kernel float32)."""
-    kernel = "float32" if CV2_MAJOR >= 5 else "fixed_point"
-    was = cv2.useOptimized()
-    cv2.setUseOptimized(False)
+@pytest.mark.parametrize("switch", ["setUseOptimized", "setUseIPP"])
+def test_warp_matches_opencv_with_optimizations_or_ipp_off(switch):
+    """cv2.setUseOptimized(False): OpenCV 5 runs its non-FMA baseline code without IPP (kernel
+    float32); cv2.ipp.setUseIPP(False): OpenCV 5.1 runs its own SIMD kernel (float32_fma)."""
+    was_optimized, was_ipp = cv2.useOptimized(), cv2.ipp.useIPP()
+    (cv2.setUseOptimized if switch == "setUseOptimized" else cv2.ipp.setUseIPP)(False)
     try:
+        kernel = _installed_kernel()
+        assert kernel == kernel_for_opencv(cv2.__version__, fma=switch != "setUseOptimized" and _cv2_uses_fma(),
+                                           ipp=False)
         for sw, sh, dw, dh in [(7, 5, 320, 320), (333, 250, 320, 320), (17, 9, 640, 33), (31, 29, 37, 41)]:
             img = _random_image(sh, sw, seed=sw + dw)
             ref = _cv2_warp(img, dw, dh)
-            out = warp_resize(img, (dw, dh), kernel=kernel)
-            assert np.array_equal(out, ref), f"{(sw, sh, dw, dh)}: max abs diff {_max_diff(out, ref)}"
+            out = warp_resize(img, (dw, dh), warp_kernel=kernel)
+            assert np.array_equal(out, ref), f"{(sw, sh, dw, dh)} {kernel}: max abs diff {_max_diff(out, ref)}"
     finally:
-        cv2.setUseOptimized(was)
+        cv2.setUseOptimized(was_optimized)
+        cv2.ipp.setUseIPP(was_ipp)
+
+
+def test_ipp_kernel_differs_only_where_coordinates_are_whole_numbers_at_the_border():
+    """The one family of inputs where ipp_float32_fma is not bit-exact to OpenCV 5.1 (upscales
+    whose source coordinate is a whole number along one axis, at or past the last source row or
+    column: IPP's choice of its inner or border code there was not reproduced). With any other
+    installed OpenCV the installed kernel must be exact on these inputs too."""
+    tool = OPENCV_KERNELS_TOOL
+    differing = 0
+    for case in [(7, 4, 320, 4), (7, 400, 320, 400), (63, 5, 1000, 15), (5, 7, 320, 320), (11, 7, 55, 320),
+                 (38, 7, 190, 320), (10, 8, 25, 20)]:
+        for seed in range(3):
+            img = tool.random_image(case[1], case[0], seed)
+            ref = _cv2_warp(img, case[2], case[3])
+            out = warp_resize(img, case[2:], warp_kernel=INSTALLED_KERNEL)
+            diff = np.abs(out.astype(np.int16) - ref)
+            if INSTALLED_KERNEL != "ipp_float32_fma":
+                assert not diff.any(), f"{case}: {INSTALLED_KERNEL} max abs diff {diff.max()}"
+                continue
+            assert diff.max() <= 1, case
+            assert not ((diff > 0).any(axis=2) & ~tool.whole_coordinate_pixels(*case)).any(), case
+            differing += int((diff > 0).sum())
+    if INSTALLED_KERNEL == "ipp_float32_fma":
+        assert differing > 0  # the residual is real: if OpenCV changes, this test tells
 
 
 @pytest.mark.parametrize(
@@ -165,16 +214,8 @@ def test_fixed_point_interpolation_matches_cv2_remap(sw, sh, dw, dh):
     map_xy = np.stack(np.broadcast_arrays(ix[None, :], iy[:, None]), axis=-1).astype(np.int16)
     map_frac = (fy[:, None] * 32 + fx[None, :]).astype(np.uint16)
     ref = cv2.remap(img, map_xy, map_frac, cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
-    out = warp_resize(img, (dw, dh), kernel="fixed_point")
+    out = warp_resize(img, (dw, dh), warp_kernel="fixed_point")
     assert np.array_equal(out, ref), f"max abs diff {_max_diff(out, ref)}"
-
-
-def _pattern(h: int, w: int) -> np.ndarray:
-    """Deterministic pseudo-random uint8 image from integer arithmetic (no RNG streams)."""
-    i, j, c = np.indices((h, w, 3), dtype=np.uint64)
-    v = i * np.uint64(7919) + j * np.uint64(104729) + c * np.uint64(31337) + np.uint64(h * 131 + w * 137)
-    v = (v * np.uint64(2654435761)) % np.uint64(2**32)
-    return ((v >> np.uint64(13)) & np.uint64(255)).astype(np.uint8)
 
 
 # sha256[:20] of cv2.warpPerspective output, computed with opencv-python-headless 4.10.0, 4.11.0
@@ -206,21 +247,84 @@ def test_fixed_point_matches_opencv4_golden(case):
     else:
         sw, sh, dw, dh = case
         img = _pattern(sh, sw)
-    out = warp_resize(img, (dw, dh), kernel="fixed_point")
+    out = warp_resize(img, (dw, dh), warp_kernel="fixed_point")
     assert hashlib.sha256(out.tobytes()).hexdigest()[:20] == OPENCV4_GOLDEN[case]
+
+
+OPENCV_HASHES = json.loads((REPO / "tests" / "opencv_warp_hashes.json").read_text())
+_RECORDED = [(entry, key) for entry in OPENCV_HASHES["opencv"] for key in entry["hashes"]]
+
+
+def _recorded_input(key: str):
+    """The input image and destination size that a key of opencv_warp_hashes.json names."""
+    src, dst = key.split("->")
+    dw, dh = (int(v) for v in dst.split("x"))
+    if src == "sample":
+        return read_image(SAMPLE, "BGR"), (dw, dh)
+    sw, sh = (int(v) for v in src.split("x"))
+    return _pattern(sh, sw), (dw, dh)
+
+
+def test_recorded_opencv_outputs_cover_every_kernel():
+    entries = OPENCV_HASHES["opencv"]
+    kernels = {kernel_for_opencv(e["version"], fma=e["use_optimized"], ipp=e["use_ipp"]) for e in entries}
+    assert kernels == set(WARP_KERNELS)
+    assert {e["version"] for e in entries} >= {"4.14.0", "5.0.0", "5.1.0"}
+
+
+@pytest.mark.parametrize("entry,key", _RECORDED, ids=[f"{e['version']}-{e['config']}-{k}" for e, k in _RECORDED])
+def test_kernel_for_opencv_reproduces_recorded_opencv_output(entry, key):
+    """Each kernel against real cv2.warpPerspective output of the OpenCV it stands for."""
+    kernel = kernel_for_opencv(entry["version"], fma=entry["use_optimized"], ipp=entry["use_ipp"])
+    img, size = _recorded_input(key)
+    out = warp_resize(img, size, warp_kernel=kernel)
+    assert hashlib.sha256(out.tobytes()).hexdigest()[:20] == entry["hashes"][key], kernel
+
+
+@pytest.mark.parametrize(
+    "version,fma,ipp,kernel",
+    [
+        ("4.10.0", True, True, "fixed_point"),
+        ("4.14.0.94", False, True, "fixed_point"),
+        ("5.0.0", True, True, "float32_fma"),
+        ("5.0.0.93", False, True, "float32"),
+        ("5.1.0", True, True, "ipp_float32_fma"),
+        ("5.1.0.95", True, False, "float32_fma"),
+        ("5.1.0-dev", False, False, "float32"),
+        ("5.2.0", True, True, "ipp_float32_fma"),
+    ],
+)
+def test_kernel_for_opencv(version, fma, ipp, kernel):
+    assert kernel_for_opencv(version, fma=fma, ipp=ipp) == kernel
+
+
+@pytest.mark.parametrize("bad", ["", "five", "3.4.16", None, 5.1])
+def test_kernel_for_opencv_rejects_bad_versions(bad):
+    with pytest.raises(RefghostError, match="OpenCV"):
+        kernel_for_opencv(bad)
+
+
+def test_kernel_keyword_is_a_deprecated_alias_of_warp_kernel():
+    img = _random_image(9, 11, seed=4)
+    with pytest.warns(DeprecationWarning, match="warp_kernel"):
+        old = warp_resize(img, (20, 14), kernel="float32")
+    assert np.array_equal(old, warp_resize(img, (20, 14), warp_kernel="float32"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        warp_resize(img, (20, 14), warp_kernel="float32")
 
 
 def test_default_kernel_is_opencv4_fixed_point():
     assert DEFAULT_WARP_KERNEL == "fixed_point"
     img = _random_image(9, 11, seed=3)
-    assert np.array_equal(warp_resize(img, (20, 14)), warp_resize(img, (20, 14), kernel="fixed_point"))
+    assert np.array_equal(warp_resize(img, (20, 14)), warp_resize(img, (20, 14), warp_kernel="fixed_point"))
 
 
 @pytest.mark.parametrize("kernel", WARP_KERNELS)
 @pytest.mark.parametrize("h,w", [(1, 1), (5, 7), (360, 480)])
 def test_same_size_warp_is_identity(kernel, h, w):
     img = _random_image(h, w, seed=h + w)
-    assert np.array_equal(warp_resize(img, (w, h), kernel=kernel), img)
+    assert np.array_equal(warp_resize(img, (w, h), warp_kernel=kernel), img)
     assert np.array_equal(_cv2_warp(img, w, h), img)
 
 
@@ -291,7 +395,7 @@ def test_prepare_image_imagenet_preset_equals_opencv_pipeline():
 def test_prepare_image_default_kernel_and_same_size_skip():
     out = prepare_image(SAMPLE, **NANODET_PREPROCESSING)
     bgr = read_image(SAMPLE)
-    warped = warp_resize(bgr, (320, 320), kernel="fixed_point")
+    warped = warp_resize(bgr, (320, 320), warp_kernel="fixed_point")
     ref = _nanodet_normalize(warped, *_stats(NANODET_PREPROCESSING))
     assert np.array_equal(out, ref[None])
     # input already at input_size: no resize at all
@@ -456,8 +560,8 @@ def test_bad_warp_arguments():
     img = _random_image(4, 4, seed=0)
     with pytest.raises(RefghostError, match="size"):
         warp_resize(img, (0, 4))
-    with pytest.raises(RefghostError, match="kernel"):
-        warp_resize(img, (4, 4), kernel="nearest")
+    with pytest.raises(RefghostError, match="warp_kernel"):
+        warp_resize(img, (4, 4), warp_kernel="nearest")
     with pytest.raises(RefghostError, match="channel_order"):
         read_image(SAMPLE, channel_order="YUV")
 
@@ -467,20 +571,12 @@ def test_bad_warp_arguments():
 # --------------------------------------------------------------------------------------------
 
 
-def _load_tool():
-    tool_path = REPO / "tools" / "make_sample_image.py"
-    spec = importlib.util.spec_from_file_location("make_sample_image", tool_path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_sample_image_is_reproducible(tmp_path):
     assert SAMPLE.stat().st_size < 300_000
     with Image.open(SAMPLE) as im:
         assert im.mode == "RGB" and im.size == (480, 360)
         committed = np.asarray(im)
-    tool = _load_tool()
+    tool = _load_tool("make_sample_image")
     pixels = tool.make_sample_image()
     assert np.array_equal(pixels, committed), "sample.png differs from tools/make_sample_image.py output"
     # Two runs of the writer give byte-identical files.
