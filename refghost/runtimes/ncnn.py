@@ -258,7 +258,7 @@ def _activation_of(layer: Layer) -> str | None:
         if kind == 2:
             return "LeakyReLU" if args and args[0] != 0 else "ReLU"
         if kind == 3:
-            return "ReLU6" if args == [0, 6] or args == [0.0, 6.0] else f"Clip{args}"
+            return "ReLU6" if args == [0, 6] else f"Clip{args}"
         return {4: "Sigmoid", 5: "Mish", 6: "HardSwish"}.get(kind, f"activation_type {kind}")
     if layer.type == "ReLU":
         return "LeakyReLU" if layer.get(0, 0.0) != 0 else "ReLU"
