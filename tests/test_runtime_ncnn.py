@@ -403,3 +403,12 @@ def test_full_size_as_shipped_and_at_precise_settings(full, fp16, precise):
         assert min(t.cosine for t in report.tensors) > 0.999
     else:
         assert min(t.cosine for t in report.tensors) > 0.99  # fp16 weights: close, not float32-close
+
+
+def test_without_the_ncnn_package_the_error_names_it(small, monkeypatch):
+    from refghost.runtimes import RuntimeMissing
+
+    golden, params, _, _ = small
+    monkeypatch.setitem(sys.modules, "ncnn", None)  # import ncnn now raises ImportError
+    with pytest.raises(RuntimeMissing, match="pip install ncnn"):
+        _run(params["ts_fp32"], golden)
