@@ -65,7 +65,9 @@ def convert(source: Path, shape, folder: Path, *, fp16: bool = True) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     local = folder / source.name
     shutil.copyfile(source, local)
-    command = [pnnx_executable(), local.name, f"inputshape=[{','.join(map(str, shape))}]"] + ([] if fp16 else ["fp16=0"])
+    command = [pnnx_executable(), local.name, f"inputshape=[{','.join(map(str, shape))}]"]
+    if not fp16:
+        command.append("fp16=0")
     done = subprocess.run(command, cwd=folder, capture_output=True, text=True)
     param = folder / f"{local.stem}.ncnn.param"
     if done.returncode != 0 or not param.exists():
@@ -214,6 +216,30 @@ def test_a_leaky_relu_network_maps_its_fused_activation(leaky):
     assert min(t.cosine for t in report.tensors) > 0.999
 
 
+def test_an_unfused_activation_layer_maps_on_its_own(small, tmp_path):
+    """The stem's ReLU taken out of its Convolution into a ReLU layer (a valid ncnn model, same
+    weights): the Convolution now stands for bn1, the ReLU for act1, and the values are the same."""
+    golden, params, _, _ = small
+
+    def split_stem(lines):
+        layers, blobs = map(int, lines[1].split())
+        lines[1] = f"{layers + 1} {blobs + 1}"
+        fields = lines[3].split()
+        assert fields[0] == "Convolution" and "9=1" in fields and fields[5] == "1"
+        fields[5] = "stem_conv"
+        fields.remove("9=1")
+        lines[3] = " ".join(fields)
+        lines.insert(4, "ReLU stem_relu 1 1 stem_conv 1")
+
+    param = _edit(params["ts_fp32"], tmp_path, split_stem)
+    run = _run(param, golden, precise=True)
+    assert run.mapping["stem_conv"][0] == "bn1" and run.mapping["1"][0] == "act1"
+    reference = _run(params["ts_fp32"], golden, precise=True)
+    assert run.exposed == len(run.mapping) == reference.exposed + 1
+    assert np.array_equal(run.tensors["act1"], reference.tensors["act1"])
+    assert np.array_equal(run.tensors["blocks.9"], reference.tensors["blocks.9"])
+
+
 def test_the_imagenet_classifier_maps_its_head(tmp_path):
     """Huawei's classifier: global pool, conv_head (an InnerProduct with ReLU), Flatten, classifier."""
     model = tg.randomize(tg.build("ghostnet", 0.5, num_classes=10), 0)
@@ -233,7 +259,8 @@ def test_a_model_of_another_network_does_not_align(small, leaky):
     naming the layer that does not fit."""
     golden, _, _, _ = small
     _, param = leaky
-    with pytest.raises(CompareError, match=r"cannot match .* by structure: Convolution \S+ \(line 4\) has a fused LeakyReLU, act1 is ReLU"):
+    refused = r"cannot match .* by structure: Convolution \S+ \(line 4\) has a fused LeakyReLU, act1 is ReLU"
+    with pytest.raises(CompareError, match=refused):
         _run(param, golden)
     wider, _, _ = make_case(None, width=1.0, size=64)
     with pytest.raises(CompareError, match="output channels"):
@@ -351,7 +378,8 @@ def full(tmp_path_factory):
     """GhostNet 1.0x at 320x320 from TorchScript, pnnx's default (fp16 weights) and fp16=0."""
     root = tmp_path_factory.mktemp("ncnn_full")
     golden, pt, _ = make_case(root / "src", width=1.0, size=320, onnx_too=False)
-    return golden, {fp16: convert(pt, golden.input.shape, root / f"fp16_{int(fp16)}", fp16=fp16) for fp16 in (True, False)}
+    return golden, {fp16: convert(pt, golden.input.shape, root / f"fp16_{int(fp16)}", fp16=fp16)
+                    for fp16 in (True, False)}
 
 
 @pytest.mark.parametrize("fp16, precise", [(True, False), (False, True)])
@@ -375,3 +403,12 @@ def test_full_size_as_shipped_and_at_precise_settings(full, fp16, precise):
         assert min(t.cosine for t in report.tensors) > 0.999
     else:
         assert min(t.cosine for t in report.tensors) > 0.99  # fp16 weights: close, not float32-close
+
+
+def test_without_the_ncnn_package_the_error_names_it(small, monkeypatch):
+    from refghost.runtimes import RuntimeMissing
+
+    golden, params, _, _ = small
+    monkeypatch.setitem(sys.modules, "ncnn", None)  # import ncnn now raises ImportError
+    with pytest.raises(RuntimeMissing, match="pip install ncnn"):
+        _run(params["ts_fp32"], golden)

@@ -44,7 +44,8 @@ def main(argv=None) -> int:
         root = Path(tmp)
         golden, pt, _ = make_case(root / "src", width=args.width, size=args.size, activation=args.activation,
                                   seed=args.seed, onnx_too=False)
-        params = {fp16: convert(pt, golden.input.shape, root / f"fp16_{int(fp16)}", fp16=fp16) for fp16 in (True, False)}
+        params = {fp16: convert(pt, golden.input.shape, root / f"fp16_{int(fp16)}", fp16=fp16)
+                  for fp16 in (True, False)}
         print(f"GhostNet {args.width}x {args.activation}, input {args.size}x{args.size}, seed {args.seed}, "
               f"{args.threads} thread(s)\n")
         print("| pnnx | settings | mapped/exposed | precision (arith/weights/act) | "

@@ -258,7 +258,7 @@ def _activation_of(layer: Layer) -> str | None:
         if kind == 2:
             return "LeakyReLU" if args and args[0] != 0 else "ReLU"
         if kind == 3:
-            return "ReLU6" if args == [0, 6] or args == [0.0, 6.0] else f"Clip{args}"
+            return "ReLU6" if args == [0, 6] else f"Clip{args}"
         return {4: "Sigmoid", 5: "Mish", 6: "HardSwish"}.get(kind, f"activation_type {kind}")
     if layer.type == "ReLU":
         return "LeakyReLU" if layer.get(0, 0.0) != 0 else "ReLU"
@@ -356,7 +356,7 @@ def map_layers(param: ParamFile, network: Graph) -> tuple[dict[str, Match], dict
         how = f"{layer.type} {layer.name}"
         if first.op == "conv":
             bn = _only_consumer(nodes[-1], consumers, "batch_norm")
-            if bn is not None:
+            if bn is not None and not _read_by(param, layer.tops[0], "BatchNorm"):  # else BN is a layer of its own
                 nodes.append(bn)
             if fused_act is not None:
                 act = _only_consumer(nodes[-1], consumers, "act")
@@ -381,6 +381,17 @@ def map_layers(param: ParamFile, network: Graph) -> tuple[dict[str, Match], dict
         raise CompareError(f"{param.path}: no ncnn layer computes {len(missing)} layer(s) of the network "
                            f"(first {missing[0]}); the model is not this GhostNet")
     return matches, holds
+
+
+def _read_by(param: ParamFile, blob: str, layer_type: str) -> bool:
+    """Whether a layer of ``layer_type`` reads ``blob`` (directly or through Split copies)."""
+    for layer in param.layers:
+        if blob in layer.bottoms:
+            if layer.type == layer_type:
+                return True
+            if layer.type == "Split" and any(_read_by(param, top, layer_type) for top in layer.tops):
+                return True
+    return False
 
 
 def _same_inputs(node: Node, srcs: list[str]) -> bool:
