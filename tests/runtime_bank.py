@@ -77,7 +77,7 @@ def export_onnx(weights, size: int, path: Path) -> Path:
     import torch
 
     model = torch_model(weights)
-    outputs = [f"out{i}" for i in range(len(weights.graph.outputs))]
+    outputs = list(weights.graph.outputs)  # MNN maps its outputs by these names
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(model, (torch.zeros(1, 3, size, size),), str(path), dynamo=False, opset_version=17,
@@ -103,20 +103,18 @@ def with_bug(onnx_path: Path, out: Path, module: str = BUG_MODULE, factor: float
 
 
 def _torchscript_scope(module: str) -> list[str]:
-    """The TorchScript exporter's scope components of a module path: ``blocks.6.2.ghost1.x.0`` ->
-    ``blocks.6 / blocks.6.2 / ghost1 / x / x.0``."""
+    """The TorchScript exporter's scope components of a module path:
+    ``blocks.6.2.ghost1.cheap_operation.0`` -> ``blocks.6 / blocks.6.2 / ghost1 / cheap_operation /
+    cheap_operation.0`` (NanoDet indexes ``self.blocks[i]`` directly, so ``blocks`` has no component
+    of its own; a Sequential inside a module does)."""
     parts = module.split(".")
-    out, i = [], 0
-    while i < len(parts):
-        if i + 1 < len(parts) and parts[i + 1].isdigit():
-            out.append(f"{parts[i]}.{parts[i + 1]}")
-            i += 2
-            while i < len(parts) and parts[i].isdigit():
-                out.append(f"{out[-1]}.{parts[i]}")
-                i += 1
+    out = [f"blocks.{parts[1]}", f"blocks.{parts[1]}.{parts[2]}"] if parts[0] == "blocks" else [parts[0]]
+    rest = parts[3:] if parts[0] == "blocks" else parts[1:]
+    for part in rest:
+        if part.isdigit():
+            out.append(f"{out[-1]}.{part}")
         else:
-            out.append(parts[i])
-            i += 1
+            out.append(part)
     return out
 
 
