@@ -72,6 +72,12 @@ class Report:
     passed: bool
     notes: list[str] = field(default_factory=list)
 
+    def __repr__(self) -> str:
+        failed = sum(t.status != "ok" for t in self.tensors)
+        return (f"Report({'PASS' if self.passed else 'FAIL'}, golden={self.golden!r}, candidate={self.candidate!r}, "
+                f"policy={self.policy!r}, {len(self.tensors)} tensors, {failed} not ok, "
+                f"first_divergent={self.first_divergent!r})")
+
     def to_json(self) -> dict:
         def clean(v):
             if isinstance(v, float) and not math.isfinite(v):
