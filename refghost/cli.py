@@ -39,9 +39,11 @@ def make_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run GhostNet on an image and print a summary of its outputs")
-    run.add_argument("image", nargs="?", default=str(SAMPLE_IMAGE),
-                     help="image file, or .npy float array (N,3,H,W)/(3,H,W) used as the network input "
-                          "as is (default: the shipped sample image)")
+    run.add_argument("image", nargs="*",
+                     help="image files or folders of images (one batch, in the order given, a folder's "
+                          "images by name; each resized to the weights' input size), or one .npy float "
+                          "array (N,3,H,W)/(3,H,W) used as the network input as is (default: the shipped "
+                          "sample image)")
     run.add_argument("--weights", default=str(DEFAULT_WEIGHTS),
                      help="refghost weights file (default: the shipped synthetic weights)")
     run.add_argument("--dtype", choices=("float32", "float64"), default="float32",
@@ -120,44 +122,110 @@ def _summary_line(name: str, a: np.ndarray) -> str:
             f"mean {a.mean():+.4g}")
 
 
-def _engine_compiles(args) -> bool:
-    """Whether this run will compile the engine's program (no intermediates, engine path, Numba's
-    on-disk cache without it): the one wait of about half a minute worth announcing."""
-    if args.intermediates or args.impl not in ("fast", "engine"):
-        return False
-    from .kernels import fused
+#: Cold-compile times (empty NUMBA_CACHE_DIR) of what a run compiles, measured on this project's
+#: 2-vCPU machine with other processes running, 2026-12-04: what the announcement quotes.
+COMPILE_TIMES = {"engine": "40-130 s", "interpreter": "10-30 s"}
+
+
+def _kernels_to_compile(intermediates: bool, impl: str, dtype: str) -> str | None:
+    """Which compiled path this run needs and Numba's on-disk cache lacks for ``dtype`` ("engine",
+    "interpreter"), or None: nothing to compile (or the cache state cannot be told). The engine
+    (no intermediates) is one program, :func:`refghost.kernels.fused.run_program`; the fast
+    interpreter compiles its depthwise convolution; "plain" compiles nothing."""
     from .kernels._jit import compiled_on_disk
 
-    return compiled_on_disk(fused.run_program) is False
+    if impl == "plain":
+        return None
+    if not intermediates and impl in ("fast", "engine"):
+        from .kernels import fused
+
+        path, kernels = "engine", (fused.run_program,)
+    else:
+        from .kernels import depthwise
+
+        path, kernels = "interpreter", (depthwise._planes, depthwise._planes_parallel)
+    return path if any(compiled_on_disk(k, dtype) is False for k in kernels) else None
+
+
+def _announce_compile(path: str | None, dtype: str) -> None:
+    if path is not None:
+        print(f"compiling the {path}'s {dtype} kernels for this machine ({COMPILE_TIMES[path]} measured on 2 cores; "
+              f"the first {dtype} {'run' if path == 'engine' else 'run with intermediates'} only: Numba caches them)",
+              file=sys.stderr, flush=True)
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
+#: From this many images on, `run` reports its progress reading them (stderr).
+PROGRESS_FROM = 10
+
+
+def _progress(label: str):
+    """A ``progress(i, n)`` callback printing "label i/n" to stderr about every tenth item, or
+    None for fewer than :data:`PROGRESS_FROM` items (see refghost.runner.prepare_input)."""
+    def report(i, n):
+        if n >= PROGRESS_FROM and (i == n or i % max(1, n // 10) == 0):
+            print(f"  {label} {i}/{n}", file=sys.stderr, flush=True)
+    return report
+
+
+def _input_lines(items, weights) -> list[str]:
+    """The ``input`` lines of `run`: each item, its size and what preparing it did."""
+    from .runner import describe_image
+
+    lines = []
+    for i, item in enumerate(items):
+        name = item if isinstance(item, str) else f"array {item.shape} {item.dtype}"
+        size, notes = describe_image(item, weights.preprocessing.input_size)
+        prefix = f"[{i}] " if len(items) > 1 else ""
+        lines.append(f"{prefix}{name} ({size}; {'; '.join(notes)})")
+    return lines
 
 
 def cmd_run(args) -> int:
-    from .runner import run
+    from .runner import expand_images, run
     from .weights import load_weights
 
     t0 = time.perf_counter()
     weights = load_weights(args.weights)
-    image = _load_input(args.image)
+    items = expand_images([os.fspath(image) for image in (args.image or [str(SAMPLE_IMAGE)])])
+    if len(items) > 1 and any(isinstance(i, str) and i.endswith(".npy") for i in items):
+        raise RefghostError("a .npy input is the whole network input: give it alone, not with other images")
+    if len(items) == 1:
+        items = [_load_input(items[0])]
     t1 = time.perf_counter()
-    compiles = _engine_compiles(args)
-    if compiles:
-        print("compiling the kernels for this machine: about half a minute, the first time only "
-              "(Numba caches them)", file=sys.stderr, flush=True)
-    out = run(image, weights, dtype=args.dtype, intermediates=args.intermediates, impl=args.impl)
+    from .runner import prepare_input
+
+    x = prepare_input(items if len(items) > 1 else items[0], weights, args.dtype, progress=_progress("read image"))
     t2 = time.perf_counter()
+    compiles = _kernels_to_compile(args.intermediates, args.impl, args.dtype)
+    _announce_compile(compiles, args.dtype)
+    out = run(x, weights, dtype=args.dtype, intermediates=args.intermediates, impl=args.impl)
+    t3 = time.perf_counter()
     cfg = weights.config
     print(f"weights  {args.weights} ({cfg.arch}, width {cfg.width:g}, {cfg.activation}, sha256 "
           f"{weights.sha256[:12]})")
     if "description" in weights.provenance:
         print(f"         {weights.provenance['description']}")
-    print(f"input    {args.image}")
+    lines = _input_lines(items, weights)
+    if len(items) > 1:
+        print(f"input    {len(items)} images, one batch {tuple(x.shape)} in this order (row i of every output is "
+              f"image [i]):")
+        lines = [("         " + line) for line in lines]
+        print("\n".join(lines))
+    else:
+        print(f"input    {lines[0]}")
     outputs = weights.graph.outputs
-    print(f"outputs  ({args.dtype}, {args.impl}; {len(out)} tensors; load {1e3 * (t1 - t0):.0f} ms, first forward "
-          f"{1e3 * (t2 - t1):.0f} ms including {'compiling' if compiles else 'loading compiled'} kernels)")
+    print(f"outputs  ({args.dtype}, {args.impl}; {_plural(len(outputs), 'output')}"
+          f"{', ' + _plural(len(out) - len(outputs), 'intermediate') if args.intermediates else ''}; load "
+          f"{1e3 * (t1 - t0):.0f} ms, preprocess {1e3 * (t2 - t1):.0f} ms, first forward {1e3 * (t3 - t2):.0f} ms "
+          f"including {'compiling' if compiles else 'loading compiled'} kernels)")
     for name in outputs:
         print(_summary_line(name, out[name]))
     if args.intermediates:
-        print(f"  ... and {len(out) - len(outputs)} intermediate tensors")
+        print(f"  ... and {_plural(len(out) - len(outputs), 'intermediate tensor')}")
     if args.out:
         save_npz(args.out, out)
         print(f"wrote    {args.out}")
