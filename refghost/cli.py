@@ -2,8 +2,9 @@
 
     refghost run                                  # shipped weights on the shipped sample image
     refghost run photo.jpg --weights my.h5 --dtype float64 --out result.npz [--intermediates]
-    refghost convert SRC --out W.h5 --arch nanodet|ghostnet [--width W] [--activation NAME]
-                     [--out-stages 4,6,9]
+    refghost run a.jpg b.png DIR/ ...            # several images: one batch, each resized
+    refghost convert SRC.pth|.ckpt|.npz|.onnx --out W.h5 --arch nanodet|ghostnet [--width W]
+                     [--activation NAME] [--out-stages 4,6,9] [--channel-order --mean --std]
     refghost golden --weights W.h5 --out golden.h5 [--input x.npy | IMAGE | --seed N] [--intermediates]
     refghost compare golden.h5 model.onnx|dump.npz|dump.h5|out.npy [--json report.json] [--map a=b]
     refghost info W.h5|golden.h5 [--json]
@@ -34,7 +35,9 @@ SAMPLE_IMAGE = PACKAGE_DIR / "data" / "sample.png"
 
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="refghost", description="Reference GhostNet (NanoDet backbone) "
-                                     "in NumPy + Numba: run it, convert weights.")
+                                     "in NumPy + Numba: run it, convert weights (.pth/.pt/.ckpt checkpoints "
+                                     "without PyTorch, .npz state_dicts, .onnx models), write golden files and "
+                                     "compare a port's outputs with them.")
     parser.add_argument("--version", action="version", version=f"refghost {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -51,20 +54,31 @@ def make_parser() -> argparse.ArgumentParser:
     run.add_argument("--out", help="write the outputs to this .npz file, keyed by module path")
     run.add_argument("--intermediates", action="store_true", help="also keep every layer's output")
     run.add_argument("--impl", choices=("fast", "plain", "engine", "interpreter"), default="fast",
-                     help="fast: the compiled engine (BN folded, fused kernels), or the interpreter with "
-                          "BLAS/Numba ops when --intermediates is given; plain: the NumPy definitions")
+                     help="fast (default): the engine, or the interpreter when --intermediates is given; "
+                          "engine: the compiled engine (BN folded, fused kernels), an error with "
+                          "--intermediates; interpreter: layer by layer with BLAS/Numba ops, BN unfolded; "
+                          "plain: layer by layer with the NumPy definitions of refghost/ops.py")
 
-    conv = sub.add_parser("convert", help="convert a PyTorch checkpoint (or .npz state_dict) to a weights file")
-    conv.add_argument("src", help=".pth/.pt/.ckpt checkpoint (needs torch) or .npz of state_dict arrays")
+    conv = sub.add_parser("convert", help="convert a PyTorch checkpoint, .npz state_dict or ONNX model to a "
+                                          "weights file")
+    conv.add_argument("src", help=".pth/.pt/.ckpt checkpoint (read without PyTorch; no code in it is run), "
+                                  ".npz of state_dict arrays, or .onnx model (architecture read from the graph)")
     conv.add_argument("--out", required=True, help="weights file to write (.h5)")
     conv.add_argument("--arch", choices=("nanodet", "ghostnet"),
                       help="default nanodet (for .onnx: read from the graph, and checked if given)")
     conv.add_argument("--width", type=float, help="width multiplier (default 1.0; .onnx: from the graph)")
     conv.add_argument("--activation", help="NanoDet activation name (default ReLU; .onnx: from the graph)")
     conv.add_argument("--out-stages", help="comma-separated stages 0..9 (default 4,6,9; .onnx: from the graph)")
+    conv.add_argument("--channel-order", choices=("BGR", "RGB"),
+                      help="channel order the network expects (no checkpoint or graph records it; default: "
+                           "BGR for nanodet, as NanoDet's cv2.imread, RGB for ghostnet)")
+    conv.add_argument("--mean", help="per-channel mean, 0..255, in the channel order: three comma-separated "
+                                     "numbers (default: NanoDet's/ImageNet's statistics)")
+    conv.add_argument("--std", help="per-channel std, 0..255, in the channel order (see --mean)")
     gold = sub.add_parser("golden", help="write a golden file: the float64 oracle's outputs and their bounds")
-    gold.add_argument("--weights", default=str(DEFAULT_WEIGHTS), help="refghost weights file")
-    gold.add_argument("--out", required=True, help="golden file to write (.h5)")
+    gold.add_argument("--weights", default=str(DEFAULT_WEIGHTS),
+                      help="refghost weights file (default: the shipped synthetic weights)")
+    gold.add_argument("--out", required=True, help="golden file to write (.h5 or .hdf5)")
     source = gold.add_mutually_exclusive_group()
     source.add_argument("--input", help="image file, or .npy float array (N,3,H,W)/(3,H,W) used as is "
                                         "(default: the shipped sample image)")
@@ -154,6 +168,12 @@ def _announce_compile(path: str | None, dtype: str) -> None:
               file=sys.stderr, flush=True)
 
 
+def _floats(values) -> str:
+    """``[58.395, 57.12, 57.375]``: each value by the shortest repr of its float32 value, which is
+    what normalisation uses (refghost.preprocess.normalize)."""
+    return "[" + ", ".join(str(np.float32(v)) for v in values) + "]"
+
+
 def _plural(n: int, word: str) -> str:
     return f"{n} {word}{'' if n == 1 else 's'}"
 
@@ -188,6 +208,8 @@ def cmd_run(args) -> int:
     from .runner import expand_images, run
     from .weights import load_weights
 
+    if args.out:
+        _check_out(args.out, (".npz",), "outputs")
     t0 = time.perf_counter()
     weights = load_weights(args.weights)
     items = expand_images([os.fspath(image) for image in (args.image or [str(SAMPLE_IMAGE)])])
@@ -204,11 +226,7 @@ def cmd_run(args) -> int:
     _announce_compile(compiles, args.dtype)
     out = run(x, weights, dtype=args.dtype, intermediates=args.intermediates, impl=args.impl)
     t3 = time.perf_counter()
-    cfg = weights.config
-    print(f"weights  {args.weights} ({cfg.arch}, width {cfg.width:g}, {cfg.activation}, sha256 "
-          f"{weights.sha256[:12]})")
-    if "description" in weights.provenance:
-        print(f"         {weights.provenance['description']}")
+    print(_weights_line(args.weights, weights))
     lines = _input_lines(items, weights)
     if len(items) > 1:
         print(f"input    {len(items)} images, one batch {tuple(x.shape)} in this order (row i of every output is "
@@ -241,12 +259,70 @@ def cmd_convert(args) -> int:
             stages = tuple(int(s) for s in args.out_stages.split(",") if s.strip())
         except ValueError:
             raise RefghostError(f"--out-stages must be comma-separated integers, got {args.out_stages!r}") from None
+    stats = {}
+    for name in ("mean", "std"):
+        text = getattr(args, name)
+        if text is not None:
+            try:
+                stats[name] = tuple(float(v) for v in text.split(","))
+            except ValueError:
+                raise RefghostError(f"--{name} must be three comma-separated numbers, got {text!r}") from None
     weights = convert(args.src, args.out, arch=args.arch, width=args.width, activation=args.activation,
-                      out_stages=stages)
+                      out_stages=stages, channel_order=args.channel_order, **stats)
     n_params = sum(a.size for a in weights.tensors.values())
     print(f"wrote {args.out}: {weights.config.arch}, width {weights.config.width:g}, "
           f"{len(weights.tensors)} tensors, {n_params:,} values")
+    pre = weights.preprocessing
+    given = {"channel_order": args.channel_order, **stats}
+    assumed = [f"--{name.replace('_', '-')}" for name in ("channel_order", "mean", "std") if given.get(name) is None]
+    print(f"  preprocessing {pre.channel_order}, mean {_floats(pre.mean)}, std {_floats(pre.std)}, input size "
+          f"{pre.input_size[0]}x{pre.input_size[1]}")
+    if assumed:
+        print(f"  assumed, not read from {os.path.basename(args.src)}: {', '.join(a[2:] for a in assumed)} "
+              f"({weights.config.arch}'s defaults); if the model was trained otherwise, convert again with "
+              f"{' '.join(assumed)}")
     return 0
+
+
+def _weights_line(path: str, weights) -> str:
+    """``weights  PATH (arch, ...)`` and, for the shipped file, that it is the synthetic default."""
+    cfg = weights.config
+    line = (f"weights  {path} ({cfg.arch}, width {cfg.width:g}, {cfg.activation}, sha256 "
+            f"{weights.sha256[:12]})")
+    if os.path.abspath(path) == str(DEFAULT_WEIGHTS):
+        line += "\n         the shipped synthetic weights: the default when --weights is not given"
+    if "description" in weights.provenance:
+        line += f"\n         {weights.provenance['description']}"
+    return line
+
+
+def _check_out(path: str, extensions: tuple[str, ...], what: str) -> None:
+    """Refuse an --out path with another extension, or in a missing folder, before any work."""
+    if not path.lower().endswith(extensions):
+        raise RefghostError(f"--out {path}: {what} are written as {'/'.join(extensions)}; give a path ending in "
+                            f"{' or '.join(extensions)}")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise RefghostError(f"--out {path}: folder {folder} does not exist")
+
+
+def _megabytes(n_bytes: int) -> str:
+    return f"{n_bytes / 1e9:.2f} GB" if n_bytes >= 1e9 else f"{n_bytes / 1e6:.1f} MB"
+
+
+def golden_file_size(weights, shape: tuple[int, ...], intermediates: bool) -> int:
+    """The bytes a golden file's arrays take (the HDF5 file is this plus a few kB of metadata):
+    the float32 input, float64 oracle and float32 bound of every stored tensor (refghost.golden),
+    and the weights."""
+    from .arch import output_shapes
+
+    graph = weights.graph
+    shapes = output_shapes(graph, *shape[:1], *shape[2:])
+    stored = [shapes[node] for node in graph.outputs.values()]
+    if intermediates:
+        stored += [shapes[node.name] for node in graph.nodes]
+    tensors = sum(int(np.prod(s)) for s in stored) * (8 + 4)
+    return 4 * int(np.prod(shape)) + tensors + sum(a.nbytes for a in weights.tensors.values())
 
 
 def cmd_golden(args) -> int:
@@ -254,7 +330,9 @@ def cmd_golden(args) -> int:
     from .runner import prepare_input
     from .weights import load_weights
 
+    _check_out(args.out, (".h5", ".hdf5"), "golden files")
     weights = load_weights(args.weights)
+    print(_weights_line(args.weights, weights))
     if args.seed is not None:
         w, h = weights.preprocessing.input_size
         x = np.random.default_rng(args.seed).standard_normal((args.batch, 3, h, w)).astype(np.float32)
@@ -264,10 +342,23 @@ def cmd_golden(args) -> int:
         x = prepare_input(_load_input(image), weights, np.float32)
         source = image
     command = "refghost " + " ".join(sys.argv[1:] if args.argv is None else args.argv)
+    n_tensors = len(weights.graph.outputs) + (len(weights.graph.nodes) if args.intermediates else 0)
+    print(f"golden   {args.out}: the float64 oracle and bounds of {_plural(n_tensors, 'tensor')} for input "
+          f"{tuple(x.shape)}, about {_megabytes(golden_file_size(weights, x.shape, args.intermediates))}",
+          flush=True)
+    _announce_compile(_kernels_to_compile(True, "interpreter", "float64"), "float64")
+    t0 = time.perf_counter()
+    print("  computing the oracle and its bounds, layer by layer ...", file=sys.stderr, flush=True)
     golden = make_golden(weights, x, intermediates=args.intermediates, input_source=source, command=command)
+    t1 = time.perf_counter()
+    print(f"  computed in {t1 - t0:.1f} s; writing {args.out} ...", file=sys.stderr, flush=True)
     write_golden(args.out, golden)
-    print(f"wrote {args.out}: input {x.shape} ({source}), {len(golden.outputs)} outputs"
-          f"{f', {len(golden.intermediates)} intermediates' if golden.intermediates else ''}")
+    t2 = time.perf_counter()
+    stored = _plural(len(golden.outputs), "output")
+    if golden.intermediates:
+        stored += ", " + _plural(len(golden.intermediates), "intermediate")
+    print(f"wrote {args.out} ({_megabytes(os.path.getsize(args.out))} in {t2 - t1:.1f} s): input {x.shape} "
+          f"({source}), {stored}")
     return 0
 
 
@@ -350,7 +441,7 @@ def cmd_info(args) -> int:
           f"{', BatchNorm folded' if cfg['folded'] else ''}")
     print(f"  parameters    {info['parameters']:,} ({info['tensors']} tensors, {info['values']:,} values)")
     pre = info["preprocessing"]
-    print(f"  preprocessing {pre['channel_order']}, mean {pre['mean']}, std {pre['std']}, "
+    print(f"  preprocessing {pre['channel_order']}, mean {_floats(pre['mean'])}, std {_floats(pre['std'])}, "
           f"input size {pre['input_size'][0]}x{pre['input_size'][1]}")
     for key, value in info["provenance"].items():
         if value:

@@ -21,18 +21,36 @@ def test_run_with_no_arguments_uses_shipped_weights_and_image(capsys):
 
 
 @pytest.mark.parametrize("on_disk", [True, False, None])
-def test_run_says_when_it_compiles_the_kernels(monkeypatch, capsys, on_disk):
-    """A run whose engine program is not in Numba's on-disk cache announces the half-minute wait
-    on stderr before it starts, and says "compiling" in its timing line (the cache state is
-    faked here: compiling for real takes that half minute)."""
+@pytest.mark.parametrize("argv, announced", [
+    ([], "the engine's float32 kernels"),
+    (["--dtype", "float64"], "the engine's float64 kernels"),
+    (["--intermediates"], "the interpreter's float32 kernels"),
+    (["--intermediates", "--dtype", "float64"], "the interpreter's float64 kernels"),
+])
+def test_run_says_when_it_compiles_the_kernels(monkeypatch, capsys, on_disk, argv, announced):
+    """A run whose kernels are not in Numba's on-disk cache for its dtype announces the wait on
+    stderr before it starts, naming what it compiles, and says "compiling" in its timing line
+    (the cache state is faked here: compiling for real takes a minute;
+    test_compiled_on_disk_tells_a_cached_kernel_from_a_new_one reads a real cache)."""
     from refghost.kernels import _jit
 
-    monkeypatch.setattr(_jit, "compiled_on_disk", lambda dispatcher: on_disk)
-    assert main(["run"]) == 0
+    asked = []
+    monkeypatch.setattr(_jit, "compiled_on_disk", lambda dispatcher, dtype=None: asked.append(dtype) or on_disk)
+    assert main(["run", *argv]) == 0
     captured = capsys.readouterr()
-    assert ("compiling the kernels for this machine" in captured.err) is (on_disk is False)
+    assert set(asked) == {"float64" if "float64" in argv else "float32"}
+    assert (f"compiling {announced} for this machine" in captured.err) is (on_disk is False), captured.err
     assert ("including compiling kernels" in captured.out) is (on_disk is False)
     assert ("including loading compiled kernels" in captured.out) is (on_disk is not False)
+
+
+def test_plain_run_announces_no_compile(monkeypatch, capsys):
+    from refghost.kernels import _jit
+
+    monkeypatch.setattr(_jit, "compiled_on_disk", lambda dispatcher, dtype=None: False)
+    assert main(["run", "--impl", "plain"]) == 0
+    captured = capsys.readouterr()
+    assert "compiling" not in captured.err and "including loading compiled kernels" in captured.out
 
 
 def test_compiled_on_disk_tells_a_cached_kernel_from_a_new_one(tmp_path, monkeypatch):
@@ -48,6 +66,10 @@ def test_compiled_on_disk_tells_a_cached_kernel_from_a_new_one(tmp_path, monkeyp
     assert module.twice(21) == 42
     assert compiled_on_disk(module.twice) is True
     assert compiled_on_disk(len) is None
+    # by dtype: a kernel cached for float32 arrays compiles again for float64 ones
+    assert compiled_on_disk(module.twice, "float32") is False
+    assert module.twice(np.ones(2, np.float32))[0] == 2
+    assert compiled_on_disk(module.twice, "float32") is True and compiled_on_disk(module.twice, "float64") is False
 
 
 def test_run_npy_float64_intermediates_to_npz(tmp_path, weights_file, capsys):

@@ -95,10 +95,10 @@ def compiled_on_disk(dispatcher, dtype=None):
     cannot be told. A hint only (it reads Numba's cache index through Numba internals): False
     means that the next such call compiles."""
     try:
-        index = dispatcher._cache._cache_file._load_index()  # {(signature, target): file}
+        index = dispatcher._cache._cache_file._load_index()  # {(signature, target, ...): file}
         if dtype is None:
             return bool(index)
         name = str(np.dtype(dtype))
-        return any(str(getattr(arg, "dtype", "")) == name for signature, _ in index for arg in signature)
+        return any(str(getattr(arg, "dtype", "")) == name for key in index for arg in key[0])
     except Exception:  # another Numba version, no cache: cannot tell
         return None
