@@ -177,3 +177,105 @@ def test_export_round_trips_through_torch_and_convert(weights_file, tmp_path, ca
             assert np.array_equal(model.state_dict()[key].numpy(), value)
     assert main(["export", str(weights_file), "--out", str(tmp_path / "sd.txt")]) == 2
     capsys.readouterr()
+
+
+# --- several images, odd images, help, golden size, convert's assumptions ----------------------------
+
+def _images(folder, n_gray=1):
+    from PIL import Image
+
+    folder.mkdir(exist_ok=True)
+    for i in range(n_gray):
+        Image.new("L", (1, 1), 10 * i).save(folder / f"g{i:02d}.png")
+    Image.new("RGBA", (30, 20), (1, 2, 3, 4)).save(folder / "rgba.png")
+    return folder
+
+
+def test_run_several_images_says_what_it_did_to_each_and_writes_one_batch(tmp_path, weights_file, capsys):
+    folder = _images(tmp_path / "imgs")
+    out_file = tmp_path / "r.npz"
+    assert main(["run", str(folder), str(SAMPLE_IMAGE), "--weights", str(weights_file), "--out", str(out_file)]) == 0
+    captured = capsys.readouterr()
+    assert "3 images, one batch (3, 3, 320, 320)" in captured.out
+    assert "[0] " + str(folder / "g00.png") + " (1x1; grayscale converted to 3 channels; upscaled to 320x320)" \
+        in captured.out
+    assert "[1] " + str(folder / "rgba.png") + " (30x20; alpha channel dropped (not composited); upscaled to " \
+        "320x320)" in captured.out
+    assert "[2] " + str(SAMPLE_IMAGE) + " (480x360; downscaled to 320x320)" in captured.out
+    assert "3 outputs;" in captured.out and "tensors" not in captured.out
+    assert "read image" not in captured.err  # no progress for a few images
+    with np.load(out_file) as saved:
+        assert list(saved.files) == ["blocks.4", "blocks.6", "blocks.9"] and saved["blocks.9"].shape[0] == 3
+
+
+def test_run_many_images_reports_progress_on_stderr(tmp_path, weights_file, capsys):
+    folder = _images(tmp_path / "imgs", n_gray=11)
+    assert main(["run", str(folder), "--weights", str(weights_file)]) == 0
+    err = capsys.readouterr().err
+    assert "read image 1/12" in err and "read image 12/12" in err
+
+
+@pytest.mark.parametrize("argv_tail, message", [
+    (["{tmp}/empty"], "no image files"),
+    (["{tmp}/x.npy", "{tmp}/empty"], "give it alone"),
+])
+def test_run_bad_image_lists_exit_2(tmp_path, weights_file, capsys, argv_tail, message):
+    (tmp_path / "empty").mkdir()
+    np.save(tmp_path / "x.npy", np.zeros((1, 3, 8, 8), np.float32))
+    assert main(["run", "--weights", str(weights_file)] + [a.format(tmp=tmp_path) for a in argv_tail]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_help_texts_agree_with_the_readme(capsys):
+    for argv in (["--help"], ["convert", "--help"], ["run", "--help"], ["golden", "--help"]):
+        with pytest.raises(SystemExit):
+            main(argv)
+    text = " ".join(capsys.readouterr().out.split())
+    assert "needs torch)" not in text.split("export")[0]  # only exporting to .pth needs torch
+    assert text.count(".onnx") >= 3 and "without PyTorch" in text
+    for choice in ("fast (default):", "engine:", "interpreter:", "plain:"):
+        assert choice in text
+    assert "default: the shipped synthetic weights" in text
+
+
+def test_golden_names_the_weights_checks_out_and_says_the_size_first(tmp_path, capsys):
+    assert main(["golden", "--out", str(tmp_path / "g.txt")]) == 2
+    assert "give a path ending in .h5" in capsys.readouterr().err and list(tmp_path.iterdir()) == []
+    out_file = tmp_path / "g.h5"
+    assert main(["golden", "--seed", "0", "--batch", "2", "--out", str(out_file)]) == 0
+    captured = capsys.readouterr()
+    assert "the shipped synthetic weights: the default when --weights is not given" in captured.out
+    import re
+
+    said = float(re.search(r"3 tensors for input \(2, 3, 320, 320\), about ([0-9.]+) MB", captured.out).group(1))
+    assert abs(said * 1e6 - out_file.stat().st_size) < 0.002 * out_file.stat().st_size
+    assert captured.out.index("about") < captured.out.index("wrote")
+    assert "computing the oracle" in captured.err and "writing" in captured.err
+
+
+def test_info_prints_the_statistics_as_float32_gives_them(capsys):
+    assert main(["info", str(DEFAULT_WEIGHTS)]) == 0
+    assert "mean [103.53, 116.28, 123.675], std [57.375, 57.12, 58.395]" in capsys.readouterr().out
+
+
+def test_convert_says_what_it_assumed_and_takes_the_preprocessing(tmp_path, weights_file, capsys):
+    from refghost.weights import load_weights
+
+    np.savez(tmp_path / "sd.npz", **load_weights(weights_file).tensors)
+    assert main(["convert", str(tmp_path / "sd.npz"), "--out", str(tmp_path / "a.h5")]) == 0
+    out = capsys.readouterr().out
+    assert "preprocessing BGR, mean [103.53, 116.28, 123.675]" in out
+    assert "assumed, not read from sd.npz: channel-order, mean, std" in out and "--channel-order --mean --std" in out
+    assert main(["convert", str(tmp_path / "sd.npz"), "--out", str(tmp_path / "b.h5"), "--channel-order", "RGB"]) == 0
+    out = capsys.readouterr().out
+    assert "assumed, not read from sd.npz: mean, std" in out
+    pre = load_weights(tmp_path / "b.h5").preprocessing  # the same statistics per colour, reordered
+    assert pre.channel_order == "RGB" and pre.mean == (123.675, 116.28, 103.53) and pre.std == (58.395, 57.12, 57.375)
+    assert main(["convert", str(tmp_path / "sd.npz"), "--out", str(tmp_path / "c.h5"), "--channel-order", "RGB",
+                 "--mean", "1,2,3", "--std", "4,5,6"]) == 0
+    assert "assumed" not in capsys.readouterr().out
+    pre = load_weights(tmp_path / "c.h5").preprocessing
+    assert pre.mean == (1, 2, 3) and pre.std == (4, 5, 6)
+    assert main(["convert", str(tmp_path / "sd.npz"), "--out", str(tmp_path / "d.h5"), "--std", "1,0,1"]) == 2
+    assert main(["convert", str(tmp_path / "sd.npz"), "--out", str(tmp_path / "d.h5"), "--mean", "1,x,1"]) == 2
+    assert not (tmp_path / "d.h5").exists()
