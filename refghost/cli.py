@@ -41,7 +41,8 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"refghost {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    run = sub.add_parser("run", help="run GhostNet on an image and print a summary of its outputs")
+    run = sub.add_parser("run", help="run GhostNet on an image (or several: one batch) and print a summary of its "
+                                     "outputs")
     run.add_argument("image", nargs="*",
                      help="image files or folders of images (one batch, in the order given, a folder's "
                           "images by name; each resized to the weights' input size), or one .npy float "
@@ -136,9 +137,11 @@ def _summary_line(name: str, a: np.ndarray) -> str:
             f"mean {a.mean():+.4g}")
 
 
-#: Cold-compile times (empty NUMBA_CACHE_DIR) of what a run compiles, measured on this project's
-#: 2-vCPU machine with other processes running, 2026-12-04: what the announcement quotes.
-COMPILE_TIMES = {"engine": "40-130 s", "interpreter": "10-30 s"}
+#: Cold-compile times (empty NUMBA_CACHE_DIR) of what a run compiles, per dtype, measured on this
+#: project's 2-vCPU machine, 2026-12-04: CPU time 31-43 s (engine) and 7 s (interpreter); wall time
+#: 38 s and 9 s with a core free, 69-144 s and 20-22 s with other work on both cores.
+COMPILE_TIMES = {"engine": "30-45 s with a free core, 1-2.5 min on a busy machine",
+                 "interpreter": "about 10 s, 20 s on a busy machine"}
 
 
 def _kernels_to_compile(intermediates: bool, impl: str, dtype: str) -> str | None:
@@ -163,8 +166,8 @@ def _kernels_to_compile(intermediates: bool, impl: str, dtype: str) -> str | Non
 
 def _announce_compile(path: str | None, dtype: str) -> None:
     if path is not None:
-        print(f"compiling the {path}'s {dtype} kernels for this machine ({COMPILE_TIMES[path]} measured on 2 cores; "
-              f"the first {dtype} {'run' if path == 'engine' else 'run with intermediates'} only: Numba caches them)",
+        print(f"compiling the {path}'s {dtype} kernels for this machine: {COMPILE_TIMES[path]}, the first {dtype} "
+              f"{'run' if path == 'engine' else 'run with intermediates'} only (Numba caches them)",
               file=sys.stderr, flush=True)
 
 
