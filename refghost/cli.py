@@ -186,8 +186,8 @@ PROGRESS_FROM = 10
 
 
 def _progress(label: str):
-    """A ``progress(i, n)`` callback printing "label i/n" to stderr about every tenth item, or
-    None for fewer than :data:`PROGRESS_FROM` items (see refghost.runner.prepare_input)."""
+    """A ``progress(i, n)`` callback printing "label i/n" to stderr about every tenth item, and
+    nothing for fewer than :data:`PROGRESS_FROM` items (see refghost.runner.prepare_input)."""
     def report(i, n):
         if n >= PROGRESS_FROM and (i == n or i % max(1, n // 10) == 0):
             print(f"  {label} {i}/{n}", file=sys.stderr, flush=True)
@@ -228,6 +228,8 @@ def cmd_run(args) -> int:
     t2 = time.perf_counter()
     compiles = _kernels_to_compile(args.intermediates, args.impl, args.dtype)
     _announce_compile(compiles, args.dtype)
+    if len(items) >= PROGRESS_FROM:
+        print(f"  running the network on {len(items)} images ...", file=sys.stderr, flush=True)
     out = run(x, weights, dtype=args.dtype, intermediates=args.intermediates, impl=args.impl)
     t3 = time.perf_counter()
     print(_weights_line(args.weights, weights))

@@ -212,7 +212,7 @@ def test_run_many_images_reports_progress_on_stderr(tmp_path, weights_file, caps
     folder = _images(tmp_path / "imgs", n_gray=11)
     assert main(["run", str(folder), "--weights", str(weights_file)]) == 0
     err = capsys.readouterr().err
-    assert "read image 1/12" in err and "read image 12/12" in err
+    assert "read image 1/12" in err and "read image 12/12" in err and "running the network on 12 images" in err
 
 
 @pytest.mark.parametrize("argv_tail, message", [
@@ -279,3 +279,23 @@ def test_convert_says_what_it_assumed_and_takes_the_preprocessing(tmp_path, weig
     assert main(["convert", str(tmp_path / "sd.npz"), "--out", str(tmp_path / "d.h5"), "--std", "1,0,1"]) == 2
     assert main(["convert", str(tmp_path / "sd.npz"), "--out", str(tmp_path / "d.h5"), "--mean", "1,x,1"]) == 2
     assert not (tmp_path / "d.h5").exists()
+
+
+def test_convert_onnx_says_its_preprocessing_was_assumed(tmp_path, capsys):
+    import onnx_bank as ob
+
+    from refghost.weights import load_weights
+
+    model = tg.randomize(tg.build("nanodet", 0.5, "ReLU", (4, 6, 9)), seed=1).eval()
+    with ob._quiet():
+        torch.onnx.export(model, (torch.zeros(1, 3, 64, 64),), str(tmp_path / "m.onnx"), dynamo=False,
+                          opset_version=ob.TS_OPSET, input_names=["input"])
+    assert main(["convert", str(tmp_path / "m.onnx"), "--out", str(tmp_path / "a.h5")]) == 0
+    out = capsys.readouterr().out
+    assert "preprocessing BGR, mean [103.53, 116.28, 123.675], std [57.375, 57.12, 58.395], input size 64x64" in out
+    assert "assumed, not read from m.onnx: channel-order, mean, std" in out
+    assert main(["convert", str(tmp_path / "m.onnx"), "--out", str(tmp_path / "b.h5"), "--channel-order", "RGB",
+                 "--mean", "0,0,0", "--std", "255,255,255"]) == 0
+    assert "assumed" not in capsys.readouterr().out
+    pre = load_weights(tmp_path / "b.h5").preprocessing
+    assert (pre.channel_order, pre.mean, pre.std, pre.input_size) == ("RGB", (0, 0, 0), (255, 255, 255), (64, 64))
