@@ -299,3 +299,21 @@ def test_convert_onnx_says_its_preprocessing_was_assumed(tmp_path, capsys):
     assert "assumed" not in capsys.readouterr().out
     pre = load_weights(tmp_path / "b.h5").preprocessing
     assert (pre.channel_order, pre.mean, pre.std, pre.input_size) == ("RGB", (0, 0, 0), (255, 255, 255), (64, 64))
+
+
+def test_golden_and_compare_announce_the_float64_interpreter_compile(tmp_path, weights_file, monkeypatch, capsys):
+    from refghost.kernels import _jit
+
+    asked = []
+    monkeypatch.setattr(_jit, "compiled_on_disk", lambda dispatcher, dtype=None: asked.append(dtype) or False)
+    x = np.random.default_rng(0).standard_normal((1, 3, 32, 32)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    assert main(["golden", "--weights", str(weights_file), "--input", str(tmp_path / "x.npy"), "--out",
+                 str(tmp_path / "g.h5")]) == 0
+    assert "compiling the interpreter's float64 kernels" in capsys.readouterr().err
+    from refghost.golden import read_golden
+
+    np.savez(tmp_path / "c.npz", **read_golden(tmp_path / "g.h5").outputs)
+    assert main(["compare", str(tmp_path / "g.h5"), str(tmp_path / "c.npz")]) == 0
+    assert "compiling the interpreter's float64 kernels" in capsys.readouterr().err
+    assert set(asked) == {"float64"}
