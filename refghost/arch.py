@@ -168,6 +168,10 @@ class Graph:
     outputs: dict[str, str] = field(default_factory=dict)
     param_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
 
+    def __repr__(self) -> str:
+        return (f"Graph({self.config!r}, <{len(self.nodes)} nodes, {len(self.param_shapes)} parameters>, "
+                f"outputs={self.outputs!r})")
+
     def node(self, name: str) -> Node:
         for n in self.nodes:
             if n.name == name:

@@ -3,8 +3,9 @@
     refghost run                                  # shipped weights on the shipped sample image
     refghost run photo.jpg --weights my.h5 --dtype float64 --out result.npz [--intermediates]
                  [--warp-kernel fixed_point|float32_fma|float32|ipp_float32_fma]
-    refghost convert SRC --out W.h5 --arch nanodet|ghostnet [--width W] [--activation NAME]
-                     [--out-stages 4,6,9]
+    refghost run a.jpg b.png DIR/ ...            # several images: one batch, each resized
+    refghost convert SRC.pth|.ckpt|.npz|.onnx --out W.h5 --arch nanodet|ghostnet [--width W]
+                     [--activation NAME] [--out-stages 4,6,9] [--channel-order --mean --std]
     refghost golden --weights W.h5 --out golden.h5 [--input x.npy | IMAGE | --seed N] [--intermediates]
                     [--warp-kernel KERNEL]
     refghost compare golden.h5 model.onnx|dump.npz|dump.h5|out.npy [--json report.json] [--map a=b]
@@ -41,14 +42,19 @@ SAMPLE_IMAGE = PACKAGE_DIR / "data" / "sample.png"
 
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="refghost", description="Reference GhostNet (NanoDet backbone) "
-                                     "in NumPy + Numba: run it, convert weights.")
+                                     "in NumPy + Numba: run it, convert weights (.pth/.pt/.ckpt checkpoints "
+                                     "without PyTorch, .npz state_dicts, .onnx models), write golden files and "
+                                     "compare a port's outputs with them.")
     parser.add_argument("--version", action="version", version=f"refghost {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    run = sub.add_parser("run", help="run GhostNet on an image and print a summary of its outputs")
-    run.add_argument("image", nargs="?", default=str(SAMPLE_IMAGE),
-                     help="image file, or .npy float array (N,3,H,W)/(3,H,W) used as the network input "
-                          "as is (default: the shipped sample image)")
+    run = sub.add_parser("run", help="run GhostNet on an image (or several: one batch) and print a summary of its "
+                                     "outputs")
+    run.add_argument("image", nargs="*",
+                     help="image files or folders of images (one batch, in the order given, a folder's "
+                          "images by name; each resized to the weights' input size), or one .npy float "
+                          "array (N,3,H,W)/(3,H,W) used as the network input as is (default: the shipped "
+                          "sample image)")
     run.add_argument("--weights", default=str(DEFAULT_WEIGHTS),
                      help="refghost weights file (default: the shipped synthetic weights)")
     run.add_argument("--dtype", choices=("float32", "float64"), default="float32",
@@ -56,21 +62,32 @@ def make_parser() -> argparse.ArgumentParser:
     run.add_argument("--out", help="write the outputs to this .npz file, keyed by module path")
     run.add_argument("--intermediates", action="store_true", help="also keep every layer's output")
     run.add_argument("--impl", choices=("fast", "plain", "engine", "interpreter"), default="fast",
-                     help="fast: the compiled engine (BN folded, fused kernels), or the interpreter with "
-                          "BLAS/Numba ops when --intermediates is given; plain: the NumPy definitions")
+                     help="fast (default): the engine, or the interpreter when --intermediates is given; "
+                          "engine: the compiled engine (BN folded, fused kernels), an error with "
+                          "--intermediates; interpreter: layer by layer with BLAS/Numba ops, BN unfolded; "
+                          "plain: layer by layer with the NumPy definitions of refghost/ops.py")
     _add_warp_kernel_option(run)
 
-    conv = sub.add_parser("convert", help="convert a PyTorch checkpoint (or .npz state_dict) to a weights file")
-    conv.add_argument("src", help=".pth/.pt/.ckpt checkpoint (needs torch) or .npz of state_dict arrays")
+    conv = sub.add_parser("convert", help="convert a PyTorch checkpoint, .npz state_dict or ONNX model to a "
+                                          "weights file")
+    conv.add_argument("src", help=".pth/.pt/.ckpt checkpoint (read without PyTorch; no code in it is run), "
+                                  ".npz of state_dict arrays, or .onnx model (architecture read from the graph)")
     conv.add_argument("--out", required=True, help="weights file to write (.h5)")
     conv.add_argument("--arch", choices=("nanodet", "ghostnet"),
                       help="default nanodet (for .onnx: read from the graph, and checked if given)")
     conv.add_argument("--width", type=float, help="width multiplier (default 1.0; .onnx: from the graph)")
     conv.add_argument("--activation", help="NanoDet activation name (default ReLU; .onnx: from the graph)")
     conv.add_argument("--out-stages", help="comma-separated stages 0..9 (default 4,6,9; .onnx: from the graph)")
+    conv.add_argument("--channel-order", choices=("BGR", "RGB"),
+                      help="channel order the network expects (no checkpoint or graph records it; default: "
+                           "BGR for nanodet, as NanoDet's cv2.imread, RGB for ghostnet)")
+    conv.add_argument("--mean", help="per-channel mean, 0..255, in the channel order: three comma-separated "
+                                     "numbers (default: NanoDet's/ImageNet's statistics)")
+    conv.add_argument("--std", help="per-channel std, 0..255, in the channel order (see --mean)")
     gold = sub.add_parser("golden", help="write a golden file: the float64 oracle's outputs and their bounds")
-    gold.add_argument("--weights", default=str(DEFAULT_WEIGHTS), help="refghost weights file")
-    gold.add_argument("--out", required=True, help="golden file to write (.h5)")
+    gold.add_argument("--weights", default=str(DEFAULT_WEIGHTS),
+                      help="refghost weights file (default: the shipped synthetic weights)")
+    gold.add_argument("--out", required=True, help="golden file to write (.h5 or .hdf5)")
     source = gold.add_mutually_exclusive_group()
     source.add_argument("--input", help="image file, or .npy float array (N,3,H,W)/(3,H,W) used as is "
                                         "(default: the shipped sample image)")
@@ -182,45 +199,121 @@ def _summary_line(name: str, a: np.ndarray) -> str:
             f"mean {a.mean():+.4g}")
 
 
-def _engine_compiles(args) -> bool:
-    """Whether this run will compile the engine's program (no intermediates, engine path, Numba's
-    on-disk cache without it): the one wait of about half a minute worth announcing."""
-    if args.intermediates or args.impl not in ("fast", "engine"):
-        return False
-    from .kernels import fused
+#: Cold-compile times (empty NUMBA_CACHE_DIR) of what a run compiles, per dtype, measured on this
+#: project's 2-vCPU machine, 2026-12-04: CPU time 31-43 s (engine) and 7 s (interpreter); wall time
+#: 38 s and 9 s with a core free, 69-144 s and 20-22 s with other work on both cores.
+COMPILE_TIMES = {"engine": "30-45 s with a free core, 1-2.5 min on a busy machine",
+                 "interpreter": "about 10 s, 20 s on a busy machine"}
+
+
+def _kernels_to_compile(intermediates: bool, impl: str, dtype: str) -> str | None:
+    """Which compiled path this run needs and Numba's on-disk cache lacks for ``dtype`` ("engine",
+    "interpreter"), or None: nothing to compile (or the cache state cannot be told). The engine
+    (no intermediates) is one program, :func:`refghost.kernels.fused.run_program`; the fast
+    interpreter compiles its depthwise convolution; "plain" compiles nothing."""
     from .kernels._jit import compiled_on_disk
 
-    return compiled_on_disk(fused.run_program) is False
+    if impl == "plain":
+        return None
+    if not intermediates and impl in ("fast", "engine"):
+        from .kernels import fused
+
+        path, kernels = "engine", (fused.run_program,)
+    else:
+        from .kernels import depthwise
+
+        path, kernels = "interpreter", (depthwise._planes, depthwise._planes_parallel)
+    return path if any(compiled_on_disk(k, dtype) is False for k in kernels) else None
+
+
+def _announce_compile(path: str | None, dtype: str) -> None:
+    if path is not None:
+        print(f"compiling the {path}'s {dtype} kernels for this machine: {COMPILE_TIMES[path]}, this once (Numba "
+              f"caches them)", file=sys.stderr, flush=True)
+
+
+def _floats(values) -> str:
+    """``[58.395, 57.12, 57.375]``: each value by the shortest repr of its float32 value, which is
+    what normalisation uses (refghost.preprocess.normalize)."""
+    return "[" + ", ".join(str(np.float32(v)) for v in values) + "]"
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
+#: From this many images on, `run` reports its progress reading them (stderr).
+PROGRESS_FROM = 10
+
+
+def _progress(label: str):
+    """A ``progress(i, n)`` callback printing "label i/n" to stderr about every tenth item, and
+    nothing for fewer than :data:`PROGRESS_FROM` items (see refghost.runner.prepare_input)."""
+    def report(i, n):
+        if n >= PROGRESS_FROM and (i == n or i % max(1, n // 10) == 0):
+            print(f"  {label} {i}/{n}", file=sys.stderr, flush=True)
+    return report
+
+
+def _input_lines(items, weights) -> list[str]:
+    """The ``input`` lines of `run`: each item, its size and what preparing it did."""
+    from .runner import describe_image
+
+    lines = []
+    for i, item in enumerate(items):
+        name = item if isinstance(item, str) else f"array {item.shape} {item.dtype}"
+        size, notes = describe_image(item, weights.preprocessing.input_size)
+        prefix = f"[{i}] " if len(items) > 1 else ""
+        lines.append(f"{prefix}{name} ({size}; {'; '.join(notes)})")
+    return lines
 
 
 def cmd_run(args) -> int:
-    from .runner import run
+    from .runner import expand_images, run
     from .weights import load_weights
 
+    if args.out:
+        _check_out(args.out, (".npz",), "outputs")
     t0 = time.perf_counter()
     weights = load_weights(args.weights)
-    image = _load_input(args.image)
+    given = [os.fspath(image) for image in (args.image or [str(SAMPLE_IMAGE)])]
+    if len(given) > 1 and any(image.endswith(".npy") for image in given):
+        raise RefghostError("a .npy input is the whole network input: give it alone, not with other images")
+    items = expand_images(given)
+    if len(items) == 1:
+        items = [_load_input(items[0])]
     t1 = time.perf_counter()
-    compiles = _engine_compiles(args)
-    if compiles:
-        print("compiling the kernels for this machine: about half a minute, the first time only "
-              "(Numba caches them)", file=sys.stderr, flush=True)
-    out = run(image, weights, dtype=args.dtype, intermediates=args.intermediates, impl=args.impl,
-              warp_kernel=args.warp_kernel)
+    from .runner import prepare_input
+
+    x = prepare_input(items if len(items) > 1 else items[0], weights, args.dtype, args.warp_kernel,
+                      progress=_progress("read image"))
     t2 = time.perf_counter()
-    cfg = weights.config
-    print(f"weights  {args.weights} ({cfg.arch}, width {cfg.width:g}, {cfg.activation}, sha256 "
-          f"{weights.sha256[:12]})")
-    if "description" in weights.provenance:
-        print(f"         {weights.provenance['description']}")
-    print(f"input    {args.image}" + (f" (resized with warp kernel {args.warp_kernel})" if _is_image(image) else ""))
+    compiles = _kernels_to_compile(args.intermediates, args.impl, args.dtype)
+    _announce_compile(compiles, args.dtype)
+    if len(items) >= PROGRESS_FROM:
+        print(f"  running the network on {len(items)} images ...", file=sys.stderr, flush=True)
+    out = run(x, weights, dtype=args.dtype, intermediates=args.intermediates, impl=args.impl)
+    t3 = time.perf_counter()
+    print(_weights_line(args.weights, weights))
+    lines = _input_lines(items, weights)
+    if len(items) > 1:
+        print(f"input    {len(items)} images, one batch {tuple(x.shape)} in this order (row i of every output is "
+              f"image [i]):")
+        lines = [("         " + line) for line in lines]
+        print("\n".join(lines))
+    else:
+        print(f"input    {lines[0]}")
+    if any(not isinstance(item, np.ndarray) or item.dtype == np.uint8 for item in items):
+        print(f"         resized with warp kernel {args.warp_kernel} (--warp-kernel)")
     outputs = weights.graph.outputs
-    print(f"outputs  ({args.dtype}, {args.impl}; {len(out)} tensors; load {1e3 * (t1 - t0):.0f} ms, first forward "
-          f"{1e3 * (t2 - t1):.0f} ms including {'compiling' if compiles else 'loading compiled'} kernels)")
+    print(f"outputs  ({args.dtype}, {args.impl}; {_plural(len(outputs), 'output')}"
+          f"{', ' + _plural(len(out) - len(outputs), 'intermediate') if args.intermediates else ''}; load "
+          f"{1e3 * (t1 - t0):.0f} ms, preprocess {1e3 * (t2 - t1):.0f} ms, first forward {1e3 * (t3 - t2):.0f} ms "
+          f"including {'compiling' if compiles else 'loading compiled'} kernels)")
     for name in outputs:
         print(_summary_line(name, out[name]))
     if args.intermediates:
-        print(f"  ... and {len(out) - len(outputs)} intermediate tensors")
+        print(f"  ... and {_plural(len(out) - len(outputs), 'intermediate tensor')}")
     if args.out:
         save_npz(args.out, out)
         print(f"wrote    {args.out}")
@@ -236,12 +329,75 @@ def cmd_convert(args) -> int:
             stages = tuple(int(s) for s in args.out_stages.split(",") if s.strip())
         except ValueError:
             raise RefghostError(f"--out-stages must be comma-separated integers, got {args.out_stages!r}") from None
+    stats = {}
+    for name in ("mean", "std"):
+        text = getattr(args, name)
+        if text is not None:
+            try:
+                stats[name] = tuple(float(v) for v in text.split(","))
+            except ValueError:
+                raise RefghostError(f"--{name} must be three comma-separated numbers, got {text!r}") from None
     weights = convert(args.src, args.out, arch=args.arch, width=args.width, activation=args.activation,
-                      out_stages=stages)
+                      out_stages=stages, channel_order=args.channel_order, **stats)
     n_params = sum(a.size for a in weights.tensors.values())
     print(f"wrote {args.out}: {weights.config.arch}, width {weights.config.width:g}, "
           f"{len(weights.tensors)} tensors, {n_params:,} values")
+    pre = weights.preprocessing
+    given = {"channel_order": args.channel_order, **stats}
+    assumed = [f"--{name.replace('_', '-')}" for name in ("channel_order", "mean", "std") if given.get(name) is None]
+    print(f"  preprocessing {pre.channel_order}, mean {_floats(pre.mean)}, std {_floats(pre.std)}, input size "
+          f"{pre.input_size[0]}x{pre.input_size[1]}")
+    if assumed:
+        print(f"  assumed, not read from {os.path.basename(args.src)}: {', '.join(a[2:] for a in assumed)} "
+              f"({weights.config.arch}'s defaults); if the model was trained otherwise, convert again with "
+              f"{' '.join(assumed)}")
     return 0
+
+
+def _weights_line(path: str, weights) -> str:
+    """``weights  PATH (arch, ...)`` and, for the shipped file, that it is the synthetic default."""
+    cfg = weights.config
+    line = (f"weights  {path} ({cfg.arch}, width {cfg.width:g}, {cfg.activation}, sha256 "
+            f"{weights.sha256[:12]})")
+    if os.path.abspath(path) == str(DEFAULT_WEIGHTS):
+        line += "\n         the shipped synthetic weights: the default when --weights is not given"
+    if "description" in weights.provenance:
+        line += f"\n         {weights.provenance['description']}"
+    return line
+
+
+def _check_out(path: str, extensions: tuple[str, ...], what: str) -> None:
+    """Refuse an --out path with another extension, or in a missing folder, before any work."""
+    if not path.lower().endswith(extensions):
+        raise RefghostError(f"--out {path}: {what} are written as {'/'.join(extensions)}; give a path ending in "
+                            f"{' or '.join(extensions)}")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise RefghostError(f"--out {path}: folder {folder} does not exist")
+
+
+def _megabytes(n_bytes: int) -> str:
+    return f"{n_bytes / 1e9:.2f} GB" if n_bytes >= 1e9 else f"{n_bytes / 1e6:.1f} MB"
+
+
+#: Bytes of HDF5 metadata per dataset of a golden file (measured: 400-420 with h5py 3.16).
+HDF5_DATASET_OVERHEAD = 410
+
+
+def golden_file_size(weights, shape: tuple[int, ...], intermediates: bool) -> int:
+    """The bytes of a golden file (within about 0.1 %): the float32 input, float64 oracle and
+    float32 bound of every stored tensor (refghost.golden), the weights, and HDF5's metadata."""
+    from .arch import output_shapes
+
+    graph = weights.graph
+    shapes = output_shapes(graph, *shape[:1], *shape[2:])
+    stored = [shapes[node] for node in graph.outputs.values()]
+    if intermediates:
+        stored += [shapes[node.name] for node in graph.nodes]
+    tensors = sum(int(np.prod(s)) for s in stored) * (8 + 4)
+    datasets = 1 + 2 * len(stored) + len(weights.tensors)
+    return (4 * int(np.prod(shape)) + tensors + sum(a.nbytes for a in weights.tensors.values())
+            + HDF5_DATASET_OVERHEAD * datasets)
 
 
 def cmd_golden(args) -> int:
@@ -249,8 +405,10 @@ def cmd_golden(args) -> int:
     from .runner import prepare_input
     from .weights import load_weights
 
+    _check_out(args.out, (".h5", ".hdf5"), "golden files")
     weights = load_weights(args.weights)
     warp_kernel = None  # recorded only when the input is an image file
+    print(_weights_line(args.weights, weights))
     if args.seed is not None:
         w, h = weights.preprocessing.input_size
         x = np.random.default_rng(args.seed).standard_normal((args.batch, 3, h, w)).astype(np.float32)
@@ -263,12 +421,24 @@ def cmd_golden(args) -> int:
         if _is_image(loaded):
             warp_kernel = args.warp_kernel
     command = "refghost " + " ".join(sys.argv[1:] if args.argv is None else args.argv)
+    n_tensors = len(weights.graph.outputs) + (len(weights.graph.nodes) if args.intermediates else 0)
+    print(f"golden   {args.out}: the float64 oracle and bounds of {_plural(n_tensors, 'tensor')} for input "
+          f"{tuple(x.shape)}, about {_megabytes(golden_file_size(weights, x.shape, args.intermediates))}",
+          flush=True)
+    _announce_compile(_kernels_to_compile(True, "interpreter", "float64"), "float64")
+    t0 = time.perf_counter()
+    print("  computing the oracle and its bounds, layer by layer ...", file=sys.stderr, flush=True)
     golden = make_golden(weights, x, intermediates=args.intermediates, input_source=source, command=command,
                          warp_kernel=warp_kernel)
+    t1 = time.perf_counter()
+    print(f"  computed in {t1 - t0:.1f} s; writing {args.out} ...", file=sys.stderr, flush=True)
     write_golden(args.out, golden)
-    resized = f", warp kernel {warp_kernel}" if warp_kernel else ""
-    print(f"wrote {args.out}: input {x.shape} ({source}{resized}), {len(golden.outputs)} outputs"
-          f"{f', {len(golden.intermediates)} intermediates' if golden.intermediates else ''}")
+    t2 = time.perf_counter()
+    stored = _plural(len(golden.outputs), "output")
+    if golden.intermediates:
+        stored += ", " + _plural(len(golden.intermediates), "intermediate")
+    print(f"wrote {args.out} ({_megabytes(os.path.getsize(args.out))} in {t2 - t1:.1f} s): input {x.shape} "
+          f"({source}{f', warp kernel {warp_kernel}' if warp_kernel else ''}), {stored}")
     return 0
 
 
@@ -287,6 +457,7 @@ def cmd_compare(args) -> int:
         maps[key] = value
     golden = read_golden(args.golden)
     runs = []
+    _announce_compile(_kernels_to_compile(True, "interpreter", "float64"), "float64")  # the isolated check
     tensors, description, notes = load_candidate(args.candidate, golden, maps=maps, threads=args.threads,
                                                  optimization=args.ort_optimization, runtime=args.runtime,
                                                  precise=args.precise, options=_runtime_options(args), run=runs)
@@ -431,7 +602,7 @@ def cmd_info(args) -> int:
           f"{', BatchNorm folded' if cfg['folded'] else ''}")
     print(f"  parameters    {info['parameters']:,} ({info['tensors']} tensors, {info['values']:,} values)")
     pre = info["preprocessing"]
-    print(f"  preprocessing {pre['channel_order']}, mean {pre['mean']}, std {pre['std']}, "
+    print(f"  preprocessing {pre['channel_order']}, mean {_floats(pre['mean'])}, std {_floats(pre['std'])}, "
           f"input size {pre['input_size'][0]}x{pre['input_size'][1]}")
     for key, value in info["provenance"].items():
         if value:

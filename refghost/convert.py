@@ -74,16 +74,26 @@ def select_backbone(state_dict: dict, arch: str) -> dict:
 DEFAULTS = {"arch": "nanodet", "width": 1.0, "activation": "ReLU", "out_stages": (4, 6, 9)}
 
 
+#: The preprocessing fields no checkpoint or ONNX graph records: assumed (the arch's defaults,
+#: :func:`refghost.weights.default_preprocessing`) unless given to :func:`convert`.
+ASSUMED_PREPROCESSING = ("channel_order", "mean", "std")
+
+
 def convert(src, out, *, arch=None, width=None, activation=None, out_stages=None,
-            preprocessing: Preprocessing | None = None) -> Weights:
+            preprocessing: Preprocessing | None = None, channel_order=None, mean=None, std=None) -> Weights:
     """Read checkpoint ``src``, validate it as GhostNet ``arch``, write weights file ``out``.
 
     For a checkpoint, an option left as None takes its value in :data:`DEFAULTS`. For an
     ``.onnx`` file the options are read from the graph; one given (not None) must agree with it.
+    ``channel_order`` ("BGR"/"RGB"), ``mean`` and ``std`` (3 values each, 0..255 units, in that
+    channel order) replace the assumed defaults of :data:`ASSUMED_PREPROCESSING` (NanoDet's BGR
+    statistics, or ImageNet's RGB ones for ``ghostnet``); a channel order given alone keeps the
+    default statistics of each colour (reordered).
     """
     if os.fspath(src).lower().endswith(".onnx"):
         weights = _check_onnx_options(src, _import_onnx(src, preprocessing), arch=arch, width=width,
                                       activation=activation, out_stages=out_stages)
+        weights = _with_preprocessing(weights, channel_order, mean, std)
         save_weights(out, weights)
         return weights
     arch = DEFAULTS["arch"] if arch is None else arch
@@ -102,8 +112,31 @@ def convert(src, out, *, arch=None, width=None, activation=None, out_stages=None
     provenance = {"source_file": os.path.basename(os.fspath(src)), "source_sha256": file_sha256(src),
                   "converter": f"refghost {__version__} convert"}
     weights = from_tensors(state_dict, config, preprocessing or default_preprocessing(arch), provenance)
+    weights = _with_preprocessing(weights, channel_order, mean, std)
     save_weights(out, weights)
     return weights
+
+
+def _with_preprocessing(weights: Weights, channel_order, mean, std) -> Weights:
+    """``weights`` with the given preprocessing fields replaced (see :func:`convert`)."""
+    from dataclasses import replace
+
+    from .errors import RefghostError
+
+    if channel_order is None and mean is None and std is None:
+        return weights
+    pre = weights.preprocessing
+    order = pre.channel_order if channel_order is None else channel_order
+    step = -1 if order != pre.channel_order else 1  # the default statistics follow their colours
+    try:
+        new = replace(pre, channel_order=order,
+                      mean=tuple(pre.mean[::step]) if mean is None else tuple(float(v) for v in mean),
+                      std=tuple(pre.std[::step]) if std is None else tuple(float(v) for v in std))
+    except (TypeError, ValueError) as exc:
+        raise WeightsError(f"--mean/--std: 3 numbers each, got {mean!r}, {std!r} ({exc})") from None
+    except RefghostError as exc:
+        raise WeightsError(str(exc)) from None
+    return Weights(weights.config, new, weights.tensors, weights.provenance)
 
 
 def _import_onnx(src, preprocessing):

@@ -60,6 +60,10 @@ class Golden:
     attrs: dict = field(default_factory=dict)
     path: str | None = None
 
+    def __repr__(self) -> str:
+        return (f"Golden(path={self.path!r}, input {self.input.shape} {self.input.dtype}, outputs "
+                f"{list(self.outputs)}, {len(self.intermediates)} intermediates, weights {self.weights.config!r})")
+
     def tensors(self) -> dict[str, np.ndarray]:
         """Every stored oracle tensor, in forward order (each output right after its node)."""
         if not self.intermediates:

@@ -191,8 +191,13 @@ def gelu(x, erf=None):
 
 
 def silu(x):
-    """f(x) = x * sigmoid(x) = x / (1 + exp(-x))."""
-    return x / (_const(x, 1) + np.exp(-x))
+    """f(x) = x * sigmoid(x) = x / (1 + exp(-x)).
+
+    For large negative x, exp(-x) overflows to +inf and f(x) = x / inf = -0, the correctly rounded
+    result: the overflow is expected, so it is not warned about.
+    """
+    with np.errstate(over="ignore"):
+        return x / (_const(x, 1) + np.exp(-x))
 
 
 def hard_sigmoid(x):

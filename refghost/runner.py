@@ -16,6 +16,8 @@ DTYPES = ("float32", "float64")
 #: interpreter on the plain definitions), "engine" (the engine or an error), "interpreter"
 #: (the interpreter with its fast ops).
 RUN_IMPLS = ("fast", "plain", "engine", "interpreter")
+#: File extensions (lower case) of the images :func:`image_files` takes from a folder.
+IMAGE_EXTENSIONS = (".bmp", ".jpeg", ".jpg", ".png", ".tif", ".tiff", ".webp")
 
 
 def as_weights(weights) -> Weights:
@@ -27,14 +29,119 @@ def as_weights(weights) -> Weights:
     raise RefghostError(f"weights must be a path or what refghost.load_weights returns, got {type(weights).__name__}")
 
 
-def prepare_input(image, weights: Weights, dtype, warp_kernel: str | None = None) -> np.ndarray:
+def image_files(folder) -> list[str]:
+    """The image files (by :data:`IMAGE_EXTENSIONS`) directly in ``folder``, sorted by name."""
+    folder = os.fspath(folder)
+    names = sorted(n for n in os.listdir(folder) if n.lower().endswith(IMAGE_EXTENSIONS)
+                   and os.path.isfile(os.path.join(folder, n)))
+    if not names:
+        raise ImageError(f"{folder}: no image files in this folder (looked for {', '.join(IMAGE_EXTENSIONS)})")
+    return [os.path.join(folder, n) for n in names]
+
+
+def expand_images(image) -> list:
+    """The single images that ``image`` stands for, in batch order: the items of a list or tuple,
+    a folder's :func:`image_files` (also inside a list), or ``[image]`` itself."""
+    items = list(image) if isinstance(image, (list, tuple)) else [image]
+    if not items:
+        raise ImageError("an empty list of images")
+    out = []
+    for item in items:
+        if isinstance(item, (str, os.PathLike)) and os.path.isdir(item):
+            out.extend(image_files(item))
+        else:
+            out.append(item)
+    return out
+
+
+def prepare_input(image, weights: Weights, dtype, warp_kernel: str | None = None, *, progress=None) -> np.ndarray:
     """The network input (N, 3, H, W) in ``dtype`` for any accepted form of ``image``.
 
     * float array (N, 3, H, W) or (3, H, W): the network input as is (cast to ``dtype``);
     * uint8 array (H, W, 3) in the weights' recorded channel order, or an image file path:
       preprocessed as the weights file records (warp-resize to ``input_size`` with
-      ``warp_kernel``, default :data:`refghost.preprocess.DEFAULT_WARP_KERNEL`, then mean/std).
+      ``warp_kernel``, default :data:`refghost.preprocess.DEFAULT_WARP_KERNEL`, then mean/std);
+    * a folder, or a list/tuple of any of these: each item prepared alone (images of any size,
+      each resized to ``input_size``; a folder's images sorted by name) and stacked along the batch
+      axis in that order. ``progress(i, n)`` (if given) is called after each of the n items.
     """
+    items = expand_images(image)
+    if len(items) > 1 or isinstance(image, (list, tuple)) or items[0] is not image:
+        parts = []
+        for i, item in enumerate(items):
+            part = _prepare_one(item, weights, dtype, warp_kernel)
+            if parts and part.shape[1:] != parts[0].shape[1:]:
+                raise ImageError(f"image {i} ({_name(item)}) gives an input of shape {part.shape[1:]}, image 0 "
+                                 f"({_name(items[0])}) {parts[0].shape[1:]}: a batch needs one shape (image files "
+                                 f"are all resized to the weights' input size; float arrays are used as they are)")
+            parts.append(part)
+            if progress is not None:
+                progress(i + 1, len(items))
+        return np.ascontiguousarray(np.concatenate(parts))
+    return _prepare_one(image, weights, dtype, warp_kernel)
+
+
+#: What reading an image file of a Pillow mode does to it (preprocess.read_image), for the modes
+#: that are not 8-bit RGB.
+_MODE_NOTES = {
+    "1": "1-bit image expanded to 3 channels",
+    "L": "grayscale converted to 3 channels",
+    "LA": "grayscale converted to 3 channels, alpha channel dropped (not composited)",
+    "P": "palette image converted to 3 channels",
+    "PA": "palette image converted to 3 channels, alpha channel dropped (not composited)",
+    "RGBA": "alpha channel dropped (not composited)",
+    "RGBa": "alpha channel dropped (not composited)",
+    "CMYK": "CMYK converted to RGB",
+    "YCbCr": "YCbCr converted to RGB",
+    "LAB": "Lab converted to RGB",
+    "HSV": "HSV converted to RGB",
+}
+
+
+def describe_image(image, input_size) -> tuple[str, list[str]]:
+    """How preparing ``image`` (one item of :func:`prepare_input`) changes it: its size as
+    ``"WxH"`` (``"N,3,H,W"`` for a float array) and notes such as ``"grayscale converted to 3
+    channels"`` or ``"upscaled to 320x320"``. An image file is described from its header (Pillow
+    opens it lazily): this reads no pixels and changes nothing."""
+    dst_w, dst_h = input_size
+    if isinstance(image, np.ndarray) and image.dtype.kind == "f":
+        return "x".join(map(str, image.shape)), ["used as the network input as is (not resized)"]
+    notes = []
+    if isinstance(image, np.ndarray):
+        h, w = image.shape[:2]
+    else:
+        from PIL import Image
+
+        from .preprocess import _SIXTEEN_BIT_MODES
+
+        with Image.open(image) as im:
+            mode, (w, h) = im.mode, im.size
+            orientation = im.getexif().get(0x0112, 1)
+            n_frames = getattr(im, "n_frames", 1)
+        if orientation in (5, 6, 7, 8):  # ImageOps.exif_transpose turns these by 90 degrees
+            w, h = h, w
+        if orientation not in (1, None):
+            notes.append(f"EXIF orientation {orientation} applied")
+        if mode in _SIXTEEN_BIT_MODES:
+            notes.append("16-bit grayscale reduced to 8 bits (high byte) and converted to 3 channels")
+        elif mode in _MODE_NOTES:
+            notes.append(_MODE_NOTES[mode])
+        if n_frames > 1:
+            notes.append(f"first of {n_frames} frames")
+    if (w, h) == (dst_w, dst_h):
+        notes.append("already the input size: not resized")
+    else:
+        how = "upscaled" if w <= dst_w and h <= dst_h else "downscaled" if w >= dst_w and h >= dst_h else "resized"
+        notes.append(f"{how} to {dst_w}x{dst_h}")
+    return f"{w}x{h}", notes
+
+
+def _name(item) -> str:
+    return os.fspath(item) if isinstance(item, (str, os.PathLike)) else f"array {getattr(item, 'shape', '')}"
+
+
+def _prepare_one(image, weights: Weights, dtype, warp_kernel: str | None = None) -> np.ndarray:
+    """:func:`prepare_input` of one image file, uint8 image array or float input array."""
     if isinstance(image, (str, os.PathLike)) or (isinstance(image, np.ndarray) and image.dtype == np.uint8):
         from .preprocess import DEFAULT_WARP_KERNEL, prepare_image
 
@@ -61,8 +168,9 @@ def run(image, weights, *, dtype="float32", intermediates=False, impl="fast",
 
     Parameters
     ----------
-    image : float array (N, 3, H, W) or (3, H, W), uint8 array (H, W, 3), or image file path
-        See :func:`prepare_input`.
+    image : float array (N, 3, H, W) or (3, H, W), uint8 array (H, W, 3), image file path, folder of
+        images, or a list of any of these: see :func:`prepare_input`. Several images form one batch,
+        in the order given (a folder's by file name): row ``i`` of every output is image ``i``.
     weights : path of a weights file, or what :func:`refghost.load_weights` returned
     dtype : "float32" (mimic a backend) or "float64" (the oracle); every value is computed and
         returned in this dtype.

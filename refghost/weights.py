@@ -104,6 +104,14 @@ class Weights:
         object.__setattr__(self, "graph", build_graph(self.config))
         _check_tensors(self.tensors, self.graph, self.path or self.provenance.get("source_file", "<in memory>"))
 
+    def __repr__(self) -> str:
+        # short: the default dataclass repr prints every tensor (over a million characters)
+        dtypes = sorted({str(a.dtype) for a in self.tensors.values()})
+        values = sum(a.size for a in self.tensors.values())
+        sha = f", sha256={self.sha256[:12]!r}..." if self.sha256 else ""
+        return (f"Weights({self.config!r}, {self.preprocessing!r}, tensors=<{len(self.tensors)} arrays, {values:,} "
+                f"{'/'.join(dtypes)} values>, path={self.path!r}{sha})")
+
     def params(self, dtype) -> dict[str, np.ndarray]:
         """The tensors converted to ``dtype`` (float32 or float64), cached per dtype."""
         dtype = np.dtype(dtype)

@@ -64,3 +64,63 @@ def test_bad_arguments(weights_file):
 
 def test_errors_share_one_base_type():
     assert issubclass(ImageError, RefghostError) and issubclass(WeightsError, RefghostError)
+
+
+# --- several images -------------------------------------------------------------------------------
+
+@pytest.fixture
+def odd_images(tmp_path):
+    """A folder of images of different sizes and modes (gray 1x1, RGBA, 16-bit gray, palette)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(5)
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    Image.new("L", (1, 1), 200).save(folder / "a_gray.png")
+    Image.fromarray(rng.integers(0, 256, (50, 70, 4), dtype=np.uint8), "RGBA").save(folder / "b_rgba.png")
+    Image.fromarray(rng.integers(0, 65536, (33, 45), dtype=np.uint16)).save(folder / "c_16bit.png")
+    Image.fromarray(rng.integers(0, 256, (400, 500, 3), dtype=np.uint8)).convert("P").save(folder / "d_palette.png")
+    (folder / "notes.txt").write_text("not an image")
+    return folder
+
+
+def test_a_folder_or_a_list_is_one_batch_in_order_each_resized(weights_file, odd_images):
+    w = refghost.load_weights(weights_file)
+    files = sorted(str(p) for p in odd_images.glob("*.png"))
+    alone = [refghost.run(f, w) for f in files]
+    for batch in (refghost.run(odd_images, w), refghost.run(files, w), refghost.run([str(odd_images)], w),
+                  refghost.run(files[:2] + [read_image(files[2], "BGR"), files[3]], w)):
+        assert batch["blocks.9"].shape == (4, 960, 10, 10)
+        for i, one in enumerate(alone):  # row i is image i, the bits of running it alone
+            for name in one:
+                assert np.array_equal(batch[name][i:i + 1], one[name]), (i, name)
+
+
+def test_prepare_input_reports_progress_and_refuses_mixed_shapes(weights_file, odd_images):
+    from refghost.runner import prepare_input
+
+    w = refghost.load_weights(weights_file)
+    calls = []
+    x = prepare_input(odd_images, w, np.float32, progress=lambda i, n: calls.append((i, n)))
+    assert x.shape == (4, 3, 320, 320) and calls == [(1, 4), (2, 4), (3, 4), (4, 4)]
+    with pytest.raises(ImageError, match=r"image 1 .* one shape"):
+        prepare_input([np.zeros((3, 8, 8), np.float32), np.zeros((3, 9, 8), np.float32)], w, np.float32)
+    with pytest.raises(ImageError, match="empty list"):
+        prepare_input([], w, np.float32)
+    with pytest.raises(ImageError, match="no image files"):
+        prepare_input(odd_images / "..", w, np.float32)  # tmp_path: a folder without images
+
+
+def test_describe_image_says_what_reading_and_resizing_do(odd_images):
+    from refghost.runner import describe_image
+
+    said = {p.name: describe_image(str(p), (320, 320)) for p in odd_images.glob("*.png")}
+    assert said["a_gray.png"] == ("1x1", ["grayscale converted to 3 channels", "upscaled to 320x320"])
+    assert said["b_rgba.png"] == ("70x50", ["alpha channel dropped (not composited)", "upscaled to 320x320"])
+    assert said["c_16bit.png"][1][0].startswith("16-bit grayscale reduced to 8 bits")
+    assert said["d_palette.png"] == ("500x400", ["palette image converted to 3 channels", "downscaled to 320x320"])
+    assert describe_image(np.zeros((320, 320, 3), np.uint8), (320, 320)) == (
+        "320x320", ["already the input size: not resized"])
+    assert describe_image(np.zeros((10, 400, 3), np.uint8), (320, 320))[1] == ["resized to 320x320"]
+    assert describe_image(np.zeros((2, 3, 8, 8), np.float32), (320, 320))[1] == [
+        "used as the network input as is (not resized)"]

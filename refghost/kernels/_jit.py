@@ -24,6 +24,7 @@ import contextlib
 import threading
 
 import numba
+import numpy as np
 
 #: Options shared by every kernel. fastmath must stay off: results are plain IEEE float ops.
 _OPTIONS = dict(cache=True, fastmath=False, error_model="numpy", nogil=True)
@@ -87,12 +88,17 @@ def one_launch_at_a_time():
     return _WORKQUEUE_LOCK if layer == "workqueue" else contextlib.nullcontext()
 
 
-def compiled_on_disk(dispatcher):
+def compiled_on_disk(dispatcher, dtype=None):
     """Whether Numba's on-disk cache holds compiled code of ``dispatcher`` (a ``cache=True``
-    kernel) for its current source: True, False, or None when that cannot be told. A hint only
-    (it reads Numba's cache index through Numba internals): False means that the next call
-    compiles."""
+    kernel) for its current source, and with ``dtype`` given, for a signature with arrays of that
+    dtype (a float64 call of a kernel cached for float32 compiles): True, False, or None when that
+    cannot be told. A hint only (it reads Numba's cache index through Numba internals): False
+    means that the next such call compiles."""
     try:
-        return bool(dispatcher._cache._cache_file._load_index())
+        index = dispatcher._cache._cache_file._load_index()  # {(signature, target, ...): file}
+        if dtype is None:
+            return bool(index)
+        name = str(np.dtype(dtype))
+        return any(str(getattr(arg, "dtype", "")) == name for key in index for arg in key[0])
     except Exception:  # another Numba version, no cache: cannot tell
         return None

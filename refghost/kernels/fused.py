@@ -482,9 +482,10 @@ def _se_image(x, n, nch, wr_t, br, we_t, be, consts, pooled, hidden, lanes):
     (the sums run over the input index in order, the bias added last); ``x *= gate``. The same
     helpers as the chunks of :func:`squeeze_excite_channels`, over all channels.
     """
-    _se_means(x, n, 0, nch, pooled, lanes)
-    _se_hidden(pooled, wr_t, br, 0, wr_t.shape[1], hidden, consts)
-    _se_scale(x, n, hidden, we_t, be, 0, nch, consts)
+    zero = np.int64(0)  # (a literal 0 would compile these helpers once more)
+    _se_means(x, n, zero, nch, pooled, lanes)
+    _se_hidden(pooled, wr_t, br, zero, wr_t.shape[1], hidden, consts)
+    _se_scale(x, n, hidden, we_t, be, zero, nch, consts)
 
 
 @jit
@@ -622,7 +623,7 @@ def _stem_band(x, n, w, y, y_row0, k, s, p, ho, wo, i0, i1, act, consts, tile, p
     m, kk = w.shape[0], w.shape[1]
     pp = y.shape[2]
     y_off = (n * y.shape[1] + y_row0) * pp + i0 * wo
-    gemm(m, npx, kk, w, 0, kk, tile, 0, npx, y, y_off, pp)
+    gemm(m, npx, kk, w, np.int64(0), kk, tile, np.int64(0), npx, y, y_off, pp)
     if act != ACT_NONE:
         for r in range(m):
             _activate(y[n, y_row0 + r, i0 * wo: i1 * wo], npx, act, consts)
@@ -689,7 +690,7 @@ def _ghost_rows(yb, n, row0, init, h, wd, i0, i1, wdw, bdw, act, consts, zrow, s
                 for j in range(wd):
                     d[j] = src[j]
             _taps3_s1(acc, scratch, scratch[pitch:], scratch[2 * pitch:], wd, wk)
-            _copy_out(acc, pitch, out, wd, i, i + 1, bv, act, consts, False, out)
+            _copy_out(acc, pitch, out, wd, i, i + 1, bv, act, consts, np.bool_(False), out)
 
 
 @jit
@@ -838,13 +839,13 @@ def _run_images(prog, consts_all, arena, params, ints, x, out, sync, shared, fla
     my_sync = sync[STRIDE + worker * s_len: STRIDE + (worker + 1) * s_len]
     my_shared = shared[worker * sh_len: (worker + 1) * sh_len]
     my_flags = flags[worker * f_len: (worker + 1) * f_len]
-    n = claim(sync, 0)
+    n = claim(sync, np.int64(0))
     while n < x.shape[0]:
         my_sync[:] = 0
         my_flags[:] = 0
         _run_ops(prog, consts_all, my_arena, params, ints, x[n:n + 1], out, np.int64(1), my_sync, my_shared, my_flags,
                  n, np.int64(x.shape[0]))
-        n = claim(sync, 0)
+        n = claim(sync, np.int64(0))
 
 
 #: Phases per op in ``sync`` (the most an op has: the squeeze-excite of a small batch).
@@ -870,7 +871,7 @@ def _run_ops(prog, consts_all, arena, params, ints, x, out, nthreads, sync, shar
             xb = _view3(arena, r[1], nimg, r[2], r[3])
             yb = _view3(arena, r[4], nimg, r[5], r[3])
             w = _view2(params, r[6], r[7], r[8])
-            tasks = _view2(ints, r[10], r[11], 5)
+            tasks = _view2(ints, r[10], r[11], np.int64(5))
             units = tasks.shape[0]
             u = claim(sync, q)
             while u < units:
@@ -928,9 +929,9 @@ def _run_ops(prog, consts_all, arena, params, ints, x, out, nthreads, sync, shar
             xb = _view3(arena, r[1], nimg, r[2], r[3])
             yb = _view3(arena, r[4], nimg, r[5], r[3])
             w = _view2(params, r[6], r[7], r[8])
-            tasks = _view2(ints, r[10], r[11], 5)
+            tasks = _view2(ints, r[10], r[11], np.int64(5))
             m = r[7]
-            wdw = _view2(params, r[14], m, 9)
+            wdw = _view2(params, r[14], m, np.int64(9))
             bdw = params[r[15]: r[15] + m]
             h, wd, band = r[17], r[18], r[19]
             done = flags[r[20]: r[20] + nimg * h]
@@ -946,7 +947,7 @@ def _run_ops(prog, consts_all, arena, params, ints, x, out, nthreads, sync, shar
             if claim(sync, q + 1) == 0:
                 _ghost_rest(yb, r[9], m, h, wd, wdw, bdw, r[16], consts, band, done)
                 finish(sync, q + 1)
-            wait_done(sync, q + 1, 1)
+            wait_done(sync, q + 1, np.int64(1))
         elif kind == OP_OUTPUT:
             if claim(sync, q) == 0:
                 b = _view3(arena, r[1], nimg, r[2], r[3])
@@ -958,7 +959,7 @@ def _run_ops(prog, consts_all, arena, params, ints, x, out, nthreads, sync, shar
                         for t in range(p):
                             dst[t] = src[t]
                 finish(sync, q)
-            wait_done(sync, q, 1)
+            wait_done(sync, q, np.int64(1))
 
 
 @jit

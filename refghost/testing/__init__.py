@@ -8,9 +8,10 @@ dataclasses (:class:`ConvCase`, :class:`BatchNormCase`, ...) that need only NumP
 Hypothesis strategies that generate the cases live in :mod:`refghost.testing.strategies`, which is
 not imported here, so ``import refghost.testing`` works without Hypothesis installed::
 
-    from hypothesis import given
+    from hypothesis import given, settings
     from refghost.testing import strategies as rst, assert_matches_reference
 
+    @settings(deadline=None)  # the reference is timed with your code; its first call compiles
     @given(rst.conv_cases(depthwise=True, kernel_sizes=(3, 5)))
     def test_my_depthwise(case):
         assert_matches_reference("conv2d", case, my_backend_conv(case))
