@@ -346,8 +346,11 @@ def _node_error(node, ins, errs, y, p, r: _Roundoff, worst, lam):
         if worst:
             return ops.global_avg_pool(e) + (gamma(m, u) + u) * ops.global_avg_pool(np.abs(x) + e) + stored
         # The positions' errors may be correlated: the std of the mean is at most the mean of the stds.
-        # Own rounding: a sum of m terms (variance <= m u^2 sum(x^2), divided by m^2), then the divide.
-        return ops.global_avg_pool(np.sqrt(e)) ** 2 + u * u * (ops.global_avg_pool(x ** 2) + y ** 2) + stored
+        # Own rounding: the m partial sums of terms of one sign grow like k*mean, not like a random
+        # walk, so each is bounded by sum|x| (any order; Higham & Mary): variance m u^2 (sum|x|)^2,
+        # divided by m^2; then the divide.
+        return (ops.global_avg_pool(np.sqrt(e)) ** 2 + m * u * u * ops.global_avg_pool(np.abs(x)) ** 2
+                + (u * y) ** 2 + stored)
     if op == "hard_sigmoid":
         own = u * (HARD_SIGMOID_SLOPE_ROUNDINGS * (np.abs(x) + 3) / 6 + np.abs(y))
         if worst:
