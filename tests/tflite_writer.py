@@ -20,7 +20,7 @@ from __future__ import annotations
 import flatbuffers
 import numpy as np
 
-from refghost.mapping import _folded_weight
+from refghost.mapping import folded_conv_weight
 
 # BuiltinOperator codes, BuiltinOptions union types, enum values (TFLite schema).
 ADD, CONCATENATION, CONV_2D, DEPTHWISE_CONV_2D, MUL, PAD, MEAN = 0, 2, 3, 4, 18, 34, 40
@@ -85,7 +85,7 @@ def write_ghostnet_tflite(weights, path, input_shape, *, bug_layer: str | None =
         src = node.inputs[0]
         x, (_, hi, wi, ci) = tensor_of[src], shape_of[src]
         if node.op == "conv":
-            wt = _folded_weight(network, params, node)
+            wt = folded_conv_weight(network, params, node)
             if node.name == bug_layer:
                 wt = wt.copy()
                 wt.flat[int(np.argmax(np.abs(wt)))] *= 1.01
