@@ -17,7 +17,9 @@ from. :func:`map_ops` then maps tensors to refghost graph nodes (:class:`refghos
    **structure**, aligning the ops in topological order with the refghost layers in forward
    order (:data:`PATTERNS`: the op sequences that may implement each layer).
 
-:func:`onnx_ops` reads the ops of an ONNX graph; :func:`map_onnx` maps it.
+:func:`onnx_ops` reads the ops of an ONNX graph; :func:`map_onnx` maps it. For runtimes that
+reorder and fuse ops and keep no names (LiteRT, ncnn), :func:`map_by_dataflow` maps a graph of
+:class:`FlowOp` by each conv's weights and every other layer's inputs.
 """
 
 from __future__ import annotations
@@ -25,11 +27,14 @@ from __future__ import annotations
 import ast
 from dataclasses import dataclass
 
+import numpy as np
+
 from .arch import Graph
 from .compare import CompareError
 
-__all__ = ["BY_SCOPE", "BY_STRUCTURE", "Op", "PATTERNS", "PLUMBING", "MappingError", "map_by_scope",
-           "map_by_structure", "map_onnx", "map_ops", "onnx_ops", "scope_of_name"]
+__all__ = ["BY_SCOPE", "BY_STRUCTURE", "BY_WEIGHTS", "FlowOp", "Op", "PATTERNS", "PLUMBING", "MappingError",
+           "folded_conv_weight", "map_by_dataflow", "map_by_scope", "map_by_structure", "map_onnx", "map_ops",
+           "onnx_ops", "scope_of_name"]
 
 BY_SCOPE = "by exporter scope names"
 BY_STRUCTURE = "by structure (the graph has no scope names)"
@@ -222,14 +227,12 @@ class FlowOp:
     kind: str
     output: str
     inputs: tuple[str, ...]
-    weight: object = None  # np.ndarray
+    weight: np.ndarray | None = None
     fused: str | None = None  # an activation the op applies to its result (Relu, Clip for ReLU6), if any
 
 
-def _folded_weight(network: Graph, params: dict, conv) -> "np.ndarray":
+def folded_conv_weight(network: Graph, params: dict, conv) -> np.ndarray:
     """The weight of ``conv`` with the BatchNorm after it (if any) folded in: W * gamma / sqrt(var + eps)."""
-    import numpy as np
-
     w = np.asarray(params[conv.params["weight"]], dtype=np.float64)
     consumers = [n for n in network.nodes if conv.name in n.inputs]
     if len(consumers) == 1 and consumers[0].op == "batch_norm":
@@ -247,8 +250,6 @@ def map_by_dataflow(ops: list[FlowOp], network: Graph, params: dict) -> dict[str
     conv) has no tensor of its own: the fused op's tensor maps to the last layer it computes.
     ``params`` are the network's parameters (float64). Raises :class:`MappingError` when a layer
     has no op."""
-    import numpy as np
-
     producer = {op.output: op for op in ops}
     root: dict[str, str] = {}
 
@@ -274,7 +275,7 @@ def map_by_dataflow(ops: list[FlowOp], network: Graph, params: dict) -> dict[str
     for node in network.nodes:
         if node.op not in ("conv", "linear"):
             continue
-        w = _folded_weight(network, params, node)
+        w = folded_conv_weight(network, params, node)
         best, best_d = None, np.inf
         for op in weighted:
             if op.output in taken or np.shape(op.weight) != w.shape:

@@ -103,6 +103,7 @@ class Models:
         write_ghostnet_tflite(self.golden.weights, folder / "model.tflite", x.shape)
         if bug:
             write_ghostnet_tflite(self.golden.weights, folder / "bug.tflite", x.shape, bug_layer=f"{BUG_MODULE}.0")
+            write_ghostnet_tflite(self.golden.weights, folder / "model_fp16.tflite", x.shape, float16_weights=True)
 
 
 @pytest.fixture(scope="session")
@@ -229,6 +230,9 @@ def test_litert_maps_every_layer_and_matches(small):
         assert {how for _, how in run.mapping.values()} == {"by conv weights and data flow"}
         assert run.precision.is_float32
         print(f"litert precise={precise}: {run.mapping_summary()}; {run.precision}")
+    half = run_model(str(small.folder / "model_fp16.tflite"), small.golden)
+    assert half.precision.weights == "float16" and half.precision.arithmetic == "float32", half.precision
+    assert {m for m, _ in half.mapping.values()} == {m for m, _ in run.mapping.values()}
 
 
 # ------------------------------------------------------------------------------------------

@@ -20,12 +20,12 @@ from __future__ import annotations
 import flatbuffers
 import numpy as np
 
-from refghost.mapping import _folded_weight
+from refghost.mapping import folded_conv_weight
 
 # BuiltinOperator codes, BuiltinOptions union types, enum values (TFLite schema).
-ADD, CONCATENATION, CONV_2D, DEPTHWISE_CONV_2D, MUL, PAD, MEAN = 0, 2, 3, 4, 18, 34, 40
+ADD, CONCATENATION, CONV_2D, DEPTHWISE_CONV_2D, DEQUANTIZE, MUL, PAD, MEAN = 0, 2, 3, 4, 6, 18, 34, 40
 OPTIONS = {CONV_2D: 1, DEPTHWISE_CONV_2D: 2, CONCATENATION: 10, ADD: 11, MUL: 21, PAD: 22, MEAN: 27}
-FLOAT32, INT32 = 0, 2
+FLOAT32, FLOAT16, INT32 = 0, 1, 2
 SAME, VALID = 0, 1
 NONE, RELU, RELU6 = 0, 1, 3
 
@@ -62,10 +62,12 @@ def _bias(network, params, conv) -> np.ndarray:
     return b
 
 
-def write_ghostnet_tflite(weights, path, input_shape, *, bug_layer: str | None = None) -> None:
+def write_ghostnet_tflite(weights, path, input_shape, *, bug_layer: str | None = None,
+                          float16_weights: bool = False) -> None:
     """Write ``weights`` (a refghost Weights, ReLU activation) as a float32 TFLite model for NCHW
     input shape ``input_shape``; ``bug_layer`` multiplies the largest-magnitude weight of that
-    conv by 1.01."""
+    conv by 1.01. ``float16_weights`` stores the conv filters as float16, each read through a
+    ``DEQUANTIZE`` op (as onnx2tf's ``*_float16.tflite``)."""
     network = weights.graph
     params = weights.params("float64")
     if network.config.activation != "ReLU":
@@ -85,7 +87,7 @@ def write_ghostnet_tflite(weights, path, input_shape, *, bug_layer: str | None =
         src = node.inputs[0]
         x, (_, hi, wi, ci) = tensor_of[src], shape_of[src]
         if node.op == "conv":
-            wt = _folded_weight(network, params, node)
+            wt = folded_conv_weight(network, params, node)
             if node.name == bug_layer:
                 wt = wt.copy()
                 wt.flat[int(np.argmax(np.abs(wt)))] *= 1.01
@@ -110,11 +112,15 @@ def write_ghostnet_tflite(weights, path, input_shape, *, bug_layer: str | None =
                 x = g.op(PAD, [x, paddings], f"{node.name}/pad", (n, hi, wi, ci))
             ho, wo = (hi - k) // stride + 1, (wi - k) // stride + 1
             b = g.tensor(f"{node.name}/bias", (o,), bias.astype(np.float32))
+            filt = wt.transpose(0, 2, 3, 1) if groups == 1 else wt.transpose(1, 2, 3, 0)  # OHWI, 1HWO
+            if float16_weights:
+                half = g.tensor(f"{node.name}/filter_f16", filt.shape, filt.astype(np.float16), FLOAT16)
+                f = g.op(DEQUANTIZE, [half], f"{node.name}/filter", filt.shape)
+            else:
+                f = g.tensor(f"{node.name}/filter", filt.shape, filt.astype(np.float32))
             if groups == 1:
-                f = g.tensor(f"{node.name}/filter", (o, k, k, ci), wt.transpose(0, 2, 3, 1).astype(np.float32))
                 out = g.op(CONV_2D, [x, f, b], node.name, (n, ho, wo, o), padding=VALID, stride=stride, act=act)
             else:
-                f = g.tensor(f"{node.name}/filter", (1, k, k, o), wt.transpose(1, 2, 3, 0).astype(np.float32))
                 out = g.op(DEPTHWISE_CONV_2D, [x, f, b], node.name, (n, ho, wo, o), padding=VALID, stride=stride,
                            act=act)
             shape = (n, ho, wo, o)

@@ -11,7 +11,10 @@ one entry point::
 asks for the runtime's most precise settings. ``options`` are runtime settings given by the
 user (``--runtime-option KEY=VALUE``), applied last. The runtime packages are optional
 (``pip install "refghost[runtimes]"``); a missing one is a :class:`RuntimeMissing` error naming
-the package to install.
+the package to install; a runtime that refuses the model or fails on it is a
+:class:`RuntimeFailed` carrying the runtime's message. Adapters build the tensors of a run with
+:func:`collect` (outputs as deployed, mapped intermediates in the golden's shapes) and map them
+with :mod:`refghost.mapping`.
 """
 
 from __future__ import annotations
@@ -25,8 +28,8 @@ import numpy as np
 from ..arch import output_shapes
 from ..compare import CompareError
 
-__all__ = ["EXTENSIONS", "RUNTIMES", "Precision", "RuntimeFailed", "RuntimeMissing", "RuntimeRun", "collect", "layer_shapes",
-           "require", "run_model", "runtime_for", "to_golden_shape"]
+__all__ = ["EXTENSIONS", "RUNTIMES", "Precision", "RuntimeFailed", "RuntimeMissing", "RuntimeRun", "collect",
+           "layer_shapes", "require", "run_model", "runtime_for", "to_golden_shape"]
 
 #: Runtime name -> the module of this package that runs it.
 RUNTIMES = {

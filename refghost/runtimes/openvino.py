@@ -35,7 +35,7 @@ OPS = {
     "Add": "Add", "Multiply": "Mul", "Divide": "Div", "Concat": "Concat", "Slice": "Slice",
     "StridedSlice": "Slice", "ReduceMean": "ReduceMean", "AvgPool": "GlobalAveragePool", "MatMul": "MatMul",
 }
-_PLUMBING = {"Convert", "Reshape", "Squeeze", "Unsqueeze", "ShapeOf", "Gather", "Broadcast", "Concat_shape"}
+_PLUMBING = {"Convert", "Reshape", "Squeeze", "Unsqueeze", "ShapeOf", "Gather", "Broadcast"}
 _CONSTANT_LIKE = {"Constant", "Reshape", "Convert", "Unsqueeze"}
 #: Precision names of OpenVINO's element types.
 _PRECISIONS = {"f32": "float32", "f16": "float16", "bf16": "bfloat16"}
