@@ -3,9 +3,11 @@
 A :class:`Port` is one network (weights) exported to ONNX at one input size, with its model files
 for every runtime installed here: ONNX Runtime and OpenVINO run the ``.onnx`` (OpenVINO also an
 ``.xml`` IR), MNN an ``.mnn`` from MNN's converter, ncnn a ``.ncnn.param`` from pnnx (weights
-stored in float16 as pnnx writes by default, and in float32 with ``fp16=0``). The broken variant
-has one depthwise weight of :data:`BUG_MODULE` times 1.01 in the ONNX file, before conversion,
-so every runtime carries the same bug.
+stored in float16 as pnnx writes by default, and in float32 with ``fp16=0``), LiteRT a
+``.tflite`` written by ``tests/tflite_writer.py`` in onnx2tf's layout (no TFLite converter
+installs here within CI's means; ReLU networks only). The broken variant has one depthwise weight
+of :data:`BUG_MODULE` times 1.01 in the ONNX file before conversion (in the ``.tflite`` as it is
+written), so every runtime carries the same bug.
 
 :func:`judge` runs a model file in its runtime on a golden's input and compares under the
 precision the runtime reports, as ``refghost compare MODEL`` does by default.
@@ -42,8 +44,10 @@ CANDIDATES = (
     ("ncnn", "ncnn_fp16", False),
     ("ncnn", "ncnn_fp16", True),
     ("ncnn", "ncnn_fp32", True),
+    ("litert", "tflite", False),
 )
-_RUNTIME_PACKAGES = {"onnxruntime": "onnxruntime", "openvino": "openvino", "mnn": "MNN", "ncnn": "ncnn"}
+_RUNTIME_PACKAGES = {"onnxruntime": "onnxruntime", "openvino": "openvino", "mnn": "MNN", "ncnn": "ncnn",
+                     "litert": "ai_edge_litert"}
 
 
 def available(runtime: str) -> bool:
@@ -147,7 +151,7 @@ class Port:
     """One network at one input size, as model files of every installed runtime."""
 
     size: int
-    files: dict[str, Path]  # "onnx", "mnn", "ncnn_fp16", "ncnn_fp32"
+    files: dict[str, Path]  # "onnx", "mnn", "ncnn_fp16", "ncnn_fp32", "tflite"
 
 
 def build_port(weights, size: int, folder: Path, *, bug: bool = False, runtimes=None) -> Port:
@@ -164,6 +168,12 @@ def build_port(weights, size: int, folder: Path, *, bug: bool = False, runtimes=
     if "ncnn" in runtimes:
         files["ncnn_fp16"] = to_ncnn(onnx_path, folder / "ncnn_fp16", size, fp16=True)
         files["ncnn_fp32"] = to_ncnn(onnx_path, folder / "ncnn_fp32", size, fp16=False)
+    if "litert" in runtimes and weights.config.activation == "ReLU":
+        from tflite_writer import write_ghostnet_tflite
+
+        files["tflite"] = folder / "model.tflite"
+        write_ghostnet_tflite(weights, files["tflite"], (1, 3, size, size),
+                              bug_layer=f"{BUG_MODULE}.0" if bug else None)
     return Port(size, files)
 
 
