@@ -40,6 +40,10 @@ UNIT_ROUNDOFF = {"float64": FLOAT64_U, "float32": FLOAT32_U, "float16": 2.0 ** -
 #: to this much in absolute terms, not by u relatively (Higham, ch. 2.1). It matters mostly for
 #: float16, whose subnormals start at 6.1e-5.
 UNDERFLOW = {"float64": 2.0 ** -1075, "float32": 2.0 ** -150, "float16": 2.0 ** -25, "bfloat16": 2.0 ** -134}
+#: The smallest normal number of each format: converters that store weights or tensors in a narrow
+#: format may flush what is below it to zero (pnnx's float16 weights do), an absolute error of up
+#: to this much (Higham, ch. 2.1, with flush-to-zero instead of gradual underflow).
+SMALLEST_NORMAL = {"float64": 2.0 ** -1022, "float32": 2.0 ** -126, "float16": 2.0 ** -14, "bfloat16": 2.0 ** -126}
 
 
 @dataclass(frozen=True)
@@ -77,6 +81,16 @@ class Policy:
         return UNIT_ROUNDOFF[self.activations] if narrower else 0.0
 
     @property
+    def tiny_weights(self) -> float:
+        """Absolute error of a stored weight flushed to zero (0 when weights are float32)."""
+        return 0.0 if self.weights == "float32" else SMALLEST_NORMAL[self.weights]
+
+    @property
+    def tiny_activations(self) -> float:
+        """Absolute error of a stored tensor value flushed to zero (0 when stored as computed)."""
+        return SMALLEST_NORMAL[self.activations] if self.u_activations else 0.0
+
+    @property
     def eta(self) -> float:
         """Underflow allowance: half the smallest subnormal of the narrowest format in play."""
         return max(UNDERFLOW[f] for f in (self.arithmetic, self.weights, self.activations))
@@ -108,11 +122,14 @@ def as_policy(policy) -> Policy:
 
 class _Roundoff(NamedTuple):
     """What the error rules need of a policy: ``u`` of the arithmetic, ``uw`` of the stored
-    weights and ``us`` of the stored tensors (0 where as wide as float32 / the arithmetic)."""
+    weights and ``us`` of the stored tensors (0 where as wide as float32 / the arithmetic), and
+    ``tw``, ``ts`` the absolute errors of a stored weight or tensor value flushed to zero."""
 
     u: float
     uw: float = 0.0
     us: float = 0.0
+    tw: float = 0.0
+    ts: float = 0.0
 
 
 def _roundoff(policy, u: float, oracle_u: float = 0.0) -> _Roundoff:
@@ -121,7 +138,7 @@ def _roundoff(policy, u: float, oracle_u: float = 0.0) -> _Roundoff:
     if policy is None:
         return _Roundoff(u + oracle_u)
     pol = as_policy(policy)
-    return _Roundoff(pol.u + oracle_u, pol.u_weights, pol.u_activations)
+    return _Roundoff(pol.u + oracle_u, pol.u_weights, pol.u_activations, pol.tiny_weights, pol.tiny_activations)
 
 
 def _sigmoid(x):
@@ -167,8 +184,9 @@ def gamma(n, u):
 MODELS = ("worst", "probabilistic")
 #: Version of the error rules. A golden file records the version its stored bounds were computed
 #: with; ``refghost compare`` recomputes the bounds of a golden from another version.
-#: 2: correlated errors across the positions of a channel (spatial kernels, global pool), storage
-#: formats of weights and tensors, every form of the hard-sigmoid.
+#: 2: errors correlated across the positions of a channel in the global pool and its partial sums
+#: of one sign, storage formats of weights and tensors (rounded, or flushed to zero below the
+#: smallest normal), every form of the hard-sigmoid.
 BOUND_MODEL = 2
 #: Default lambda of the probabilistic model: a bound of lambda standard deviations fails with
 #: probability about exp(-lambda^2/2) per element (1e-14 at lambda = 8).
@@ -284,8 +302,9 @@ def _node_error(node, ins, errs, y, p, r: _Roundoff, worst, lam):
     """One node's error state from its inputs' (bound if ``worst``, else variance)."""
     x, e = ins[0], errs[0]
     op = node.op
-    u, uw, us = r
-    stored = us * np.abs(y) if worst else (us * y) ** 2  # the output rounded to the storage format
+    u, uw, us, tw, ts = r
+    # the output rounded to the storage format (relative us, or flushed to zero below ts)
+    stored = us * np.abs(y) + ts if worst else (us * y) ** 2 + ts * ts
     if op == "conv":
         key = node.params["weight"]
         coeff = np.abs(p["weight"]) if worst else p["weight"] ** 2
@@ -300,9 +319,13 @@ def _node_error(node, ins, errs, y, p, r: _Roundoff, worst, lam):
             magnitude += (np.abs(p["bias"]) if worst else p["bias"] ** 2)[None, :, None, None]
             n += 1
         carried = apply(e) if e.any() else 0.0
+        flushed = 0.0  # stored weights flushed to zero: tw * sum|x| (worst) or tw^2 * sum x^2 (variance)
+        if tw:
+            flushed = tw * evaluate(weight_only, [np.abs(x) + e if worst else x ** 2], {key: np.ones_like(coeff)})
+            flushed = flushed if worst else tw * flushed
         if worst:
-            return carried + (gamma(n, u) + uw) * magnitude + stored
-        return carried + (n * u * u + uw * uw) * magnitude + stored
+            return carried + (gamma(n, u) + uw) * magnitude + flushed + stored
+        return carried + (n * u * u + uw * uw) * magnitude + flushed + stored
     if op == "linear":
         flat_x, flat_e = x.reshape(x.shape[0], -1), e.reshape(e.shape[0], -1)
         w, b = p["weight"], p["bias"]
@@ -407,12 +430,13 @@ def _folded_conv_bn_error(conv, conv_p, bn, bn_p, x, e, z, y, r: _Roundoff):
     ``n`` products, ``A = |alpha| (|W| * (|x| + e))`` and ``C = |alpha b| + |alpha mean| + |bias|``:
     the backend computes ``alpha^ = alpha (1 + theta)`` with ``|theta| <= 4u`` (add eps, sqrt,
     divide, multiply by gamma), ``W'_i = fl(W_i alpha^)`` (one more ``u`` each, and ``uw`` when
-    stored narrower), ``b' = fl(alpha^ (b - mean) + bias)`` (``<= (7u + uw) C``), then a conv of
-    ``m = n + 1`` terms (``gamma_m (A + |b'|) <= gamma_m (A + C)``), then the output is stored
-    (``us |y|``). Total, plus the carried input error:
-    ``|alpha| (|W| * e) + gamma_m (A + C) + (u + uw) A + 4u (|alpha z| + |alpha b|) + (7u + uw) C + us |y|``.
+    stored narrower, and up to ``tw`` if flushed to zero), ``b' = fl(alpha^ (b - mean) + bias)``
+    (``<= (7u + uw) C``), then a conv of ``m = n + 1`` terms (``gamma_m (A + |b'|) <= gamma_m (A + C)``),
+    then the output is stored (``us |y| + ts``). Total, plus the carried input error:
+    ``|alpha| (|W| * e) + gamma_m (A + C) + (u + uw) A + 4u (|alpha z| + |alpha b|) + (7u + uw) C
+    + tw (1 * (|x| + e) + 1) + us |y| + ts``.
     """
-    u, uw, us = r
+    u, uw, us, tw, ts = r
     alpha, _ = ops.batch_norm_coefficients(bn_p["weight"], bn_p["bias"], bn_p["running_mean"], bn_p["running_var"],
                                            eps=bn.attrs.get("eps", ops.BN_EPS))
     a = np.abs(alpha)[None, :, None, None]
@@ -425,5 +449,6 @@ def _folded_conv_bn_error(conv, conv_p, bn, bn_p, x, e, z, y, r: _Roundoff):
     ab = np.abs(alpha * b)[None, :, None, None]
     c = ab + (np.abs(alpha * bn_p["running_mean"]) + np.abs(bn_p["bias"]))[None, :, None, None]
     m = conv_p["weight"][0].size + 1
+    flushed = tw * evaluate(weight_only, [np.abs(x) + e], {key: np.ones_like(conv_p["weight"])}) + tw if tw else 0.0
     return (carried + gamma(m, u) * (big_a + c) + (u + uw) * big_a + 4 * u * (a * np.abs(z) + ab)
-            + (7 * u + uw) * c + us * np.abs(y))
+            + (7 * u + uw) * c + flushed + us * np.abs(y) + ts)

@@ -43,7 +43,8 @@ def _seeded(size, seed):
 @pytest.fixture(scope="session")
 def at320(shipped, tmp_path_factory):
     folder = tmp_path_factory.mktemp("verdicts320")
-    image = prepare_image(SAMPLE, **dict(shipped.preprocessing, input_size=[320, 320]))
+    p = shipped.preprocessing
+    image = prepare_image(SAMPLE, mean=p.mean, std=p.std, channel_order=p.channel_order, input_size=[320, 320])
     goldens = {"seed 0": make_golden(shipped, _seeded(320, 0), intermediates=True),
                "sample image": make_golden(shipped, image, intermediates=True)}
     return (rb.build_port(shipped, 320, folder / "honest"), rb.build_port(shipped, 320, folder / "bug", bug=True),

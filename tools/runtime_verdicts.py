@@ -42,8 +42,9 @@ def inputs(weights, size: int, seeds, image: bool):
     for seed in seeds:
         yield f"seed {seed}", np.random.default_rng(seed).standard_normal((1, 3, size, size)).astype(np.float32)
     if image:
-        p = dict(weights.preprocessing, input_size=[size, size])
-        yield "sample image", prepare_image(SAMPLE, **p)
+        p = weights.preprocessing
+        yield "sample image", prepare_image(SAMPLE, mean=p.mean, std=p.std, channel_order=p.channel_order,
+                                            input_size=[size, size])
 
 
 def main(argv=None) -> int:
