@@ -99,10 +99,6 @@ class Report:
     diagnosis: list[str] = field(default_factory=list)
 
     def __repr__(self) -> str:
-        verdict = "PASS" if self.passed else f"FAIL, first divergent {self.first_divergent}"
-        return f"Report({self.candidate!r}, policy {self.policy}, {len(self.tensors)} tensors, {verdict})"
-
-    def __repr__(self) -> str:
         failed = sum(t.status != "ok" for t in self.tensors)
         return (f"Report({'PASS' if self.passed else 'FAIL'}, golden={self.golden!r}, candidate={self.candidate!r}, "
                 f"policy={self.policy!r}, {len(self.tensors)} tensors, {failed} not ok, "

@@ -371,38 +371,7 @@ def test_a_bin_that_does_not_belong(small, leaky, tmp_path):
         _run(param, golden)
 
 
-# --- full size --------------------------------------------------------------------------------------------
-
-@pytest.fixture(scope="session")
-def full(tmp_path_factory):
-    """GhostNet 1.0x at 320x320 from TorchScript, pnnx's default (fp16 weights) and fp16=0."""
-    root = tmp_path_factory.mktemp("ncnn_full")
-    golden, pt, _ = make_case(root / "src", width=1.0, size=320, onnx_too=False)
-    return golden, {fp16: convert(pt, golden.input.shape, root / f"fp16_{int(fp16)}", fp16=fp16)
-                    for fp16 in (True, False)}
-
-
-@pytest.mark.parametrize("fp16, precise", [(True, False), (False, True)])
-def test_full_size_as_shipped_and_at_precise_settings(full, fp16, precise):
-    golden, params = full
-    run = _run(params[fp16], golden, precise=precise, threads=2)
-    report = compare(golden, run.tensors, candidate_name=run.describe())
-    worst_acc = max(report.tensors, key=lambda t: t.accumulated_ratio)
-    worst_iso = max(report.tensors, key=lambda t: t.isolated_ratio or 0)
-    print(f"\n320x320 1.0x, {'pnnx default (fp16 weights)' if fp16 else 'fp16=0'}, "
-          f"{'precise' if precise else 'ncnn defaults'}: mapped {len(run.mapping)}/{run.exposed}, {run.precision}; "
-          f"passed={report.passed} first_divergent={report.first_divergent} "
-          f"max accumulated {worst_acc.accumulated_ratio:.3g} ({worst_acc.name}), "
-          f"max isolated {worst_iso.isolated_ratio:.3g} ({worst_iso.name})")
-    assert run.exposed == len(run.mapping) > 150
-    oracle = golden.tensors()
-    assert all(run.tensors[n].shape == oracle[n].shape for n in run.tensors)
-    assert run.precision.weights == ("float16" if fp16 else "float32")
-    assert run.precision.is_float32 == (not fp16 and precise)
-    if precise and not fp16:
-        assert min(t.cosine for t in report.tensors) > 0.999
-    else:
-        assert min(t.cosine for t in report.tensors) > 0.99  # fp16 weights: close, not float32-close
+# Full size (1.0x at 320x320 and 416x416), verdicts asserted: tests/test_verdicts.py.
 
 
 def test_without_the_ncnn_package_the_error_names_it(small, monkeypatch):

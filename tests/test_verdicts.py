@@ -136,3 +136,36 @@ def test_a_bfloat16_run_judged_as_float32_says_which_precision_it_fits(at320):
     assert not report.passed
     assert report.consistent_with == "bfloat16-storage", (report.diagnosis, report.isolated_failures[:3])
     assert any("bfloat16" in d for d in report.diagnosis)
+
+
+def test_the_policy_of_a_reported_precision():
+    from refghost.bounds import POLICIES
+    from refghost.runtimes import Precision
+
+    cases = {Precision(): "float32",
+             Precision(weights="float16"): "float16-weights",
+             Precision(weights="float16", activations="float16"): "float16-storage",
+             Precision(weights="bfloat16", activations="bfloat16"): "bfloat16-storage",
+             Precision(arithmetic="float16", weights="float16", activations="float16"): "float16",
+             Precision(arithmetic="bfloat16", weights="bfloat16", activations="bfloat16"): "bfloat16"}
+    for precision, policy in cases.items():
+        assert precision.policy == policy and policy in POLICIES
+
+
+def test_compare_judges_a_model_file_under_the_precision_its_runtime_reports(at320, tmp_path, capsys):
+    import json
+
+    from refghost.cli import main
+    from refghost.golden import write_golden
+
+    honest, _, goldens = at320
+    write_golden(tmp_path / "g.h5", goldens["seed 0"])
+    out = tmp_path / "r.json"
+    assert main(["compare", str(tmp_path / "g.h5"), str(honest.files["onnx"]), "--runtime", "openvino",
+                 "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    precision = report["runtime"]["precision"]
+    expected = "bfloat16-storage" if precision["activations"] == "bfloat16" else "float32"
+    assert report["policy"] == report["runtime"]["policy"] == expected
+    text = capsys.readouterr().out
+    assert f"policy    {expected}" in text and "PASS" in text
