@@ -10,6 +10,8 @@ image. The broken ports carry one depthwise weight times 1.01 (``runtime_bank.BU
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import runtime_bank as rb
@@ -21,8 +23,7 @@ from refghost.golden import make_golden
 from refghost.preprocess import prepare_image
 from refghost.weights import from_tensors
 
-from conftest import REPO  # noqa: F401  (the tests folder is on sys.path)
-
+REPO = Path(__file__).resolve().parent.parent
 WEIGHTS = REPO / "weights" / "ghostnet_nanodet_1.0x.h5"
 SAMPLE = REPO / "refghost" / "data" / "sample.png"
 IDS = [f"{r}-{k}-{'precise' if p else 'default'}" for r, k, p in rb.CANDIDATES]
