@@ -2,8 +2,8 @@
 TorchScript and from ONNX, fp16 weights and fp16=0), every blob mapped to its module path by
 structure, values, shapes and the precision reported checked, a written-in bug localized.
 
-Verdicts of honest runs (pass/fail) are not asserted here: the bounds for ncnn's defaults are a
-separate issue; ``python tools/ncnn_verdicts.py`` prints them."""
+Verdicts of honest and broken ncnn ports at full size are asserted in tests/test_verdicts.py
+(``python tools/runtime_verdicts.py`` prints the whole matrix)."""
 
 from __future__ import annotations
 
