@@ -163,9 +163,11 @@ def test_openvino_maps_every_layer_and_matches(small, model):
         _check_run(run, small.golden, fused_activations=False, min_cosine=0.99999 if precise else 0.999)
         assert {how for _, how in run.mapping.values()} == {"by exporter scope names"}
         bf16 = _cpu_has_bf16() and not precise
-        assert run.precision.arithmetic == ("bfloat16" if bf16 else "float32"), run.precision
+        # bf16 inference precision: bf16 weights and tensors, float32 accumulation
+        assert run.precision.arithmetic == "float32", run.precision
+        assert run.precision.activations == run.precision.weights == ("bfloat16" if bf16 else "float32")
+        assert run.precision.policy == ("bfloat16-storage" if bf16 else "float32")
         assert run.options["INFERENCE_PRECISION_HINT"] == ("bf16" if bf16 else "f32")
-        assert run.precision.weights == "float32"
         if precise:
             assert run.options["EXECUTION_MODE_HINT"] == "ACCURACY"
         print(f"openvino {model} precise={precise}: {run.mapping_summary()}; {run.precision}")
