@@ -97,10 +97,10 @@ def make_parser() -> argparse.ArgumentParser:
 def _load_input(image: str):
     """A .npy file is the network input as is; anything else is an image file path."""
     if image.endswith(".npy"):
-        try:
-            return np.load(image, allow_pickle=False)
-        except (OSError, ValueError) as exc:
-            raise RefghostError(f"{image}: not a readable .npy file ({exc})") from None
+        from .safe_io import read_npy
+        from .weights import MAX_INPUT_PIXELS
+
+        return read_npy(image, RefghostError, max_bytes=MAX_INPUT_PIXELS * 3 * 8)
     return image
 
 
@@ -230,14 +230,10 @@ def cmd_compare(args) -> int:
 
 def describe(path: str) -> dict:
     """What a weights or golden file holds, validated (raises RefghostError if it is unusable)."""
-    import h5py
+    from .safe_io import attribute, open_hdf5
 
-    try:
-        with h5py.File(path, "r") as f:
-            fmt = f.attrs.get("format", b"")
-    except OSError as exc:
-        raise RefghostError(f"{path}: not a readable HDF5 file ({exc})") from None
-    fmt = fmt.decode() if isinstance(fmt, bytes) else str(fmt)
+    with open_hdf5(path, RefghostError, "weights or golden") as f:
+        fmt = attribute(f, "format", path, RefghostError, "str", default="")
     if fmt == "refghost-golden":
         from .golden import read_golden
 
