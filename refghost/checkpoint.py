@@ -96,6 +96,9 @@ __all__ = ["load_state_dict"]
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 LEGACY_PROTOCOL = 1001
 MAX_NDIM = 32
+#: Largest product of a tensor's dimensions, zero dimensions counted as 1: an empty tensor of
+#: shape (0, 2**40, 2**40) holds nothing, but NumPy cannot even describe it.
+MAX_EXTENT = 1 << 40
 
 # storage class name -> (torch dtype name, numpy dtype with explicit byte order or None, itemsize)
 _STORAGES = {
@@ -579,6 +582,12 @@ def _check_tensor(key, t):
     count = 1
     for n in t.size:
         count *= n
+    extent = 1
+    for n in t.size:
+        extent *= max(n, 1)
+    if extent > MAX_EXTENT:
+        raise _Bad(f"key {key!r}: shape {list(t.size)} spans {extent} elements (zero dimensions aside), more "
+                   f"than {MAX_EXTENT}; refusing it")
     if count:
         needed = t.offset + sum((n - 1) * s for n, s in zip(t.size, t.stride)) + 1
         if needed > st.numel:
@@ -600,8 +609,9 @@ def _to_array(t, data, byteorder):
     if flat.size != st.numel:
         raise _Bad(f"storage {st.key!r} holds {flat.size} elements, not {st.numel}")
     if all(n for n in t.size):
-        view = np.lib.stride_tricks.as_strided(flat[t.offset:], shape=t.size,
-                                               strides=tuple(s * item for s in t.stride), writeable=False)
+        # a dimension of size 1 is never stepped along: its stride (any integer in PyTorch) is unused
+        strides = tuple(s * item if n > 1 else 0 for n, s in zip(t.size, t.stride))
+        view = np.lib.stride_tricks.as_strided(flat[t.offset:], shape=t.size, strides=strides, writeable=False)
     else:
         view = np.empty(t.size, dtype=dtype)
     out = np.array(view, dtype=dtype.newbyteorder("="), order="C", copy=True)
