@@ -110,7 +110,7 @@ def members(group, where: str, error: type, *, max_members: int = MAX_MEMBERS) -
     count = guarded(error, where, "cannot list the group", len, group)
     if count > max_members:
         raise error(f"{where}: holds {count} members, more than the {max_members} refghost reads")
-    names = guarded(error, where, "cannot list the group", list, group.keys())
+    names = guarded(error, where, "cannot list the group", lambda: list(group.keys()))
     out = []
     for name in names:
         link = guarded(error, where, f"cannot read link {name!r}", group.get, name, getlink=True)
@@ -226,7 +226,7 @@ def attribute(obj, name: str, where: str, error: type, kind: str, *, length: int
     """
     import h5py
 
-    exists = guarded(error, where, f"cannot read attribute {name!r}", obj.attrs.__contains__, name)
+    exists = guarded(error, where, f"cannot read attribute {name!r}", lambda: name in obj.attrs)
     if not exists:
         if default is not None:
             return default
@@ -260,7 +260,7 @@ def attribute(obj, name: str, where: str, error: type, kind: str, *, length: int
         raise ValueError(kind)
     if length is not None and len(shape) == 1 and shape[0] != length:
         raise error(f"{where}: attribute {name!r} must hold {length} values, found {shape[0]}")
-    value = guarded(error, where, f"unreadable attribute {name!r} (not valid UTF-8?)", obj.attrs.__getitem__, name)
+    value = guarded(error, where, f"unreadable attribute {name!r} (not valid UTF-8?)", lambda: obj.attrs[name])
     if is_str:
         return _decode(value, name, where, error)
     if kind == "any":

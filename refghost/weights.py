@@ -228,7 +228,7 @@ def read_weights_group(group, where: str) -> Weights:
     except RefghostError as exc:
         raise WeightsError(f"{where}: bad root attributes: {exc}") from None
     provenance = {k: attr(k, "str") for k in PROVENANCE_ATTRS
-                  if safe_io.guarded(err, where, "cannot read attributes", group.attrs.__contains__, k)}
+                  if safe_io.guarded(err, where, "cannot read attributes", lambda: k in group.attrs)}
     expected = graph.param_shapes
     what = f"{config.arch} width {config.width:g} activation {config.activation}{' (BN folded)' if config.folded else ''}"
     # at most one num_batches_tracked counter per BatchNorm (two per key set is generous)
