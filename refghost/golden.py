@@ -159,7 +159,8 @@ def read_golden(path) -> Golden:
         except WeightsError as exc:
             raise GoldenError(str(exc)) from None
         graph = weights.graph
-        x_shape, _ = safe_io.dataset_info(root["input"], f"{path}:/input", err, dtypes=(np.dtype(np.float32),))
+        x_shape, _ = safe_io.dataset_info(root["input"], f"{path}:/input", err, dtypes=(np.dtype(np.float32),),
+                                          max_elements=3 * MAX_INPUT_PIXELS)
         if len(x_shape) != 4 or x_shape[1] != 3 or min(x_shape) < 1:
             raise GoldenError(f"{path}: input has shape {list(x_shape)}, expected float32 (N, 3, H, W)")
         n, _, h, w = x_shape
@@ -172,7 +173,7 @@ def read_golden(path) -> Golden:
         if [k for k, _ in outputs] != list(graph.outputs):
             raise GoldenError(f"{path}: outputs {[k for k, _ in outputs]} do not match the weights' "
                               f"{list(graph.outputs)}; {hint}")
-        layers = safe_io.members(root["intermediates"], f"{path}:/intermediates", err, max_members=len(shapes))
+        layers = safe_io.members(root["intermediates"], f"{path}:/intermediates", err, max_members=2 * len(shapes))
         shape_of = {name: shapes[node] for name, node in graph.outputs.items()}
         for name, _ in layers:
             if name not in shapes or name == "input":
@@ -184,7 +185,7 @@ def read_golden(path) -> Golden:
                 if not isinstance(ds, h5py.Dataset):
                     raise GoldenError(f"{path}:/{group}/{name} is a group, expected a dataset; {hint}")
                 safe_io.dataset_info(ds, f"{path}:/{group}/{name}", err, dtypes=float64, shape=shape_of[name])
-        bounds = dict(safe_io.members(root["bounds"], f"{path}:/bounds", err, max_members=len(shape_of)))
+        bounds = dict(safe_io.members(root["bounds"], f"{path}:/bounds", err, max_members=2 * len(shape_of)))
         for name in shape_of:
             if name not in bounds:
                 raise GoldenError(f"{path}: bound of {name!r} is missing or has the wrong shape; {hint}")

@@ -201,7 +201,7 @@ def check_storage(ds, where: str, error: type, nbytes: int) -> None:
         return
     stored = guarded(error, where, "unreadable storage size", ds.id.get_storage_size)
     compressing = any(code in (1, 32000) for code in filters)
-    if not compressing and stored < nbytes:
+    if (not compressing and stored < nbytes) or stored == 0:
         raise error(f"{where}: declares {nbytes} bytes but the file stores {stored} for it (never written, "
                     f"or cut short); refused")
     if compressing and nbytes > EXPANSION_SLACK and nbytes > MAX_EXPANSION * stored:

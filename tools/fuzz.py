@@ -101,6 +101,8 @@ def main(argv=None) -> int:
         tmp = Path(tmp)
         seeds = fuzz.make_seeds(tmp / "seeds")
         seed_bytes = {k: seeds[k].read_bytes() for k in kinds}
+        cases = tmp / "cases"
+        cases.mkdir()
         worker = Worker(seeds, int(args.memory_gib * 2 ** 30))
         counts = {k: {"cases": 0, "byte": 0, "structural": 0, "documented": 0, "ok": 0, "other": 0, "hang": 0,
                       "peak": 0, "examples": []} for k in kinds}
@@ -111,7 +113,7 @@ def main(argv=None) -> int:
             while time.monotonic() < deadline:
                 kind = kinds[i % len(kinds)]
                 i += 1
-                case = tmp / f"case{fuzz.SUFFIX[kind]}"
+                case = cases / seeds[kind].name  # (the .npy candidate's name says which output it is)
                 structural = fuzz.SUFFIX[kind] == ".h5" and rng.random() < 0.4
                 if structural:
                     try:
