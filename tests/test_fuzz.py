@@ -238,7 +238,8 @@ def test_candidate_h5_bombs_and_links(seeds, readers, tmp_path):
     case = _edit(seeds["candidate_h5"], tmp_path / "c.h5", ratio)
     assert_ok_or_documented(read, case)  # small: under EXPANSION_SLACK, read (zeros)
     assert_documented(read, _edit(seeds["candidate_h5"], tmp_path / "d.h5",
-                                  lambda f: f.__setitem__("outputs/blocks.6", h5py.ExternalLink("/etc/passwd", "/"))),
+                                  lambda f: (f.__delitem__("outputs/blocks.6"),
+                                            f.__setitem__("outputs/blocks.6", h5py.ExternalLink("/etc/passwd", "/")))),
                       CompareError, "link")
     # unneeded datasets are never read: a 1.5e9-element one costs nothing
     case = _edit(seeds["candidate_h5"], tmp_path / "e.h5",
