@@ -52,9 +52,9 @@ OPTIONAL_ATTRS = {"folded": 0}
 #: means 64x the parameters of 1.0x (about 250 M), and the cap keeps declared shapes finite.
 MAX_WIDTH = 8.0
 #: Largest network input, in pixels per batch (N * H * W): ``input_size`` of a weights file, a
-#: golden file's input, ``refghost golden --batch``. A float64 golden with every intermediate
-#: takes about 2.4 KB per input pixel in memory and on disk, so 2^20 pixels (ten 320x320
-#: inputs, or one 1024x1024) stays near 2.5 GB.
+#: golden file's input, ``refghost golden --batch``. A golden with every intermediate takes
+#: about 3.3 KB per input pixel (340 MB at 1x3x320x320), so 2^20 pixels (ten 320x320 inputs,
+#: or one 1024x1024) is about 3.5 GB: the most a verification input needs, well inside memory.
 MAX_INPUT_PIXELS = 1 << 20
 #: Root attributes that record where the weights came from (optional, free text).
 PROVENANCE_ATTRS = ("source_file", "source_sha256", "converter", "description")

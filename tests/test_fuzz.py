@@ -336,6 +336,7 @@ def test_checkpoint_huge_offset(tmp_path):
     assert p_int  # (shared pickle assembler)
 
 
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
 def test_image_pixel_limit(tmp_path):
     """A 13000 x 13000 PNG header (a few hundred bytes here; 500 KB with its zlib data) is
     refused from its header, before any pixel is decoded."""
