@@ -96,8 +96,9 @@ __all__ = ["load_state_dict"]
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 LEGACY_PROTOCOL = 1001
 MAX_NDIM = 32
-#: Largest product of a tensor's dimensions, zero dimensions counted as 1: an empty tensor of
-#: shape (0, 2**40, 2**40) holds nothing, but NumPy cannot even describe it.
+#: Largest product of an empty tensor's dimensions, zero dimensions counted as 1: one of shape
+#: (0, 2**40, 2**40) holds nothing, but NumPy cannot even describe it. (A non-empty tensor
+#: is bounded by its storage, itself bounded by the file.)
 MAX_EXTENT = 1 << 40
 
 # storage class name -> (torch dtype name, numpy dtype with explicit byte order or None, itemsize)
@@ -585,9 +586,9 @@ def _check_tensor(key, t):
     extent = 1
     for n in t.size:
         extent *= max(n, 1)
-    if extent > MAX_EXTENT:
-        raise _Bad(f"key {key!r}: shape {list(t.size)} spans {extent} elements (zero dimensions aside), more "
-                   f"than {MAX_EXTENT}; refusing it")
+    if not count and extent > MAX_EXTENT:  # (a non-empty tensor is bounded by its storage below)
+        raise _Bad(f"key {key!r}: empty shape {list(t.size)} spans {extent} elements (zero dimensions aside), "
+                   f"more than {MAX_EXTENT}; refusing it")
     if count:
         needed = t.offset + sum((n - 1) * s for n, s in zip(t.size, t.stride)) + 1
         if needed > st.numel:
