@@ -96,6 +96,8 @@ __all__ = ["load_state_dict"]
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 LEGACY_PROTOCOL = 1001
 MAX_NDIM = 32
+#: Records of a zip checkpoint (NanoDet's, with EMA weights and optimizer state, has about 2,500).
+MAX_RECORDS = 100_000
 #: Largest product of an empty tensor's dimensions, zero dimensions counted as 1: one of shape
 #: (0, 2**40, 2**40) holds nothing, but NumPy cannot even describe it. (A non-empty tensor
 #: is bounded by its storage, itself bounded by the file.)
@@ -438,6 +440,14 @@ class _ZipSource:
 
     def __init__(self, f, file_size):
         self.f, self.file_size = f, file_size
+        try:
+            end = zipfile._EndRecData(f)  # the member count, before zipfile makes one object per member
+            declared = 0 if end is None else int(end[zipfile._ECD_ENTRIES_TOTAL])
+        except Exception as exc:  # noqa: BLE001 - a damaged end record
+            raise _Bad(f"truncated or corrupt zip archive ({exc})") from None
+        if declared > MAX_RECORDS:
+            raise _Bad(f"the zip archive declares {declared} records, more than the {MAX_RECORDS} refghost reads")
+        f.seek(0)
         try:
             zf = zipfile.ZipFile(f)
             infos = zf.infolist()

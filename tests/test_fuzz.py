@@ -303,6 +303,15 @@ def test_hostile_npz(seeds, readers, tmp_path):
     assert_documented(read_state_dict, bomb, WeightsError, "decompression bomb")
 
 
+def test_member_counts_checked_before_listing(seeds, readers, tmp_path):
+    """A zip declaring 60,000 members, a golden with 100 attributes: refused from the count."""
+    eocd = struct.pack("<4s4H2LH", b"PK\x05\x06", 0, 0, 60000, 60000, 46 * 60000, 4, 0)
+    (tmp_path / "many.npz").write_bytes(b"PK\x03\x04" + eocd)
+    assert_documented(readers["candidate_npz"], tmp_path / "many.npz", CompareError, "60000 archive members")
+    many = _edit(seeds["golden"], tmp_path / "g.h5", lambda f: [f.attrs.__setitem__(f"a{i}", i) for i in range(100)])
+    assert_documented(read_golden, many, GoldenError, r"1\d\d attributes, more than the 64")
+
+
 def test_hostile_npy(seeds, readers, tmp_path):
     read = readers["candidate_npy"]
     raw = seeds["candidate_npy"].read_bytes()
