@@ -135,9 +135,9 @@ def read_golden(path) -> Golden:
     each tensor's against the shape the network gives it), then the bounds are checked to be
     finite and non-negative and the input finite.
     """
-    path = os.fspath(path)
     import h5py
 
+    path = os.fspath(path)
     hint = "regenerate it with `refghost golden --weights W.h5 --out GOLDEN.h5 ...`"
     err = GoldenError
     with open_hdf5(path, GoldenError, "golden") as f:
@@ -152,7 +152,9 @@ def read_golden(path) -> Golden:
         for name, kind in ROOT_MEMBERS.items():
             if name not in root:
                 raise GoldenError(f"{path}: {name!r} is missing; {hint}")
-            safe_io.child(f, name, path, err, kind)
+            found = "group" if isinstance(root[name], h5py.Group) else "dataset"
+            if found != kind:
+                raise GoldenError(f"{path}: {name!r} is a {found}, expected a {kind}; {hint}")
         attrs = safe_io.all_attributes(f, path, err)
         try:
             weights = read_weights_group(root["weights"], f"{path}:/weights")
@@ -200,7 +202,7 @@ def read_golden(path) -> Golden:
         def read(group, name, ds):
             return safe_io.read_dataset(ds, f"{path}:/{group}/{name}", err)
 
-        x = read("", "input", root["input"])
+        x = safe_io.read_dataset(root["input"], f"{path}:/input", err)
         out_values = {k: read("outputs", k, v) for k, v in outputs}
         layer_values = {k: read("intermediates", k, v) for k, v in layers}
         bound_values = {k: read("bounds", k, bounds[k]) for k in shape_of}

@@ -125,24 +125,6 @@ def members(group, where: str, error: type, *, max_members: int = MAX_MEMBERS) -
     return out
 
 
-def child(group, name: str, where: str, error: type, kind: str):
-    """The hard-linked member ``name`` of ``group``, which must be a ``"group"`` or ``"dataset"``."""
-    import h5py
-
-    link = guarded(error, where, f"cannot read link {name!r}", group.get, name, None, getlink=True)
-    if link is None:
-        raise error(f"{where}: {name!r} is missing")
-    if not isinstance(link, h5py.HardLink):
-        raise error(f"{where}: {name!r} is a soft or external link; refghost follows only hard links")
-    obj = guarded(error, where, f"cannot open {name!r}", group.__getitem__, name)
-    cls = h5py.Group if kind == "group" else h5py.Dataset
-    if not isinstance(obj, cls):
-        found = "group" if isinstance(obj, h5py.Group) else "dataset" if isinstance(obj, h5py.Dataset) else \
-            type(obj).__name__
-        raise error(f"{where}: {name!r} is a {found}, expected a {kind}")
-    return obj
-
-
 def dataset_info(ds, where: str, error: type, *, kinds: str = NUMERIC_KINDS, dtypes=None,
                  shape: tuple | None = None, max_elements: int | None = None,
                  needed_by: str = "") -> tuple[tuple, np.dtype]:
@@ -197,6 +179,10 @@ def check_storage(ds, where: str, error: type, nbytes: int) -> None:
         if count > MAX_CHUNKS:
             raise error(f"{where}: shape {list(shape)} in chunks of {list(chunks)} is {count} chunks, more than "
                         f"{MAX_CHUNKS}")
+        chunk_bytes = math.prod(chunks) * ds.dtype.itemsize
+        if chunk_bytes > max(nbytes, EXPANSION_SLACK):  # HDF5 allocates a whole chunk to read one
+            raise error(f"{where}: chunks of {list(chunks)} ({chunk_bytes} bytes) are larger than the dataset "
+                        f"({nbytes} bytes)")
     if nbytes == 0:
         return
     stored = guarded(error, where, "unreadable storage size", ds.id.get_storage_size)
@@ -231,7 +217,8 @@ def attribute(obj, name: str, where: str, error: type, kind: str, *, length: int
         if default is not None:
             return default
         raise error(f"{where}: {noun} {name!r} is missing" + (f" ({missing})" if missing else ""))
-    aid = guarded(error, where, f"cannot read attribute {name!r}", h5py.h5a.open, obj.id, name.encode())
+    aid = guarded(error, where, f"cannot read attribute {name!r}",
+                  lambda: h5py.h5a.open(obj.id, name.encode("utf-8", "surrogateescape")))
     dtype = guarded(error, where, f"unreadable attribute {name!r}", lambda: aid.dtype)
     shape = guarded(error, where, f"unreadable attribute {name!r}", lambda: aid.shape)
     # (a variable-length string's bytes live in the file's heap, which the file's size bounds)

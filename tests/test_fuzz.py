@@ -163,6 +163,7 @@ def _replace(name, **kwargs):
     (lambda f: fuzz._gzip_bomb(f, "bomb", 3 * 2 ** 28), "unexpected key 'bomb'"),
     (_replace("conv_stem.weight", chunks=(1, 1, 1, 1)), "never written"),  # 432 chunks are allowed
     (_replace(LARGEST, chunks=(1, 1, 1, 1)), f"chunks, more than {MAX_CHUNKS}"),
+    (_replace("conv_stem.weight", maxshape=(None, 3, 3, 3), chunks=(2 ** 22, 3, 3, 3)), "larger than the dataset"),
     (lambda f: (f.__delitem__("conv_stem.weight"),
                 f.create_dataset("conv_stem.weight", shape=(10 ** 7, 3, 3, 3), dtype="f4", chunks=(1, 1, 1, 1))),
      "has shape \\[10000000, 3, 3, 3\\], expected \\[16, 3, 3, 3\\]"),
