@@ -16,7 +16,7 @@ import math
 import os
 
 from . import safe_io
-from .compare import CompareError
+from .compare import CompareError, _few
 from .golden import Golden
 
 
@@ -90,15 +90,11 @@ def _skipped_note(path, tensors: dict, skipped: list, golden: Golden, maps: dict
     if not tensors and not maps:  # (with --map, the check of its names says what is missing)
         names = list(golden.tensors())
         raise CompareError(f"{path} has no tensor in common with the golden file (it has "
-                           f"{_few(skipped)}; the golden has {_few(names)}); name arrays by module path "
+                           f"{_few(skipped) or 'nothing'}; the golden has {_few(names)}); name arrays by module path "
                            f"or use --map")
     if skipped:
         return [f"{len(skipped)} candidate array(s) not in the golden file left unread ({_few(skipped)})"]
     return []
-
-
-def _few(names: list) -> str:
-    return ", ".join(names[:5]) + (f", ... ({len(names)} in all)" if len(names) > 5 else "") if names else "nothing"
 
 
 def _read_h5(path, cap) -> tuple[dict, list]:
