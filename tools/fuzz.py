@@ -12,8 +12,11 @@ and restarted. A reader passes when every case returns or raises a RefghostError
 
 Prints, per reader: cases, documented errors, successes, other exceptions, hangs, the worker's
 peak RSS, and the first few "other" messages. Exit status 1 if any reader had another exception
-or a hang. (A Hypothesis/random-mutation loop: atheris' coverage guidance would instrument
-Python only, and the interesting code here is HDF5's and zlib's C.)
+or a hang.
+
+``--atheris KIND`` fuzzes one reader coverage-guided with atheris (libFuzzer; its guidance sees
+refghost's and zipfile's Python, not HDF5's C): libFuzzer's ``-timeout`` and ``-rss_limit_mb``
+catch hangs and memory blow-ups, and any exception other than RefghostError stops it.
 """
 
 from __future__ import annotations
@@ -86,6 +89,50 @@ class Worker:
             self.proc.kill()
 
 
+def run_atheris(kind: str, seconds: float, timeout: float, memory_gib: float, seed: int) -> int:
+    """Coverage-guided fuzzing of one reader with atheris (libFuzzer): any exception other than
+    RefghostError is a crash, ``-timeout`` a hang, ``-rss_limit_mb`` a memory blow-up; libFuzzer
+    prints its own counts (``#N ... exec/s``) and stops at the first finding."""
+    import atheris
+
+    tmp = Path(tempfile.mkdtemp(prefix="refghost-atheris-"))
+    seeds = fuzz.make_seeds(tmp / "seeds")
+    read = fuzz.reader(kind, seeds)
+    case = tmp / "cases" / seeds[kind].name
+    case.parent.mkdir()
+    seed_bytes = seeds[kind].read_bytes()
+    counts = {"cases": 0, "documented": 0, "ok": 0}
+
+    deadline = time.monotonic() + seconds
+
+    def one_input(data: bytes):
+        if time.monotonic() > deadline:
+            report()
+            os._exit(0)
+        case.write_bytes(data)  # libFuzzer mutates the file itself, starting from the seed
+        counts["cases"] += 1
+        outcome, detail = fuzz.verdict(read, case)
+        if outcome == "other":
+            raise RuntimeError(f"{kind}: {detail}")
+        counts[outcome] += 1
+        if counts["cases"] % 1000 == 0:
+            report()
+
+    def report():
+        print(f"{kind}: {counts['cases']} cases, {counts['documented']} documented errors, {counts['ok']} "
+              f"successes, 0 other exceptions", file=sys.stderr, flush=True)
+
+    corpus = tmp / "corpus"
+    corpus.mkdir()
+    (corpus / "seed").write_bytes(seed_bytes)
+    flags = [sys.argv[0], str(corpus), f"-timeout={int(timeout)}",
+             f"-rss_limit_mb={int(memory_gib * 1024)}", f"-seed={seed + 1}", "-max_len=" + str(len(seed_bytes) + 4096)]
+    atheris.instrument_all()  # coverage of every loaded Python function: refghost, zipfile, numpy's format
+    atheris.Setup(flags, one_input)
+    atheris.Fuzz()
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=600, help="total run time, shared by the readers")
@@ -94,7 +141,11 @@ def main(argv=None) -> int:
     parser.add_argument("--timeout", type=float, default=20, help="seconds after which a case is a hang")
     parser.add_argument("--memory-gib", type=float, default=4, help="address-space cap of the worker")
     parser.add_argument("--show", type=int, default=3, help="'other' messages to print per reader")
+    parser.add_argument("--atheris", metavar="KIND", help="coverage-guided fuzzing of one reader with atheris "
+                        "(pip install atheris) instead of the mutation loop")
     args = parser.parse_args(argv)
+    if args.atheris:
+        return run_atheris(args.atheris, args.seconds, args.timeout, args.memory_gib, args.seed)
     kinds = [k for k in args.kinds.split(",") if k]
     rng = random.Random(args.seed)
     with tempfile.TemporaryDirectory(prefix="refghost-fuzz-") as tmp:
