@@ -449,3 +449,16 @@ def test_killed_write_is_cleaned_by_the_next_one(tmp_path):
         open(mine, "wb").write(b"second")
     assert not os.path.exists(tmp) and out.read_bytes() == b"second"
     assert all(path.read_bytes() == b"keep" for path in lookalikes)
+
+
+def test_fuzz_tool_prints_counts_per_reader():
+    """tools/fuzz.py, briefly: every reader gets cases, none another exception or a hang."""
+    tool = os.path.join(os.path.dirname(__file__), os.pardir, "tools", "fuzz.py")
+    proc = subprocess.run([sys.executable, tool, "--seconds", "6", "--seed", "3"], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = {line.split()[0]: line.split() for line in proc.stdout.splitlines()[1:] if line and not line[0].isspace()}
+    assert set(rows) == set(fuzz.KINDS)
+    for kind, row in rows.items():
+        cases, other, hangs = int(row[1]), int(row[6]), int(row[7])
+        assert cases >= 1 and other == 0 and hangs == 0, row
