@@ -14,11 +14,11 @@
 
 from __future__ import annotations
 
+import math
 import os
 
-import numpy as np
-
-from .compare import CompareError
+from . import safe_io
+from .compare import CompareError, _few
 from .golden import Golden
 
 
@@ -51,19 +51,14 @@ def load_candidate(path, golden: Golden, *, maps: dict | None = None, threads: i
         else:
             description = result.describe()
     elif path.endswith(".npz"):
-        try:
-            with np.load(path, allow_pickle=False) as data:
-                tensors = {k: data[k] for k in data.files}
-        except (OSError, ValueError) as exc:
-            raise CompareError(f"{path}: not a readable .npz file ({exc})") from None
+        tensors, skipped = safe_io.read_npz(path, CompareError, max_bytes=_byte_cap(golden, maps))
+        notes += _skipped_note(path, tensors, skipped, golden, maps)
         description = f"{path} ({len(tensors)} arrays)"
     elif path.endswith(".npy"):
-        try:
-            array = np.load(path, allow_pickle=False)
-        except (OSError, ValueError) as exc:
-            raise CompareError(f"{path}: not a readable .npy file ({exc})") from None
         outputs = list(golden.outputs)
         name = os.path.splitext(os.path.basename(path))[0]
+        cap = _byte_cap(golden, maps)
+        array = safe_io.read_npy(path, CompareError, max_bytes=cap(name) or cap(outputs[0]))
         if maps and name in maps:
             tensors = {name: array}
         elif len(outputs) == 1:
@@ -73,7 +68,8 @@ def load_candidate(path, golden: Golden, *, maps: dict | None = None, threads: i
                                f"say which with --map {name}=<output or module path>")
         description = f"{path}"
     elif path.endswith((".h5", ".hdf5")):
-        tensors = _read_h5(path)
+        tensors, skipped = _read_h5(path, _byte_cap(golden, maps))
+        notes += _skipped_note(path, tensors, skipped, golden, maps)
         description = f"{path} ({len(tensors)} arrays)"
     else:
         raise CompareError(f"{path}: unknown candidate type; give a model file ("
@@ -86,22 +82,83 @@ def load_candidate(path, golden: Golden, *, maps: dict | None = None, threads: i
     return tensors, description, notes
 
 
-def _read_h5(path) -> dict:
+#: A candidate array may declare at most this many times the bytes of the golden tensor it is
+#: compared with in float64 (room for a transposed or batch-less layout; a larger one can only be
+#: a wrong or hostile file, and is refused before it is read).
+CANDIDATE_SIZE_FACTOR = 4
+
+
+def _byte_cap(golden: Golden, maps: dict | None):
+    """``cap(candidate_key)``: the bytes a candidate array may declare, or None if unneeded."""
+    sizes = {name: value.size for name, value in golden.tensors().items()}
+    largest = max(sizes.values())
+    maps = maps or {}
+
+    def cap(key):
+        target = maps.get(key, key)
+        if target in sizes:
+            return CANDIDATE_SIZE_FACTOR * 8 * sizes[target]
+        if key in maps:  # renamed to something the golden lacks: read, so the report can say so
+            return CANDIDATE_SIZE_FACTOR * 8 * largest
+        return None
+
+    return cap
+
+
+def _skipped_note(path, tensors: dict, skipped: list, golden: Golden, maps: dict | None) -> list[str]:
+    """No array the golden knows: say what the file holds. Else a note on the arrays left unread."""
+    if not tensors and not maps:  # (with --map, the check of its names says what is missing)
+        names = list(golden.tensors())
+        raise CompareError(f"{path} has no tensor in common with the golden file (it has "
+                           f"{_few(skipped) or 'nothing'}; the golden has {_few(names)}); name arrays by module path "
+                           f"or use --map")
+    if skipped:
+        return [f"{len(skipped)} candidate array(s) not in the golden file left unread ({_few(skipped)})"]
+    return []
+
+
+def _read_h5(path, cap) -> tuple[dict, list]:
+    """Float datasets of an ``.h5`` candidate named as the module docstring says; ``cap(name)``
+    bounds each one's declared bytes (None: not needed, left unread). Groups are walked through
+    hard links only, :data:`refghost.safe_io.MAX_DEPTH` deep, :data:`~refghost.safe_io.MAX_MEMBERS`
+    objects in all; every dataset's metadata is checked before it is read."""
     import h5py
 
-    tensors = {}
-    try:
-        with h5py.File(path, "r") as f:
-            def visit(name, obj):
-                if isinstance(obj, h5py.Dataset) and obj.dtype.kind == "f":
-                    for prefix in ("outputs/", "intermediates/"):
-                        if name.startswith(prefix):
-                            name = name[len(prefix):]
-                            break
-                    else:
-                        name = name.replace("/", ".")
-                    tensors[name] = obj[()]
-            f.visititems(visit)
-    except OSError as exc:
-        raise CompareError(f"{path}: not a readable HDF5 file ({exc})") from None
-    return tensors
+    err = CompareError
+    found, skipped, budget = {}, [], [safe_io.MAX_MEMBERS]
+
+    def walk(group, prefix, depth):
+        if depth > safe_io.MAX_DEPTH:
+            raise CompareError(f"{path}: groups nested deeper than {safe_io.MAX_DEPTH}")
+        for name, obj in safe_io.members(group, f"{path}:/{prefix}", err, max_members=budget[0]):
+            budget[0] -= 1
+            if budget[0] < 0:
+                raise CompareError(f"{path}: more than {safe_io.MAX_MEMBERS} objects")
+            full = prefix + name
+            if isinstance(obj, h5py.Group):
+                walk(obj, full + "/", depth + 1)
+                continue
+            dtype = safe_io.guarded(err, f"{path}:/{full}", "unreadable dtype", lambda: obj.dtype)
+            if dtype.kind != "f":
+                continue
+            for strip in ("outputs/", "intermediates/"):
+                if full.startswith(strip):
+                    key = full[len(strip):]
+                    break
+            else:
+                key = full.replace("/", ".")
+            limit = cap(key)
+            if limit is None:
+                skipped.append(key)
+                continue
+            where = f"{path}:/{full}"
+            shape, dtype = safe_io.dataset_info(obj, where, err, kinds="f")
+            if math.prod(shape) * dtype.itemsize > limit:
+                raise CompareError(f"{where}: declares shape {list(shape)} x {dtype}, more than the {limit} bytes "
+                                   f"an array compared with {key!r} may have")
+            found[key] = (where, obj)
+
+    with safe_io.open_hdf5(path, CompareError, "candidate") as f:
+        walk(f, "", 0)
+        tensors = {key: safe_io.read_dataset(obj, where, err) for key, (where, obj) in found.items()}
+    return tensors, skipped

@@ -96,6 +96,12 @@ __all__ = ["load_state_dict"]
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 LEGACY_PROTOCOL = 1001
 MAX_NDIM = 32
+#: Records of a zip checkpoint (NanoDet's, with EMA weights and optimizer state, has about 2,500).
+MAX_RECORDS = 100_000
+#: Largest product of an empty tensor's dimensions, zero dimensions counted as 1: one of shape
+#: (0, 2**40, 2**40) holds nothing, but NumPy cannot even describe it. (A non-empty tensor
+#: is bounded by its storage, itself bounded by the file.)
+MAX_EXTENT = 1 << 40
 
 # storage class name -> (torch dtype name, numpy dtype with explicit byte order or None, itemsize)
 _STORAGES = {
@@ -435,6 +441,14 @@ class _ZipSource:
     def __init__(self, f, file_size):
         self.f, self.file_size = f, file_size
         try:
+            end = zipfile._EndRecData(f)  # the member count, before zipfile makes one object per member
+            declared = 0 if end is None else int(end[zipfile._ECD_ENTRIES_TOTAL])
+        except Exception as exc:  # noqa: BLE001 - a damaged end record
+            raise _Bad(f"truncated or corrupt zip archive ({exc})") from None
+        if declared > MAX_RECORDS:
+            raise _Bad(f"the zip archive declares {declared} records, more than the {MAX_RECORDS} refghost reads")
+        f.seek(0)
+        try:
             zf = zipfile.ZipFile(f)
             infos = zf.infolist()
         except Exception as exc:  # zipfile raises several types for a damaged archive
@@ -579,6 +593,12 @@ def _check_tensor(key, t):
     count = 1
     for n in t.size:
         count *= n
+    extent = 1
+    for n in t.size:
+        extent *= max(n, 1)
+    if not count and extent > MAX_EXTENT:  # (a non-empty tensor is bounded by its storage below)
+        raise _Bad(f"key {key!r}: empty shape {list(t.size)} spans {extent} elements (zero dimensions aside), "
+                   f"more than {MAX_EXTENT}; refusing it")
     if count:
         needed = t.offset + sum((n - 1) * s for n, s in zip(t.size, t.stride)) + 1
         if needed > st.numel:
@@ -600,8 +620,9 @@ def _to_array(t, data, byteorder):
     if flat.size != st.numel:
         raise _Bad(f"storage {st.key!r} holds {flat.size} elements, not {st.numel}")
     if all(n for n in t.size):
-        view = np.lib.stride_tricks.as_strided(flat[t.offset:], shape=t.size,
-                                               strides=tuple(s * item for s in t.stride), writeable=False)
+        # a dimension of size 1 is never stepped along: its stride (any integer in PyTorch) is unused
+        strides = tuple(s * item if n > 1 else 0 for n, s in zip(t.size, t.stride))
+        view = np.lib.stride_tricks.as_strided(flat[t.offset:], shape=t.size, strides=strides, writeable=False)
     else:
         view = np.empty(t.size, dtype=dtype)
     out = np.array(view, dtype=dtype.newbyteorder("="), order="C", copy=True)

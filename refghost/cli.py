@@ -23,6 +23,7 @@ Exit status: 0 success (compare: every tensor within tolerance), 1 compare found
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import time
@@ -176,10 +177,10 @@ def _is_image(image) -> bool:
 def _load_input(image: str):
     """A .npy file is the network input as is; anything else is an image file path."""
     if image.endswith(".npy"):
-        try:
-            return np.load(image, allow_pickle=False)
-        except (OSError, ValueError) as exc:
-            raise RefghostError(f"{image}: not a readable .npy file ({exc})") from None
+        from .safe_io import read_npy
+        from .weights import MAX_INPUT_PIXELS
+
+        return read_npy(image, RefghostError, max_bytes=MAX_INPUT_PIXELS * 3 * 8)
     return image
 
 
@@ -403,7 +404,7 @@ def golden_file_size(weights, shape: tuple[int, ...], intermediates: bool) -> in
 def cmd_golden(args) -> int:
     from .golden import make_golden, write_golden
     from .runner import prepare_input
-    from .weights import load_weights
+    from .weights import MAX_INPUT_PIXELS, load_weights
 
     _check_out(args.out, (".h5", ".hdf5"), "golden files")
     weights = load_weights(args.weights)
@@ -411,6 +412,9 @@ def cmd_golden(args) -> int:
     print(_weights_line(args.weights, weights))
     if args.seed is not None:
         w, h = weights.preprocessing.input_size
+        if args.batch * w * h > MAX_INPUT_PIXELS:
+            raise RefghostError(f"--batch {args.batch} of {w}x{h} inputs is {args.batch * w * h} pixels, more than "
+                                f"{MAX_INPUT_PIXELS}")
         x = np.random.default_rng(args.seed).standard_normal((args.batch, 3, h, w)).astype(np.float32)
         source = f"seed {args.seed}: N(0, 1) of shape {x.shape}"
     else:
@@ -550,14 +554,10 @@ def _golden_for_map(args):
 
 def describe(path: str) -> dict:
     """What a weights or golden file holds, validated (raises RefghostError if it is unusable)."""
-    import h5py
+    from .safe_io import attribute, open_hdf5
 
-    try:
-        with h5py.File(path, "r") as f:
-            fmt = f.attrs.get("format", b"")
-    except OSError as exc:
-        raise RefghostError(f"{path}: not a readable HDF5 file ({exc})") from None
-    fmt = fmt.decode() if isinstance(fmt, bytes) else str(fmt)
+    with open_hdf5(path, RefghostError, "weights or golden") as f:
+        fmt = attribute(f, "format", path, RefghostError, "str", default="")
     if fmt == "refghost-golden":
         from .golden import read_golden
 
@@ -637,6 +637,44 @@ def cmd_export(args) -> int:
     return 0
 
 
+# --- argument checks: all of them run before any command starts working ----------------------
+def _at_least(name: str, value, low):
+    if value is not None and value < low:
+        raise RefghostError(f"{name} must be >= {low}, got {value}")
+
+
+def _finite_non_negative(name: str, value):
+    if value is not None and not (math.isfinite(value) and value >= 0):
+        raise RefghostError(f"{name} must be a finite number >= 0, got {value}")
+
+
+def check_args(args) -> None:
+    """Refuse out-of-range numbers and unwritable output paths before any work (RefghostError)."""
+    from .atomic import check_writable
+    from .weights import MAX_INPUT_PIXELS, MAX_WIDTH
+
+    command = args.command
+    if command == "golden":
+        _at_least("--seed", args.seed, 0)
+        _at_least("--batch", args.batch, 1)
+        if args.batch > MAX_INPUT_PIXELS:
+            raise RefghostError(f"--batch {args.batch}: at most {MAX_INPUT_PIXELS} input pixels in all")
+    if command == "convert" and args.width is not None and not (math.isfinite(args.width)
+                                                               and 0 < args.width <= MAX_WIDTH):
+        raise RefghostError(f"--width must be a multiplier in (0, {MAX_WIDTH:g}], got {args.width}")
+    if command == "compare":
+        _finite_non_negative("--atol", args.atol)
+        _finite_non_negative("--rtol", args.rtol)
+        cpus = os.cpu_count() or 1
+        if not 1 <= args.threads <= cpus:
+            raise RefghostError(f"--threads must be in 1..{cpus} (this machine's CPUs), got {args.threads}")
+    if command == "run" and args.out is not None and not args.out.endswith(".npz"):
+        raise RefghostError(f"--out {args.out}: outputs are written as .npz; give a path ending in .npz")
+    output = args.json if command == "compare" else getattr(args, "out", None)
+    if output is not None:
+        check_writable(output, "--json" if command == "compare" else "--out")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = make_parser()
     args = parser.parse_args(argv)
@@ -644,6 +682,7 @@ def main(argv: list[str] | None = None) -> int:
     commands = {"run": cmd_run, "convert": cmd_convert, "golden": cmd_golden, "compare": cmd_compare,
                 "dump": cmd_dump, "map": cmd_map, "info": cmd_info, "export": cmd_export}
     try:
+        check_args(args)
         return commands[args.command](args)
     except RefghostError as exc:
         print(f"refghost {args.command}: error: {exc}", file=sys.stderr)

@@ -27,6 +27,7 @@ import numpy as np
 from . import __version__
 from .arch import Config
 from .checkpoint import load_state_dict
+from . import safe_io
 from .errors import WeightsError
 from .weights import Preprocessing, Weights, default_preprocessing, file_sha256, from_tensors, save_weights
 
@@ -39,11 +40,8 @@ def read_state_dict(path) -> dict[str, np.ndarray]:
     if not os.path.isfile(path):
         raise WeightsError(f"{path}: no such checkpoint file")
     if path.endswith(".npz"):
-        try:
-            with np.load(path, allow_pickle=False) as data:
-                return {k: data[k] for k in data.files}
-        except (OSError, ValueError) as exc:
-            raise WeightsError(f"{path}: not a readable .npz file ({exc})") from None
+        arrays, _ = safe_io.read_npz(path, WeightsError, max_bytes=lambda key: safe_io.MAX_ARRAY_BYTES)
+        return arrays
     return load_state_dict(path)
 
 

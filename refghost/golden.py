@@ -38,7 +38,9 @@ from .atomic import atomic_path
 from .bounds import BOUND_MODEL, DEFAULT_LAMBDA, FLOAT32_U, error_bounds
 from .errors import RefghostError, WeightsError
 from .forward import single_threaded_blas
-from .weights import Weights, open_hdf5, read_weights_group, write_weights_group
+from . import safe_io
+from .arch import output_shapes
+from .weights import MAX_INPUT_PIXELS, Weights, open_hdf5, read_weights_group, write_weights_group
 
 FORMAT = "refghost-golden"
 SCHEMA_VERSION = 1
@@ -133,32 +135,97 @@ def write_golden(path, golden: Golden) -> None:
         write_weights_group(f.create_group("weights", track_order=True), golden.weights)
 
 
+#: The members of a golden file's root (schema v1): name -> "group" or "dataset".
+ROOT_MEMBERS = {"input": "dataset", "outputs": "group", "intermediates": "group", "bounds": "group",
+                "weights": "group"}
+
+
 def read_golden(path) -> Golden:
-    """Read and check a golden file. Raises :class:`GoldenError` naming the problem."""
+    """Read and check a golden file. Raises :class:`GoldenError` naming the problem.
+
+    Every name, kind, dtype and shape is checked against the stored weights' network before any
+    tensor is read (the input's declared size against :data:`refghost.weights.MAX_INPUT_PIXELS`,
+    each tensor's against the shape the network gives it), then the bounds are checked to be
+    finite and non-negative and the input finite.
+    """
+    import h5py
+
     path = os.fspath(path)
     hint = "regenerate it with `refghost golden --weights W.h5 --out GOLDEN.h5 ...`"
+    err = GoldenError
     with open_hdf5(path, GoldenError, "golden") as f:
-        fmt = f.attrs.get("format")
-        fmt = fmt.decode() if isinstance(fmt, bytes) else fmt
+        fmt = safe_io.attribute(f, "format", path, err, "str")
         if fmt != FORMAT:
             raise GoldenError(f"{path}: format is {fmt!r}, expected {FORMAT!r}")
-        version = int(f.attrs.get("schema_version", -1))
+        version = safe_io.attribute(f, "schema_version", path, err, "int")
         if version != SCHEMA_VERSION:
             raise GoldenError(f"{path}: golden schema version {version}, this refghost reads version "
                               f"{SCHEMA_VERSION}; {hint}")
-        for required in ("input", "outputs", "intermediates", "bounds", "weights"):
-            if required not in f:
-                raise GoldenError(f"{path}: {required!r} is missing; {hint}")
+        root = dict(safe_io.members(f, path, err, max_members=len(ROOT_MEMBERS)))
+        for name, kind in ROOT_MEMBERS.items():
+            if name not in root:
+                raise GoldenError(f"{path}: {name!r} is missing; {hint}")
+            found = "group" if isinstance(root[name], h5py.Group) else "dataset"
+            if found != kind:
+                raise GoldenError(f"{path}: {name!r} is a {found}, expected a {kind}; {hint}")
+        attrs = safe_io.all_attributes(f, path, err)
         try:
-            weights = read_weights_group(f["weights"], f"{path}:/weights")
+            weights = read_weights_group(root["weights"], f"{path}:/weights")
         except WeightsError as exc:
             raise GoldenError(str(exc)) from None
-        x = np.asarray(f["input"][()])
-        outputs = {k: np.asarray(v[()]) for k, v in f["outputs"].items()}
-        layers = {k: np.asarray(v[()]) for k, v in f["intermediates"].items()}
-        bounds = {k: np.asarray(v[()]) for k, v in f["bounds"].items()}
-        attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items()}
-    golden = Golden(weights, x, outputs, layers, bounds, attrs, path=path)
+        graph = weights.graph
+        x_shape, _ = safe_io.dataset_info(root["input"], f"{path}:/input", err, dtypes=(np.dtype(np.float32),),
+                                          max_elements=3 * MAX_INPUT_PIXELS)
+        if len(x_shape) != 4 or x_shape[1] != 3 or min(x_shape) < 1:
+            raise GoldenError(f"{path}: input has shape {list(x_shape)}, expected float32 (N, 3, H, W)")
+        n, _, h, w = x_shape
+        if n * h * w > MAX_INPUT_PIXELS:
+            raise GoldenError(f"{path}: input {list(x_shape)} has {n * h * w} pixels, more than {MAX_INPUT_PIXELS}")
+        shapes = output_shapes(graph, n, h, w)
+        if min(min(s) for s in shapes.values()) < 1:
+            raise GoldenError(f"{path}: input {list(x_shape)} is too small for this network")
+        outputs = safe_io.members(root["outputs"], f"{path}:/outputs", err, max_members=len(graph.outputs))
+        if [k for k, _ in outputs] != list(graph.outputs):
+            raise GoldenError(f"{path}: outputs {[k for k, _ in outputs]} do not match the weights' "
+                              f"{list(graph.outputs)}; {hint}")
+        layers = safe_io.members(root["intermediates"], f"{path}:/intermediates", err, max_members=2 * len(shapes))
+        shape_of = {name: shapes[node] for name, node in graph.outputs.items()}
+        for name, _ in layers:
+            if name not in shapes or name == "input":
+                raise GoldenError(f"{path}: intermediate {name!r} is not a layer of this network; {hint}")
+            shape_of[name] = shapes[name]
+        float64 = (np.dtype(np.float64),)
+        for group, items in (("outputs", outputs), ("intermediates", layers)):
+            for name, ds in items:
+                if not isinstance(ds, h5py.Dataset):
+                    raise GoldenError(f"{path}:/{group}/{name} is a group, expected a dataset; {hint}")
+                safe_io.dataset_info(ds, f"{path}:/{group}/{name}", err, dtypes=float64, shape=shape_of[name])
+        bounds = dict(safe_io.members(root["bounds"], f"{path}:/bounds", err, max_members=2 * len(shape_of)))
+        for name in shape_of:
+            if name not in bounds:
+                raise GoldenError(f"{path}: bound of {name!r} is missing or has the wrong shape; {hint}")
+        for name, ds in bounds.items():
+            if name not in shape_of:
+                raise GoldenError(f"{path}: bound {name!r} belongs to no stored tensor; {hint}")
+            if not isinstance(ds, h5py.Dataset):
+                raise GoldenError(f"{path}:/bounds/{name} is a group, expected a dataset; {hint}")
+            safe_io.dataset_info(ds, f"{path}:/bounds/{name}", err, dtypes=(np.dtype(np.float32),),
+                                 shape=shape_of[name])
+
+        def read(group, name, ds):
+            return safe_io.read_dataset(ds, f"{path}:/{group}/{name}", err)
+
+        x = safe_io.read_dataset(root["input"], f"{path}:/input", err)
+        out_values = {k: read("outputs", k, v) for k, v in outputs}
+        layer_values = {k: read("intermediates", k, v) for k, v in layers}
+        bound_values = {k: read("bounds", k, bounds[k]) for k in shape_of}
+    if not np.isfinite(x).all():
+        raise GoldenError(f"{path}: the input holds NaN or Inf values; {hint}")
+    for name, bound in bound_values.items():
+        if not (np.isfinite(bound).all() and (bound >= 0).all()):
+            raise GoldenError(f"{path}: bound of {name!r} holds NaN, infinite or negative values; a bound is a "
+                              f"finite distance >= 0; {hint}")
+    golden = Golden(weights, x, out_values, layer_values, bound_values, attrs, path=path)
     _check_consistent(golden, path, hint)
     return golden
 

@@ -94,11 +94,13 @@ def _onnx_scope(node) -> str | None:
     """The PyTorch module path an exporter recorded for an ONNX node, or None."""
     for prop in node.metadata_props:
         if prop.key == "pkg.torch.onnx.name_scopes":
-            try:
+            try:  # a hostile value may be anything: not a literal, nested too deep, not a list
                 scopes = ast.literal_eval(prop.value)
-            except (ValueError, SyntaxError):
+            except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
                 return None
-            return scopes[-2] if len(scopes) >= 2 and scopes[-2] else None
+            if not isinstance(scopes, (list, tuple)) or len(scopes) < 2 or not isinstance(scopes[-2], str):
+                return None
+            return scopes[-2] or None
     return scope_of_name(node.name)
 
 

@@ -154,6 +154,11 @@ WARP_KERNELS = ("fixed_point", "float32_fma", "float32", "ipp_float32_fma")
 #: OpenCV 4.x behaviour, the one NanoDet was developed and trained with.
 DEFAULT_WARP_KERNEL = "fixed_point"
 
+#: Largest image :func:`read_image` decodes, in pixels (width x height, from the header before
+#: decoding): 2^26 = 67 M pixels, 8192 x 8192; decoding one takes about 1 GB at peak. Larger
+#: files (a 13000 x 13000 PNG can be 500 KB) are refused before any pixel is decoded.
+MAX_IMAGE_PIXELS = 1 << 26
+
 _CHANNEL_ORDERS = ("BGR", "RGB")
 _RESIZE_METHODS = ("warp_perspective",)
 # OpenCV's remap stores integer source coordinates as int16; keep every side within that range.
@@ -298,6 +303,10 @@ def read_image(path: str | os.PathLike, channel_order: str = "BGR") -> np.ndarra
         raise ImageError(f"cannot read image {p!r}: it is a directory, not a file")
     try:
         with Image.open(p) as im:
+            w, h = im.size  # known from the header; nothing is decoded yet
+            if w * h > MAX_IMAGE_PIXELS:
+                raise ImageError(f"cannot read image {p!r}: {w}x{h} is {w * h} pixels, more than the "
+                                 f"{MAX_IMAGE_PIXELS} refghost decodes")
             im = ImageOps.exif_transpose(im)
             rgb = _pil_to_rgb(im, p)
     except ImageError:

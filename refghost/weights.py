@@ -14,16 +14,17 @@ format name or schema version is a :class:`~refghost.errors.WeightsError` naming
 from __future__ import annotations
 
 import hashlib
+import math
 import os
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import preprocess
-from .arch import Config, Graph, build_graph
+from . import preprocess, safe_io
+from .arch import NUM_STAGES, Config, Graph, build_graph
 from .atomic import atomic_path
 from .errors import RefghostError, WeightsError
+from .safe_io import open_hdf5  # noqa: F401 - the guarded HDF5 open, re-exported for golden/cli
 
 FORMAT = "refghost-weights"
 SCHEMA_VERSION = 1
@@ -47,6 +48,14 @@ REQUIRED_ATTRS = {
 #: Optional root attributes with their default: ``folded`` = 1 when BatchNorm is folded into the
 #: convolutions (``<conv>.weight`` + ``<conv>.bias``, no BN keys), as in weights imported from ONNX.
 OPTIONAL_ATTRS = {"folded": 0}
+#: Largest width multiplier read or converted: GhostNet is published at 0.5 to 2.0; 8 already
+#: means 64x the parameters of 1.0x (about 250 M), and the cap keeps declared shapes finite.
+MAX_WIDTH = 8.0
+#: Largest network input, in pixels per batch (N * H * W): ``input_size`` of a weights file, a
+#: golden file's input, ``refghost golden --batch``. A golden with every intermediate takes
+#: about 3.3 KB per input pixel (340 MB at 1x3x320x320), so 2^20 pixels (ten 320x320 inputs,
+#: or one 1024x1024) is about 3.5 GB: the most a verification input needs, well inside memory.
+MAX_INPUT_PIXELS = 1 << 20
 #: Root attributes that record where the weights came from (optional, free text).
 PROVENANCE_ATTRS = ("source_file", "source_sha256", "converter", "description")
 
@@ -63,10 +72,13 @@ class Preprocessing:
     def __post_init__(self):
         if self.channel_order not in ("BGR", "RGB"):
             raise RefghostError(f"channel_order must be 'BGR' or 'RGB', got {self.channel_order!r}")
-        if len(self.mean) != 3 or len(self.std) != 3 or not all(s > 0 for s in self.std):
-            raise RefghostError(f"input_mean/input_std need 3 values, std > 0: got {self.mean}, {self.std}")
+        if len(self.mean) != 3 or len(self.std) != 3 or not all(math.isfinite(m) for m in self.mean) \
+                or not all(math.isfinite(s) and s > 0 for s in self.std):
+            raise RefghostError(f"input_mean/input_std need 3 finite values, std > 0: got {self.mean}, {self.std}")
         if len(self.input_size) != 2 or not all(int(v) >= 1 for v in self.input_size):
             raise RefghostError(f"input_size must be [width, height] >= 1, got {self.input_size}")
+        if math.prod(int(v) for v in self.input_size) > MAX_INPUT_PIXELS:
+            raise RefghostError(f"input_size {list(self.input_size)} has more than {MAX_INPUT_PIXELS} pixels")
 
     @classmethod
     def from_preset(cls, preset: dict) -> "Preprocessing":
@@ -174,31 +186,6 @@ def file_sha256(path) -> str:
     return digest.hexdigest()
 
 
-def _attr(attrs, name, where):
-    if name not in attrs:
-        raise WeightsError(f"{where}: root attribute {name!r} is missing ({REQUIRED_ATTRS[name]})")
-    value = attrs[name]
-    return value.decode() if isinstance(value, bytes) else value
-
-
-@contextmanager
-def open_hdf5(path: str, error: type, kind: str):
-    """Open ``path`` read-only; a missing, non-HDF5 or corrupt file raises ``error`` saying so."""
-    import h5py
-
-    if not os.path.isfile(path):
-        raise error(f"{path}: no such {kind} file")
-    try:
-        f = h5py.File(path, "r")
-    except OSError as exc:
-        raise error(f"{path}: not a readable HDF5 file ({exc})") from None
-    try:
-        with f:
-            yield f
-    except OSError as exc:  # truncated or corrupt data blocks surface while reading
-        raise error(f"{path}: HDF5 read error ({exc})") from None
-
-
 def load_weights(path) -> Weights:
     """Read and validate a refghost weights file (see the module docstring). Raises WeightsError."""
     path = os.fspath(path)
@@ -210,42 +197,67 @@ def load_weights(path) -> Weights:
 
 def read_weights_group(group, where: str) -> Weights:
     """Validate and read the weights stored in an HDF5 group (a file's root, or a golden file's
-    ``/weights``); ``where`` names it in error messages."""
+    ``/weights``); ``where`` names it in error messages.
+
+    Everything is checked before any tensor is read: the root attributes (types, then values),
+    every member's name, link kind, dtype, shape and storage against what the recorded config
+    needs (:mod:`refghost.safe_io`); then exactly the needed tensors are read.
+    """
     import h5py
 
-    attrs = group.attrs
-    fmt = _attr(attrs, "format", where)
+    err = WeightsError
+
+    def attr(name, kind, **kw):
+        return safe_io.attribute(group, name, where, err, kind, missing=REQUIRED_ATTRS.get(name, ""),
+                                 noun="root attribute", **kw)
+
+    fmt = attr("format", "str")
     if fmt != FORMAT:
         raise WeightsError(f"{where}: format is {fmt!r}, expected {FORMAT!r}")
-    version = int(_attr(attrs, "schema_version", where))
+    version = attr("schema_version", "int")
     if version != SCHEMA_VERSION:
         raise WeightsError(f"{where}: schema version {version}, this refghost reads version {SCHEMA_VERSION}")
+    arch, width, activation = attr("arch", "str"), attr("width", "float"), attr("activation", "str")
+    out_stages, num_classes = attr("out_stages", "ints"), attr("num_classes", "int")
+    folded = attr("folded", "int", default=OPTIONAL_ATTRS["folded"])
+    mean, std = attr("input_mean", "floats", length=3), attr("input_std", "floats", length=3)
+    order, size = attr("channel_order", "str"), attr("input_size", "ints", length=2)
+    if not (math.isfinite(width) and 0 < width <= MAX_WIDTH):
+        raise WeightsError(f"{where}: width is {width!r}, expected a multiplier in (0, {MAX_WIDTH:g}]")
+    if folded not in (0, 1):
+        raise WeightsError(f"{where}: attribute 'folded' is {folded}, expected 0 or 1")
+    if len(out_stages) > NUM_STAGES:
+        raise WeightsError(f"{where}: out_stages has {len(out_stages)} entries, at most {NUM_STAGES}")
     try:
-        config = Config(arch=str(_attr(attrs, "arch", where)), width=float(_attr(attrs, "width", where)),
-                        activation=str(_attr(attrs, "activation", where)),
-                        out_stages=tuple(int(s) for s in np.atleast_1d(_attr(attrs, "out_stages", where))),
-                        num_classes=int(_attr(attrs, "num_classes", where)),
-                        folded=bool(int(attrs.get("folded", OPTIONAL_ATTRS["folded"]))))
-        pre = Preprocessing(tuple(float(v) for v in _attr(attrs, "input_mean", where)),
-                            tuple(float(v) for v in _attr(attrs, "input_std", where)),
-                            str(_attr(attrs, "channel_order", where)),
-                            tuple(int(v) for v in _attr(attrs, "input_size", where)))
-    except WeightsError:
-        raise
-    except (RefghostError, TypeError, ValueError) as exc:
+        config = Config(arch=arch, width=width, activation=activation, out_stages=out_stages,
+                        num_classes=num_classes, folded=bool(folded))
+        pre = Preprocessing(mean, std, order, size)
+        graph = build_graph(config)
+    except RefghostError as exc:
         raise WeightsError(f"{where}: bad root attributes: {exc}") from None
-    provenance = {k: str(_attr(attrs, k, where)) for k in PROVENANCE_ATTRS if k in attrs}
-    tensors = {}
-    for key, obj in group.items():
+    provenance = {k: attr(k, "str") for k in PROVENANCE_ATTRS
+                  if safe_io.guarded(err, where, "cannot read attributes", lambda: k in group.attrs)}
+    expected = graph.param_shapes
+    what = f"{config.arch} width {config.width:g} activation {config.activation}{' (BN folded)' if config.folded else ''}"
+    # at most one num_batches_tracked counter per BatchNorm (two per key set is generous)
+    listed = safe_io.members(group, where, err, max_members=2 * len(expected) + 8)
+    found = {}
+    for key, obj in listed:
         if not isinstance(obj, h5py.Dataset):
             raise WeightsError(f"{where}: {key!r} is a group; schema v1 keeps every tensor at the root")
         if key.endswith(IGNORED_SUFFIX):
             continue
-        if obj.dtype.kind != "f":
-            raise WeightsError(f"{where}: key {key!r} has dtype {obj.dtype}, expected float32 or float64")
-        array = np.asarray(obj[()])
-        array.flags.writeable = False
-        tensors[key] = array
+        if key not in expected:
+            shape = safe_io.guarded(err, where, f"unreadable shape of {key!r}", lambda: obj.shape)
+            raise WeightsError(f"{where}: unexpected key {key!r} with shape {list(shape or ())} for {what}")
+        safe_io.dataset_info(obj, f"{where}: key {key!r}", err, dtypes=FLOAT_DTYPES, shape=expected[key],
+                             needed_by=what)
+        found[key] = obj
+    missing = [k for k in expected if k not in found]
+    if missing:
+        raise WeightsError(f"{where}: missing {len(missing)} key(s) that {what} needs, first "
+                           f"{missing[0]!r} with shape {list(expected[missing[0]])}" + _more(missing))
+    tensors = {key: safe_io.read_dataset(found[key], f"{where}: key {key!r}", err) for key in expected}
     return Weights(config, pre, tensors, provenance, path=where)
 
 
