@@ -352,6 +352,19 @@ def _border_index(idx: np.ndarray, n: int) -> np.ndarray:
     return np.where((idx >= 0) & (idx < n), idx + 1, 0)
 
 
+def _neighbours(img: np.ndarray, ix: np.ndarray, iy: np.ndarray):
+    """The four float32 source pixels ``(p00, p01, p10, p11)`` of every destination pixel, each
+    (dst_h, dst_w, 3), for integer source coordinates ``ix`` (dst_w,) and ``iy`` (dst_h,), with the
+    constant-0 border outside the image."""
+    src_h, src_w = img.shape[:2]
+    pad = np.zeros((src_h + 2, src_w + 2, 3), dtype=np.float32)
+    pad[1:-1, 1:-1] = img
+    cx0, cx1 = _border_index(ix, src_w), _border_index(ix + 1, src_w)
+    rows0 = pad[_border_index(iy, src_h)]
+    rows1 = pad[_border_index(iy + 1, src_h)]
+    return rows0[:, cx0], rows0[:, cx1], rows1[:, cx0], rows1[:, cx1]
+
+
 def _fixed_point_coords(n_dst: int, m: float, w: float, block: int) -> tuple[np.ndarray, np.ndarray]:
     """Integer source position and 1/32 fraction for destination indices 0..n_dst-1 (OpenCV 4.x).
 
@@ -429,13 +442,7 @@ def _warp_float32(img: np.ndarray, dst_w: int, dst_h: int, fused: bool) -> np.nd
     fx = (sx - ix.astype(np.float32))[None, :, None]
     fy = (sy - iy.astype(np.float32))[:, None, None]
 
-    pad = np.zeros((src_h + 2, src_w + 2, 3), dtype=np.float32)
-    pad[1:-1, 1:-1] = img
-    cx0, cx1 = _border_index(ix, src_w), _border_index(ix + 1, src_w)
-    rows0 = pad[_border_index(iy, src_h)]
-    rows1 = pad[_border_index(iy + 1, src_h)]
-    p00, p01 = rows0[:, cx0], rows0[:, cx1]
-    p10, p11 = rows1[:, cx0], rows1[:, cx1]
+    p00, p01, p10, p11 = _neighbours(img, ix, iy)
     fx = np.broadcast_to(fx, p00.shape)
     fy = np.broadcast_to(fy, p00.shape)
     if fused:
@@ -481,13 +488,7 @@ def _warp_ipp(img: np.ndarray, dst_w: int, dst_h: int) -> np.ndarray:
     fx = np.where(inner, fx_in[None, :], fx_out[None, :])[:, :, None]
     fy = np.where(inner, fy_in[:, None], fy_out[:, None])[:, :, None]
 
-    pad = np.zeros((src_h + 2, src_w + 2, 3), dtype=np.float32)
-    pad[1:-1, 1:-1] = img
-    cx0, cx1 = _border_index(ix, src_w), _border_index(ix + 1, src_w)
-    rows0 = pad[_border_index(iy, src_h)]
-    rows1 = pad[_border_index(iy + 1, src_h)]
-    p00, p01 = rows0[:, cx0], rows0[:, cx1]
-    p10, p11 = rows1[:, cx0], rows1[:, cx1]
+    p00, p01, p10, p11 = _neighbours(img, ix, iy)
     fx = np.broadcast_to(fx, p00.shape)
     fy = np.broadcast_to(fy, p00.shape)
     # vertical first, then horizontal, each a fused multiply-add
