@@ -1,11 +1,12 @@
 """Time refghost beside the runtimes ports ship to: ONNX Runtime, OpenVINO (its bf16 default and f32),
-MNN and LiteRT, on the same weights, interleaved in one process.
+MNN, ncnn (its defaults and fp16 off) and LiteRT, on the same weights, interleaved in one process.
 
     python tools/bench_runtimes.py [--size 320] [--threads 2] [--rounds 10] [--block 5] [--weights W.h5]
 
 The model is the shipped weights (unless ``--weights``) exported from tests/torch_ghostnet.py to
 ONNX (tools/bench.py's export), converted to an OpenVINO IR (f32 weights), to MNN (MNN's converter
-function, not the ``mnnconvert`` wrapper) and written as ``.tflite`` by tests/tflite_writer.py.
+function, not the ``mnnconvert`` wrapper), to ncnn (pnnx ``fp16=0``, tests/runtime_bank.py) and written
+as ``.tflite`` by tests/tflite_writer.py.
 Each runtime runs its deployed model (no intermediates exposed), batch 1, ``--threads`` threads;
 rounds visit every runtime in rotated, alternately reversed order (tools/bench.py's
 ``time_interleaved``). Ratios are each median over refghost float32's median from the same rounds.
@@ -71,6 +72,29 @@ def _mnn(onnx_path, folder, threads, x_shape):
     return run
 
 
+def _ncnn(onnx_path, folder, threads, x_shape, precise):
+    import ncnn
+    from runtime_bank import to_ncnn
+
+    param = folder / "ncnn" / "model.ncnn.param"
+    if not param.exists():
+        to_ncnn(onnx_path, folder / "ncnn", x_shape[2], fp16=False)
+    net = ncnn.Net()
+    net.opt.num_threads = threads
+    if precise:  # refghost.runtimes.ncnn's --precise: no fp16/bf16 storage, arithmetic or packing
+        for flag in ("use_fp16_storage", "use_fp16_arithmetic", "use_fp16_packed", "use_bf16_storage"):
+            setattr(net.opt, flag, False)
+    net.load_param(str(param))
+    net.load_model(str(param.with_suffix(".bin")))
+    outputs = sorted((n for n in net.output_names()), key=lambda n: int(n[3:]) if n[3:].isdigit() else n)
+
+    def run(x):
+        extractor = net.create_extractor()
+        extractor.input(net.input_names()[0], ncnn.Mat(np.ascontiguousarray(x[0])))
+        return [np.array(extractor.extract(name)[1])[None] for name in outputs]
+    return run
+
+
 def _litert(weights, folder, threads, x_shape):
     from ai_edge_litert.interpreter import Interpreter
     from tflite_writer import write_ghostnet_tflite
@@ -131,6 +155,14 @@ def main(argv=None) -> int:
         check["mnn float32 (precision normal)"] = run(x)
     except ImportError:
         missing.append("mnn")
+    try:
+        for precise in (False, True):
+            run = _ncnn(onnx_path, folder, args.threads, x.shape, precise)
+            name = "ncnn fp16 off" if precise else "ncnn (its defaults)"
+            runners[name] = lambda run=run: run(x)
+            check[name] = run(x)
+    except ImportError:
+        missing.append("ncnn")
     try:
         run = _litert(weights, folder, args.threads, x.shape)
         runners["litert float32 (XNNPACK)"] = lambda: run(x)
