@@ -391,7 +391,8 @@ def _diagnose(report: Report, golden: Golden, tensors: list[_Tensor], by_node: d
                     + (f" (the runtime reports {reported}: check its precision settings)" if reported else ""))
             else:
                 report.diagnosis.append(
-                    f"only {len(failures)} of {len(checked)} layers fail their isolated check: a localized "
+                    f"only {len(failures)} of {len(checked)} layers {'fails its' if len(failures) == 1 else 'fail their'} "
+                    f"isolated check: a localized "
                     f"difference, not a lower precision (--policy {name} would pass it only because its rounding "
                     f"is coarser than this difference)")
             break
@@ -480,7 +481,7 @@ def format_report(report: Report, *, verbose: bool = False) -> str:
         previous = -1
         for i in rows:
             if i != previous + 1:
-                lines.append(f"  ... ({i - previous - 1} rows within bounds)")
+                lines.append(f"  ... ({_rows(i - previous - 1)} within bounds)")
             t = report.tensors[i]
             mark = ">" if t.name == report.first_divergent else " "
             iso = "-" if t.isolated_ratio is None else f"{t.isolated_ratio:9.3g}"
@@ -488,11 +489,15 @@ def format_report(report: Report, *, verbose: bool = False) -> str:
                          f"{iso:>9} {t.cosine:9.6f} {t.snr_db:7.1f}  {t.status}{'  ' + t.note if t.note else ''}")
             previous = i
         if previous != n - 1:
-            lines.append(f"  ... ({n - 1 - previous} rows within bounds)")
+            lines.append(f"  ... ({_rows(n - 1 - previous)} within bounds)")
         lines.append(f"  ({LEGEND})")
     elif not verbose:
         lines.append("  (every row: --verbose; every metric: --json)")
     return "\n".join(lines)
+
+
+def _rows(n: int) -> str:
+    return f"{n} row" if n == 1 else f"{n} rows"
 
 
 def _rows_to_show(report: Report, verbose: bool) -> list[int]:
