@@ -25,7 +25,7 @@ import os
 import numpy as np
 
 from . import __version__
-from .arch import Config
+from .arch import DEFAULT_OUT_STAGES, Config
 from .checkpoint import load_state_dict
 from . import safe_io
 from .errors import WeightsError
@@ -69,7 +69,7 @@ def select_backbone(state_dict: dict, arch: str) -> dict:
 
 
 #: The options' values when not given, for checkpoints (an ONNX graph says its own).
-DEFAULTS = {"arch": "nanodet", "width": 1.0, "activation": "ReLU", "out_stages": (4, 6, 9)}
+DEFAULTS = {"arch": "nanodet", "width": 1.0, "activation": "ReLU", "out_stages": DEFAULT_OUT_STAGES}
 
 
 #: The preprocessing fields no checkpoint or ONNX graph records: assumed (the arch's defaults,

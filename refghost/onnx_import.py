@@ -70,7 +70,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import __version__, ops
-from .arch import STAGES, Config, Graph, build_graph, make_divisible
+from .arch import DEFAULT_OUT_STAGES, STAGES, Config, Graph, build_graph, make_divisible
 from .bounds import DEFAULT_LAMBDA, FLOAT32_U, FLOAT64_U, error_bounds
 from .errors import RefghostError, WeightsError
 from .forward import evaluate
@@ -280,7 +280,7 @@ def _simplest(widths: list[float]) -> float:
     return widths[0]
 
 
-def _config(arch, width, activation, num_classes, out_stages=(4, 6, 9), folded=True) -> Config:
+def _config(arch, width, activation, num_classes, out_stages=DEFAULT_OUT_STAGES, folded=True) -> Config:
     if arch == "ghostnet":
         return Config(arch="ghostnet", width=width, activation="ReLU", num_classes=num_classes, folded=folded)
     return Config(arch="nanodet", width=width, activation=activation, out_stages=out_stages, folded=folded)
@@ -563,7 +563,7 @@ def _read_onnx(path: str) -> OnnxImport:
     walker = _Walker(g, unfolded, tensor_of)
     activation = walker.majority_activation() if arch == "nanodet" else "ReLU"
     out_stages = walker.out_stages() if arch == "nanodet" else ()
-    config = _config(arch, width, activation, num_classes, out_stages or (4, 6, 9))
+    config = _config(arch, width, activation, num_classes, out_stages or DEFAULT_OUT_STAGES)
     tensors = walker.walk(build_graph(config))
     if walker.problems:
         first = walker.problems[0]
