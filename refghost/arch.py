@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from .errors import RefghostError
-from .ops import ACTIVATIONS
+from .ops import ACTIVATIONS, conv_output_size
 
 ARCHITECTURES = ("nanodet", "ghostnet")
 #: NanoDet's default feature taps: strides 8, 16, 32.
@@ -309,7 +309,7 @@ def output_shapes(graph: Graph, n: int, height: int, width: int) -> dict[str, tu
         if node.op == "conv":
             o, _, k, _ = graph.param_shapes[node.params["weight"]]
             s, p = node.attrs["stride"], node.attrs["padding"]
-            shapes[node.name] = (src[0], o, (src[2] + 2 * p - k) // s + 1, (src[3] + 2 * p - k) // s + 1)
+            shapes[node.name] = (src[0], o, conv_output_size(src[2], k, s, p), conv_output_size(src[3], k, s, p))
         elif node.op == "concat":
             shapes[node.name] = (src[0], sum(shapes[i][1] for i in node.inputs), src[2], src[3])
         elif node.op == "global_avg_pool":

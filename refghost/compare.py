@@ -390,9 +390,9 @@ def _diagnose(report: Report, golden: Golden, tensors: list[_Tensor], by_node: d
                     f"passes under --policy {name}; no layer computes a different function at that precision"
                     + (f" (the runtime reports {reported}: check its precision settings)" if reported else ""))
             else:
+                verb = "fails its" if len(failures) == 1 else "fail their"
                 report.diagnosis.append(
-                    f"only {len(failures)} of {len(checked)} layers {'fails its' if len(failures) == 1 else 'fail their'} "
-                    f"isolated check: a localized "
+                    f"only {len(failures)} of {len(checked)} layers {verb} isolated check: a localized "
                     f"difference, not a lower precision (--policy {name} would pass it only because its rounding "
                     f"is coarser than this difference)")
             break

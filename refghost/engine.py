@@ -258,8 +258,8 @@ class _Builder:
             w, b, attrs = self.folded(f"{name}.conv_dw", f"{name}.bn_dw")
             s = attrs["stride"]
             k = w.shape[2]
-            ho = (y.h + 2 * attrs["padding"] - k) // s + 1
-            wo = (y.w + 2 * attrs["padding"] - k) // s + 1
+            ho = ops.conv_output_size(y.h, k, s, attrs["padding"])
+            wo = ops.conv_output_size(y.w, k, s, attrs["padding"])
             d = self.new(y.c, ho, wo, f"{name}.bn_dw")
             self.depthwise(y, 0, d, 0, w, b, attrs)
             y = d
@@ -269,7 +269,7 @@ class _Builder:
             s = f"{name}.shortcut"
             w, b, attrs = self.folded(f"{s}.0", f"{s}.1")
             k, st, pad = w.shape[2], attrs["stride"], attrs["padding"]
-            sd = self.new(x.c, (x.h + 2 * pad - k) // st + 1, (x.w + 2 * pad - k) // st + 1, f"{s}.1")
+            sd = self.new(x.c, ops.conv_output_size(x.h, k, st, pad), ops.conv_output_size(x.w, k, st, pad), f"{s}.1")
             self.depthwise(x, 0, sd, 0, w, b, attrs)
             w2, b2, attrs2 = self.folded(f"{s}.2", f"{s}.3")
             if attrs2["stride"] != 1 or attrs2["groups"] != 1:
@@ -293,7 +293,7 @@ class _Builder:
         if attrs["groups"] != 1:
             raise EngineUnsupported("stem")
         k, s, p = ws.shape[2], attrs["stride"], attrs["padding"]
-        ho, wo = (h + 2 * p - k) // s + 1, (w + 2 * p - k) // s + 1
+        ho, wo = ops.conv_output_size(h, k, s, p), ops.conv_output_size(w, k, s, p)
         if ho < 1 or wo < 1:
             raise EngineUnsupported("input smaller than the stem kernel")
         x = self.new(ws.shape[0], ho, wo, "act1")

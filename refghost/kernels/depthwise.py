@@ -26,6 +26,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
+from ..ops import conv_output_size
 from ._jit import jit, one_launch_at_a_time, parallel_jit
 
 #: Accumulator block length (elements). 1024 float64 = 8 KiB, well inside L1 with the sources.
@@ -245,8 +246,8 @@ def depthwise_conv2d(x, w, b=None, *, stride=1, padding=0):
     if h + 2 * padding < k or wd + 2 * padding < k:
         raise ValueError(f"depthwise_conv2d: padded input {h + 2 * padding}x{wd + 2 * padding} is "
                          f"smaller than the {k}x{k} kernel")
-    ho = (h + 2 * padding - k) // stride + 1
-    wo = (wd + 2 * padding - k) // stride + 1
+    ho = conv_output_size(h, k, stride, padding)
+    wo = conv_output_size(wd, k, stride, padding)
     xs = np.ascontiguousarray(x).reshape(n * c, h, wd)
     ws = np.ascontiguousarray(w).reshape(c, k, k)
     bs = np.zeros(c, x.dtype) if b is None else np.ascontiguousarray(b)
