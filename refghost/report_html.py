@@ -13,6 +13,7 @@ import html
 import io
 import math
 import os
+import re
 
 import numpy as np
 
@@ -32,6 +33,7 @@ def require_matplotlib():
     except ImportError:
         raise RefghostError('--html/--plots need matplotlib: pip install "refghost[report]"') from None
     matplotlib.use("Agg", force=True)
+    matplotlib.rcParams["svg.hashsalt"] = "refghost"  # the same ids in every run: the same page
     import matplotlib.pyplot as plt
     return plt
 
@@ -148,11 +150,15 @@ def write_plots(report: Report, golden, candidate_tensors: dict, folder) -> list
 
 
 def _svg(plt, fig) -> str:
+    """The figure as an inline <svg> element: no XML prolog, DOCTYPE, metadata or namespace
+    declarations (all name URLs; the HTML parser puts inline SVG in its namespace by itself)."""
     buffer = io.StringIO()
-    fig.savefig(buffer, format="svg")
+    fig.savefig(buffer, format="svg", metadata={"Date": None})
     plt.close(fig)
     text = buffer.getvalue()
-    return text[text.index("<svg"):]  # drop the XML prolog and DOCTYPE (which names a URL)
+    text = text[text.index("<svg"):]
+    text = re.sub(r"<metadata>.*?</metadata>", "", text, flags=re.S)
+    return re.sub(r'\s+xmlns(:\w+)?="[^"]*"', "", text)
 
 
 def _fmt(v) -> str:
