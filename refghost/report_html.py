@@ -63,14 +63,16 @@ def _ratio_chart(plt, report: Report):
     fig, ax = plt.subplots(figsize=(11, 4))
     ax.semilogy(x, acc, ".-", lw=0.8, ms=3, label="accumulated: |candidate - oracle| / bound")
     ax.semilogy(x, iso, "x", ms=4, label="isolated: layer from the candidate's own inputs / bound")
+    ax.axhline(floor, color="grey", lw=0.5)
     ax.axhline(1.0, color="crimson", lw=1, ls="--", label="bound (pass at <= 1)")
     if report.first_divergent in names:
         i = names.index(report.first_divergent)
         ax.axvline(i, color="black", lw=1, ls=":")
+        ax.semilogy([i], [acc[i]], "o", mfc="none", mec="crimson", ms=9)
         ax.annotate(f"first divergent: {report.first_divergent}", (i, 1.0), xytext=(5, 10),
                     textcoords="offset points", fontsize=8)
     ax.set_xlabel(f"compared tensor, in network order ({len(names)} in all)")
-    ax.set_ylabel("max error / bound")
+    ax.set_ylabel(f"max error / bound (exact: {floor:g})")
     ax.set_title("Error of every layer as a fraction of an honest backend's bound")
     ax.legend(fontsize=8, loc="lower right")
     ax.grid(True, which="major", alpha=0.3)
@@ -95,8 +97,14 @@ def _layer_figure(plt, name: str, error_ratio: np.ndarray):
     spatial = r.ndim == 4 and r.shape[2] * r.shape[3] > 1
     fig, axes = plt.subplots(1, 2 if spatial else 1, figsize=(11, 3.2), squeeze=False)
     ax = axes[0, 0]
-    ax.bar(np.arange(per_channel.size), per_channel, width=1.0, color="steelblue")
-    ax.axhline(1.0, color="crimson", lw=1, ls="--")
+    from matplotlib.ticker import MaxNLocator
+
+    floor = 1e-3  # a channel without error drawn at the bottom of the log axis
+    ax.bar(np.arange(per_channel.size), np.maximum(per_channel, floor), width=1.0, color="steelblue")
+    ax.set_yscale("log")
+    ax.set_ylim(bottom=floor)
+    ax.axhline(1.0, color="crimson", lw=1, ls="--", label="bound")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("channel")
     ax.set_ylabel("max |error| / bound")
     ax.set_title(f"{name}: per channel", fontsize=9)
@@ -107,6 +115,8 @@ def _layer_figure(plt, name: str, error_ratio: np.ndarray):
         ax.set_title(f"channel {worst}: |error| / bound over the feature map", fontsize=9)
         ax.set_xlabel("x")
         ax.set_ylabel("y")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     fig.tight_layout()
     return fig
 
