@@ -11,6 +11,7 @@
     refghost compare golden.h5 model.onnx|dump.npz|dump.h5|out.npy [--json report.json] [--map a=b]
     refghost compare golden.h5 model.xml|model.mnn|model.param|model.tflite [--runtime NAME] [--precise]
                      [--runtime-option KEY=VALUE] [--threads N]
+    refghost compare ... --html report.html [--plots DIR]   # a page with charts (refghost[report])
     refghost dump golden.h5 MODEL --out dump.npz  # the runtime's tensors on the golden input, by module path
     refghost map MODEL [--golden golden.h5] [--json]  # runtime tensor -> module path, and how matched
     refghost info W.h5|golden.h5 [--json]

@@ -6,6 +6,7 @@ import json
 import re
 import shutil
 import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -77,6 +78,14 @@ def test_passing_report_and_errors(env, tmp_path, capsys):
     assert "--plots" in capsys.readouterr().err
     assert _compare(env, "good.npz", "--html", str(tmp_path / "no" / "r.html")) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_without_matplotlib_names_the_extra(env, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # what `import matplotlib` meets when it is absent
+    assert _compare(env, "good.npz", "--html", str(tmp_path / "r.html")) == 2
+    err = capsys.readouterr()
+    assert 'pip install "refghost[report]"' in err.err and not err.out  # refused before comparing
+    assert not (tmp_path / "r.html").exists()
 
 
 CHROMIUM = shutil.which("chromium")
