@@ -221,7 +221,8 @@ def render_html(report: Report, golden, candidate_tensors: dict) -> str:
         cls = "first" if t.name == report.first_divergent else ("bad" if t.status != "ok" else "")
         parts.append(f"<tr class='{cls}'><td>{e(t.name)}</td><td>{e(str(tuple(t.shape)))}</td><td>{e(t.status)}</td>"
                      + "".join(f"<td>{_fmt(v)}</td>" for v in (t.accumulated_ratio, t.isolated_ratio, t.max_abs,
-                                                                t.max_rel, t.cosine, t.snr_db))
+                                                                t.max_rel))
+                     + f"<td>{t.cosine:.6f}</td><td>{_fmt(t.snr_db)}</td>"
                      + f"<td>{e(str(t.worst_index))}</td><td>{_fmt(t.fraction_outside)}</td></tr>")
     parts.append("</table></body></html>\n")
     return "".join(parts)
