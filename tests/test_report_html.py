@@ -88,11 +88,9 @@ def test_without_matplotlib_names_the_extra(env, tmp_path, capsys, monkeypatch):
     assert not (tmp_path / "r.html").exists()
 
 
-CHROMIUM = shutil.which("chromium")
-
-
-@pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed (.ci/run installs it)")
 def test_rendered_in_headless_chromium(env, tmp_path):
+    CHROMIUM = shutil.which("chromium")
+    assert CHROMIUM, "this test needs Debian's chromium: apt-get install chromium (.ci/run installs it)"
     page = tmp_path / "r.html"
     assert _compare(env, "bad.npz", "--html", str(page)) == 1
     flags = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
