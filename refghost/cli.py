@@ -11,6 +11,7 @@
     refghost compare golden.h5 model.onnx|dump.npz|dump.h5|out.npy [--json report.json] [--map a=b]
     refghost compare golden.h5 model.xml|model.mnn|model.param|model.tflite [--runtime NAME] [--precise]
                      [--runtime-option KEY=VALUE] [--threads N]
+    refghost compare ... --html report.html [--plots DIR]   # a page with charts (refghost[report])
     refghost dump golden.h5 MODEL --out dump.npz  # the runtime's tensors on the golden input, by module path
     refghost map MODEL [--golden golden.h5] [--json]  # runtime tensor -> module path, and how matched
     refghost info W.h5|golden.h5 [--json]
@@ -102,6 +103,10 @@ def make_parser() -> argparse.ArgumentParser:
     comp.add_argument("candidate", help=".onnx (run with ONNX Runtime on the golden input), or .npz/.h5/.npy "
                                         "arrays named by module path")
     comp.add_argument("--json", help="write the full report to this JSON file")
+    comp.add_argument("--html", help="write the report as one self-contained HTML page with charts "
+                                     "(needs refghost[report])")
+    comp.add_argument("--plots", metavar="DIR", help="write the report's charts as PNG files in this folder "
+                                                     "(needs refghost[report])")
     comp.add_argument("--map", action="append", default=[], metavar="CAND=MODULE",
                       help="rename a candidate array to a module path or output name (repeatable)")
     comp.add_argument("--policy", choices=("auto",) + tuple(POLICIES), default="auto",
@@ -485,6 +490,12 @@ def cmd_compare(args) -> int:
     if args.json:
         with atomic_path(args.json) as tmp, open(tmp, "w") as f:
             json.dump(report.to_json(), f, indent=1)
+    if args.html or args.plots:
+        from .report_html import write_html, write_plots
+        if args.html:
+            write_html(report, golden, tensors, args.html)
+        if args.plots:
+            write_plots(report, golden, tensors, args.plots)
     return 0 if report.passed else 1
 
 
@@ -670,6 +681,15 @@ def check_args(args) -> None:
             raise RefghostError(f"--threads must be in 1..{cpus} (this machine's CPUs), got {args.threads}")
     if command == "run" and args.out is not None and not args.out.endswith(".npz"):
         raise RefghostError(f"--out {args.out}: outputs are written as .npz; give a path ending in .npz")
+    if command == "compare" and (args.html or args.plots):
+        from .report_html import require_matplotlib
+        require_matplotlib()
+        if args.html:
+            check_writable(args.html, "--html")
+        if args.plots and not os.path.isdir(args.plots):
+            raise RefghostError(f"--plots {args.plots}: no such folder")
+        if args.plots:
+            check_writable(os.path.join(args.plots, "ratios.png"), "--plots")
     output = args.json if command == "compare" else getattr(args, "out", None)
     if output is not None:
         check_writable(output, "--json" if command == "compare" else "--out")

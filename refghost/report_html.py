@@ -1,0 +1,235 @@
+"""A comparison report to look at: one self-contained HTML page, or the same charts as PNG files.
+
+The page reads top to bottom like the text report: the verdict and the diagnosis, a chart of every
+compared layer's error as a fraction of its bound (network order, log scale, the bound at 1), for
+each failing layer where in its feature map the error sits (per channel, and spatially in the
+worst channel), then the full metric table. Figures are drawn by matplotlib (the optional extra
+``refghost[report]``) and embedded as inline SVG: the page fetches nothing and opens offline.
+"""
+
+from __future__ import annotations
+
+import html
+import io
+import math
+import os
+import re
+
+import numpy as np
+
+from .atomic import atomic_path
+from .bounds import POLICIES
+from .compare import LEGEND, Report, _accumulated_bounds
+from .errors import RefghostError
+
+#: At most this many failing layers get their own pictures (the first divergent first).
+MAX_LAYER_FIGURES = 8
+
+
+def require_matplotlib():
+    """Import matplotlib with a file-only backend, or raise RefghostError naming the extra."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise RefghostError('--html/--plots need matplotlib: pip install "refghost[report]"') from None
+    matplotlib.use("Agg", force=True)
+    matplotlib.rcParams["svg.hashsalt"] = "refghost"  # the same ids in every run: the same page
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _failing_layers(report: Report) -> list[str]:
+    """The failing tensors to draw: the first divergent first, then in network order."""
+    bad = [t.name for t in report.tensors if t.status == "mismatch"]
+    if report.first_divergent in bad:
+        bad.remove(report.first_divergent)
+        bad.insert(0, report.first_divergent)
+    return bad[:MAX_LAYER_FIGURES]
+
+
+def _ratio_chart(plt, report: Report):
+    """Every compared tensor's acc/bound and iso/bound in network order (log y, the bound at 1)."""
+    names = [t.name for t in report.tensors]
+    x = np.arange(len(names))
+    floor = 1e-6  # a zero ratio (an exact result) drawn at the bottom of the log axis
+
+    def clip(v):
+        v = np.asarray(v, dtype=np.float64)
+        v = np.where(np.isnan(v), np.nan, np.maximum(v, floor))
+        return np.where(np.isinf(v), 1e6, v)
+
+    acc = clip([t.accumulated_ratio for t in report.tensors])
+    iso = clip([np.nan if t.isolated_ratio is None else t.isolated_ratio for t in report.tensors])
+    fig, ax = plt.subplots(figsize=(11, 4))
+    ax.semilogy(x, acc, ".-", lw=0.8, ms=3, label="accumulated: |candidate - oracle| / bound")
+    ax.semilogy(x, iso, "x", ms=4, label="isolated: layer from the candidate's own inputs / bound")
+    ax.axhline(floor, color="grey", lw=0.5)
+    ax.axhline(1.0, color="crimson", lw=1, ls="--", label="bound (pass at <= 1)")
+    if report.first_divergent in names:
+        i = names.index(report.first_divergent)
+        ax.axvline(i, color="black", lw=1, ls=":")
+        ax.semilogy([i], [acc[i]], "o", mfc="none", mec="crimson", ms=9)
+        ax.annotate(f"first divergent: {report.first_divergent}", (i, 1.0), xytext=(5, 10),
+                    textcoords="offset points", fontsize=8)
+    ax.set_xlabel(f"compared tensor, in network order ({len(names)} in all)")
+    ax.set_ylabel(f"max error / bound (exact: {floor:g})")
+    ax.set_title("Error of every layer as a fraction of an honest backend's bound")
+    ax.legend(fontsize=8, loc="lower right")
+    ax.grid(True, which="major", alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def _layer_figure(plt, name: str, error_ratio: np.ndarray):
+    """Where the error of one tensor sits: max |error|/bound per channel, and the map of the worst
+    channel. ``error_ratio``: (N, C, H, W), (N, C) or any shape (flattened to channels)."""
+    r = np.asarray(error_ratio, dtype=np.float64)
+    r = np.where(np.isinf(r), np.nan, r)  # a nonzero error where the bound is 0: drawn as missing
+    finite_max = np.nanmax(r) if np.isfinite(r).any() else 1.0
+    r = np.nan_to_num(r, nan=finite_max)
+    if r.ndim == 4:
+        per_channel = r.max(axis=(0, 2, 3))
+    elif r.ndim >= 2:
+        per_channel = r.reshape(r.shape[0], r.shape[1], -1).max(axis=(0, 2))
+    else:
+        per_channel = r.reshape(1, -1).max(axis=0)
+    worst = int(np.argmax(per_channel))
+    spatial = r.ndim == 4 and r.shape[2] * r.shape[3] > 1
+    fig, axes = plt.subplots(1, 2 if spatial else 1, figsize=(11, 3.2), squeeze=False)
+    ax = axes[0, 0]
+    from matplotlib.ticker import MaxNLocator
+
+    floor = 1e-3  # a channel without error drawn at the bottom of the log axis
+    ax.bar(np.arange(per_channel.size), np.maximum(per_channel, floor), width=1.0, color="steelblue")
+    ax.set_yscale("log")
+    ax.set_ylim(bottom=floor)
+    ax.axhline(1.0, color="crimson", lw=1, ls="--", label="bound")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("channel")
+    ax.set_ylabel("max |error| / bound")
+    ax.set_title(f"{name}: per channel", fontsize=9)
+    if spatial:
+        ax = axes[0, 1]
+        image = ax.imshow(r[:, worst].max(axis=0), cmap="magma", interpolation="nearest")
+        fig.colorbar(image, ax=ax, label="|error| / bound")
+        ax.set_title(f"channel {worst}: |error| / bound over the feature map", fontsize=9)
+        ax.set_xlabel("x")
+        ax.set_ylabel("y")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    fig.tight_layout()
+    return fig
+
+
+def _figures(report: Report, golden, candidate_tensors: dict):
+    """[(file stem, caption, figure)] of the report: the ratio chart, then one per failing layer."""
+    plt = require_matplotlib()
+    figures = [("ratios", "every layer's error / bound", _ratio_chart(plt, report))]
+    failing = _failing_layers(report)
+    if failing:
+        bounds = _accumulated_bounds(golden, POLICIES[report.policy])
+        reference = golden.tensors()
+        for name in failing:
+            if name not in candidate_tensors or name not in bounds:
+                continue
+            cand = np.asarray(candidate_tensors[name], dtype=np.float64)
+            if cand.shape != reference[name].shape:
+                continue
+            error = np.abs(cand - reference[name])
+            with np.errstate(divide="ignore", invalid="ignore"):
+                ratio = np.where(error == 0, 0.0, error / bounds[name])
+            stem = "layer-" + name.replace("/", "_")
+            figures.append((stem, f"where the error of {name} sits", _layer_figure(plt, name, ratio)))
+    return plt, figures
+
+
+def write_plots(report: Report, golden, candidate_tensors: dict, folder) -> list[str]:
+    """Write the report's charts as PNG files in ``folder`` (``ratios.png``, ``layer-NAME.png``);
+    returns their paths."""
+    if not os.path.isdir(folder):
+        raise RefghostError(f"--plots {folder}: no such folder")
+    plt, figures = _figures(report, golden, candidate_tensors)
+    paths = []
+    for stem, _, fig in figures:
+        path = os.path.join(folder, stem + ".png")
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format="png", dpi=120)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def _svg(plt, fig) -> str:
+    """The figure as an inline <svg> element: no XML prolog, DOCTYPE, metadata or namespace
+    declarations (all name URLs; the HTML parser puts inline SVG in its namespace by itself)."""
+    buffer = io.StringIO()
+    fig.savefig(buffer, format="svg", metadata={"Date": None})
+    plt.close(fig)
+    text = buffer.getvalue()
+    text = text[text.index("<svg"):]
+    text = re.sub(r"<metadata>.*?</metadata>", "", text, flags=re.S)
+    return re.sub(r'\s+xmlns(:\w+)?="[^"]*"', "", text)
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return "nan" if math.isnan(v) else ("inf" if math.isinf(v) else f"{v:.3g}")
+    return html.escape(str(v))
+
+
+_STYLE = """body{font-family:sans-serif;margin:2em;max-width:1200px;color:#222}
+.pass{color:#fff;background:#2a7a2a;padding:.2em .6em}.fail{color:#fff;background:#b22222;padding:.2em .6em}
+table{border-collapse:collapse;font-size:12px}td,th{border:1px solid #ccc;padding:2px 6px;text-align:right}
+td:first-child,th:first-child{text-align:left}tr.bad{background:#fde2e2}tr.first{background:#f8b4b4}
+.legend{font-size:12px;color:#555}svg{max-width:100%;height:auto}"""
+
+
+def render_html(report: Report, golden, candidate_tensors: dict) -> str:
+    """The report as one self-contained HTML page (str)."""
+    plt, figures = _figures(report, golden, candidate_tensors)
+    e = html.escape
+    verdict = "PASS" if report.passed else "FAIL"
+    bad = sum(t.status != "ok" for t in report.tensors)
+    parts = ["<!DOCTYPE html><html><head><meta charset='utf-8'>",
+             f"<title>refghost compare: {verdict}</title><style>{_STYLE}</style></head><body>",
+             f"<h1 id='verdict'><span class='{verdict.lower()}'>{verdict}</span> "
+             f"{len(report.tensors) - bad} of {len(report.tensors)} tensors within bounds</h1><ul>"]
+    if not report.passed:
+        parts.append(f"<li><b>first divergent layer:</b> <code>{e(str(report.first_divergent))}</code></li>")
+    if report.runtime:
+        run, p = report.runtime, report.runtime["precision"]
+        parts.append(f"<li><b>runtime:</b> {e(str(run['runtime']))} {e(str(run['version']))}; precision in effect: "
+                     f"arithmetic {e(str(p['arithmetic']))}, weights {e(str(p['weights']))}, activations "
+                     f"{e(str(p['activations']))} ({e(str(p['detail']))})</li>")
+    parts.append(f"<li><b>policy judged under:</b> {e(report.policy)} ({e(POLICIES[report.policy].description)})</li>")
+    if report.consistent_with:
+        parts.append(f"<li><b>the errors are consistent with:</b> {e(report.consistent_with)}</li>")
+    parts += [f"<li>{e(d)}</li>" for d in report.diagnosis]
+    parts += [f"<li class='legend'>note: {e(n)}</li>" for n in report.notes]
+    parts.append(f"</ul><p>golden <code>{e(report.golden)}</code>, candidate <code>{e(report.candidate)}</code></p>")
+    parts.append(f"<p class='legend'>{e(LEGEND)}</p>")
+    for i, (_, caption, fig) in enumerate(figures):
+        if i == 1:
+            parts.append("<h2>Where the error sits in the failing layers</h2>")
+        parts.append(f"<figure>{_svg(plt, fig)}<figcaption>{e(caption)}</figcaption></figure>")
+    parts.append("<h2>Every compared tensor</h2><table><tr><th>layer</th><th>shape</th><th>status</th>"
+                 "<th>acc/bound</th><th>iso/bound</th><th>max abs</th><th>max rel</th><th>cosine</th>"
+                 "<th>SNR dB</th><th>worst index</th><th>outside</th></tr>")
+    for t in report.tensors:
+        cls = "first" if t.name == report.first_divergent else ("bad" if t.status != "ok" else "")
+        parts.append(f"<tr class='{cls}'><td>{e(t.name)}</td><td>{e(str(tuple(t.shape)))}</td><td>{e(t.status)}</td>"
+                     + "".join(f"<td>{_fmt(v)}</td>" for v in (t.accumulated_ratio, t.isolated_ratio, t.max_abs,
+                                                                t.max_rel))
+                     + f"<td>{t.cosine:.6f}</td><td>{_fmt(t.snr_db)}</td>"
+                     + f"<td>{e(str(t.worst_index))}</td><td>{_fmt(t.fraction_outside)}</td></tr>")
+    parts.append("</table></body></html>\n")
+    return "".join(parts)
+
+
+def write_html(report: Report, golden, candidate_tensors: dict, path) -> None:
+    """Write :func:`render_html` to ``path`` atomically."""
+    text = render_html(report, golden, candidate_tensors)
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)

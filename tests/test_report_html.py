@@ -1,0 +1,117 @@
+"""`refghost compare --html/--plots`: the page's content and order, and its rendering in a real
+headless browser (Debian's chromium): charts drawn, nothing fetched, a screenshot that is not blank."""
+
+import copy
+import json
+import re
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch_ghostnet as tg
+from PIL import Image
+
+import refghost
+from refghost.arch import Config
+from refghost.cli import main
+from refghost.forward import execute
+from refghost.golden import make_golden, write_golden
+from refghost.weights import from_tensors
+
+CONFIG = Config(width=0.5, activation="LeakyReLU", out_stages=(4, 6, 9))
+BAD_LAYER = "blocks.6.0.ghost2.primary_conv.0"
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("report")
+    weights = from_tensors(tg.state_dict_numpy(tg.randomize(tg.build("nanodet", 0.5, "LeakyReLU"), seed=3)), CONFIG)
+    x = np.random.default_rng(1).standard_normal((1, 3, 64, 64)).astype(np.float32)
+    write_golden(folder / "g.h5", make_golden(weights, x, intermediates=True))
+    np.savez(folder / "good.npz", **refghost.run(x, weights, intermediates=True))
+    params = dict(weights.params("float32"))
+    w = params[BAD_LAYER + ".weight"].copy()
+    w[3, 7, 0, 0] *= np.float32(1.01)  # one weight +1%: a wrong port of one layer
+    params[BAD_LAYER + ".weight"] = w
+    np.savez(folder / "bad.npz", **execute(copy.deepcopy(weights.graph), params, x, intermediates=True))
+    return folder
+
+
+def _compare(env, candidate, *extra):
+    return main(["compare", str(env / "g.h5"), str(env / candidate), *extra])
+
+
+def _no_external_reference(page: str):
+    assert "http://" not in page and "https://" not in page
+    for attr in re.findall(r"""(?:src|href)\s*=\s*["']([^"']*)""", page):
+        assert attr.startswith(("data:", "#")), attr
+
+
+def test_failing_report_verdict_first_and_pictures(env, tmp_path, capsys):
+    plots = tmp_path / "plots"
+    plots.mkdir()
+    assert _compare(env, "bad.npz", "--html", str(tmp_path / "r.html"), "--plots", str(plots)) == 1
+    page = (tmp_path / "r.html").read_text()
+    body = page[page.index("<body>"):]
+    assert body.index("FAIL") < body.index("<svg")  # the verdict before any chart
+    assert f"first divergent layer:</b> <code>{BAD_LAYER}</code>" in page
+    assert page.count("<svg") >= 2  # the ratio chart and at least the first divergent's picture
+    assert f"where the error of {BAD_LAYER} sits" in page
+    assert page.index(f"where the error of {BAD_LAYER} sits") < page.index("Every compared tensor")
+    assert page.count("<tr class=") == sum(1 for _ in refghost.golden.read_golden(env / "g.h5").tensors())
+    _no_external_reference(page)
+    pngs = sorted(p.name for p in plots.iterdir())
+    assert "ratios.png" in pngs and f"layer-{BAD_LAYER}.png" in pngs
+    with Image.open(plots / "ratios.png") as im:
+        assert im.size[0] > 500
+
+
+def test_passing_report_and_errors(env, tmp_path, capsys):
+    assert _compare(env, "good.npz", "--html", str(tmp_path / "p.html")) == 0
+    page = (tmp_path / "p.html").read_text()
+    assert "<span class='pass'>PASS</span>" in page and page.count("<svg") == 1  # no failing layer to draw
+    _no_external_reference(page)
+    capsys.readouterr()
+    assert _compare(env, "good.npz", "--plots", str(tmp_path / "missing")) == 2
+    assert "--plots" in capsys.readouterr().err
+    assert _compare(env, "good.npz", "--html", str(tmp_path / "no" / "r.html")) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_without_matplotlib_names_the_extra(env, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # what `import matplotlib` meets when it is absent
+    assert _compare(env, "good.npz", "--html", str(tmp_path / "r.html")) == 2
+    err = capsys.readouterr()
+    assert 'pip install "refghost[report]"' in err.err and not err.out  # refused before comparing
+    assert not (tmp_path / "r.html").exists()
+
+
+def test_rendered_in_headless_chromium(env, tmp_path):
+    CHROMIUM = shutil.which("chromium")
+    assert CHROMIUM, "this test needs Debian's chromium: apt-get install chromium (.ci/run installs it)"
+    page = tmp_path / "r.html"
+    assert _compare(env, "bad.npz", "--html", str(page)) == 1
+    flags = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1200,2000"]
+    shot = tmp_path / "out.png"
+    log = tmp_path / "netlog.json"
+    subprocess.run([*flags, f"--screenshot={shot}", f"--log-net-log={log}", page.as_uri()],
+                   check=True, capture_output=True, timeout=120)
+    with Image.open(shot) as im:
+        rgb = np.asarray(im.convert("RGB"))
+    assert rgb.shape[:2] == (2000, 1200)
+    colours = np.unique(rgb.reshape(-1, 3), axis=0)
+    assert len(colours) > 50 and (rgb < 250).any(axis=2).mean() > 0.01  # text and charts, not a blank page
+    # every URL the page asked for (the browser's own background requests have the initiator
+    # "not an origin"; a page at file:// has the opaque origin "null"): only file: and data:
+    text = log.read_text().rstrip()
+    events = json.loads(text if text.endswith("}") else text.rstrip(",") + "]}")["events"]
+    asked = {e["params"]["url"] for e in events
+             if "url" in e.get("params", {}) and e["params"].get("initiator", "not an origin") != "not an origin"}
+    assert not [u for u in asked if not u.startswith(("file:", "data:"))], asked
+    dom = subprocess.run([*flags, "--dump-dom", page.as_uri()], check=True, capture_output=True, text=True,
+                         timeout=120).stdout
+    assert dom.count("<svg") >= 2 and "FAIL" in dom and BAD_LAYER in dom
