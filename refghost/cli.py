@@ -392,7 +392,7 @@ HDF5_DATASET_OVERHEAD = 410
 
 def golden_file_size(weights, shape: tuple[int, ...], intermediates: bool) -> int:
     """The bytes of a golden file (within about 0.1 %): the float32 input, float64 oracle and
-    float32 bound of every stored tensor (refghost.golden), the weights, and HDF5's metadata."""
+    float32 bound of every stored tensor (refghost.verify.golden), the weights, and HDF5's metadata."""
     from .arch import output_shapes
 
     graph = weights.graph
@@ -407,7 +407,7 @@ def golden_file_size(weights, shape: tuple[int, ...], intermediates: bool) -> in
 
 
 def cmd_golden(args) -> int:
-    from .golden import make_golden, write_golden
+    from .verify.golden import make_golden, write_golden
     from .runner import prepare_input
     from .weights import MAX_INPUT_PIXELS, load_weights
 
@@ -454,9 +454,9 @@ def cmd_golden(args) -> int:
 def cmd_compare(args) -> int:
     import json
 
-    from .candidates import load_candidate
-    from .compare import compare, format_report
-    from .golden import read_golden
+    from .verify.candidates import load_candidate
+    from .verify.compare import compare, format_report
+    from .verify.golden import read_golden
 
     maps = {}
     for item in args.map:
@@ -491,7 +491,7 @@ def cmd_compare(args) -> int:
         with atomic_path(args.json) as tmp, open(tmp, "w") as f:
             json.dump(report.to_json(), f, indent=1)
     if args.html or args.plots:
-        from .report_html import write_html, write_plots
+        from .verify.report_html import write_html, write_plots
         if args.html:
             write_html(report, golden, tensors, args.html)
         if args.plots:
@@ -500,7 +500,7 @@ def cmd_compare(args) -> int:
 
 
 def cmd_dump(args) -> int:
-    from .golden import read_golden
+    from .verify.golden import read_golden
     from .runtimes import run_model
 
     if not args.out.endswith(".npz"):
@@ -546,7 +546,7 @@ def cmd_map(args) -> int:
 def _golden_for_map(args):
     """The golden a map runs on: ``--golden``, else one made from an ONNX model's own weights on a
     seeded input of its input shape (outputs only)."""
-    from .golden import make_golden, read_golden
+    from .verify.golden import make_golden, read_golden
 
     if args.golden:
         return read_golden(args.golden)
@@ -570,7 +570,7 @@ def describe(path: str) -> dict:
     with open_hdf5(path, RefghostError, "weights or golden") as f:
         fmt = attribute(f, "format", path, RefghostError, "str", default="")
     if fmt == "refghost-golden":
-        from .golden import read_golden
+        from .verify.golden import read_golden
 
         golden = read_golden(path)
         weights, extra = golden.weights, {
@@ -682,7 +682,7 @@ def check_args(args) -> None:
     if command == "run" and args.out is not None and not args.out.endswith(".npz"):
         raise RefghostError(f"--out {args.out}: outputs are written as .npz; give a path ending in .npz")
     if command == "compare" and (args.html or args.plots):
-        from .report_html import require_matplotlib
+        from .verify.report_html import require_matplotlib
         require_matplotlib()
         if args.html:
             check_writable(args.html, "--html")

@@ -16,3 +16,11 @@ class WeightsError(RefghostError):
 
 class ImageError(RefghostError):
     """An image that cannot be used: unreadable file, wrong shape, dtype or channel count, NaN."""
+
+
+class GoldenError(RefghostError):
+    """A golden file that cannot be used: unreadable, wrong format or version, inconsistent."""
+
+
+class CompareError(RefghostError):
+    """Nothing comparable: no tensor in common, an unreadable candidate, a mismatched input."""

@@ -15,7 +15,7 @@ with ``Config(folded=True)``: every conv+BN pair is one conv with a bias, keyed
    None (or two different shape sets) is refused. Widths that give the same shapes describe the
    same network; the simplest one is recorded (a common multiplier such as 0.5 or 1.0 if it is
    one of them, else the shortest decimal).
-3. **Layers.** :func:`refghost.mapping.map_onnx` maps ONNX tensors to refghost layers by
+3. **Layers.** :func:`refghost.runtimes.mapping.map_onnx` maps ONNX tensors to refghost layers by
    the exporters' scope names (TorchScript node names, dynamo's ``pkg.torch.onnx.name_scopes``) or,
    when names are gone, by aligning op order. The mapping is then *verified*, layer by layer in
    forward order, against the data flow: each layer's ONNX producer must be the right op reading
@@ -471,7 +471,7 @@ class OnnxImport:
 
 
 def _load(path: str):
-    from .onnx_package import import_onnx
+    from .runtimes.onnx_package import import_onnx
 
     onnx = import_onnx()
 
@@ -536,7 +536,7 @@ def _read_onnx(path: str) -> OnnxImport:
 
     # Map ONNX tensors to layers with the unfolded graph: its names cover both a Conv named after
     # its conv module (TorchScript) and one named after the BN folded into it (dynamo).
-    from .mapping import map_by_structure, map_onnx, onnx_ops
+    from .runtimes.mapping import map_by_structure, map_onnx, onnx_ops
 
     unfolded = build_graph(_config(arch, width, "ReLU", num_classes, folded=False))
     folded_names = [n.name for n in build_graph(_config(arch, width, "ReLU", num_classes)).nodes]

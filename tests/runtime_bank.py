@@ -180,7 +180,7 @@ def build_port(weights, size: int, folder: Path, *, bug: bool = False, runtimes=
 def judge(golden, port: Port, runtime: str, key: str, precise: bool, *, threads: int = 1):
     """Run one model file of ``port`` in ``runtime`` on ``golden``'s input and compare it under the
     policy of the precision the runtime reports. Returns ``(report, run)``."""
-    from refghost.compare import compare
+    from refghost.verify.compare import compare
     from refghost.runtimes import run_model
 
     run = run_model(str(port.files[key]), golden, runtime=runtime, precise=precise, threads=threads)

@@ -207,7 +207,7 @@ def test_run_npy_input_names_no_warp_kernel(tmp_path, weights_file, capsys):
 def test_golden_records_the_warp_kernel_of_an_image_input(tmp_path, weights_file, capsys):
     import h5py
 
-    from refghost.golden import read_golden
+    from refghost.verify.golden import read_golden
     from refghost.preprocess import WARP_KERNELS
 
     base = ["golden", "--weights", str(weights_file)]
@@ -365,7 +365,7 @@ def test_golden_and_compare_announce_the_float64_interpreter_compile(tmp_path, w
     assert main(["golden", "--weights", str(weights_file), "--input", str(tmp_path / "x.npy"), "--out",
                  str(tmp_path / "g.h5")]) == 0
     assert "compiling the interpreter's float64 kernels" in capsys.readouterr().err
-    from refghost.golden import read_golden
+    from refghost.verify.golden import read_golden
 
     np.savez(tmp_path / "c.npz", **read_golden(tmp_path / "g.h5").outputs)
     assert main(["compare", str(tmp_path / "g.h5"), str(tmp_path / "c.npz")]) == 0

@@ -14,9 +14,9 @@ import torch_ghostnet as tg
 import refghost
 from refghost.arch import Config
 from refghost.cli import main
-from refghost.compare import CompareError, compare
+from refghost.verify.compare import CompareError, compare
 from refghost.forward import evaluate, execute
-from refghost.golden import make_golden, read_golden, write_golden
+from refghost.verify.golden import make_golden, read_golden, write_golden
 from refghost.weights import from_tensors
 
 CONFIG = Config(width=0.5, activation="LeakyReLU", out_stages=(4, 6, 9))
@@ -235,7 +235,7 @@ def test_pytorch_classifier_outputs(tmp_path):
 
 
 def test_ulp_distance_counts_representable_values():
-    from refghost.compare import _ulp_distance
+    from refghost.verify.compare import _ulp_distance
 
     a = np.array([1.0, -1.0, 0.0, -0.0, 1e-45, 3.0e38], np.float32)
     assert _ulp_distance(a, np.nextafter(a, np.float32(np.inf))).tolist() == [1.0] * 6

@@ -8,10 +8,10 @@ import onnx
 import pytest
 from onnx_bank import build_bank
 
-from refghost.candidates import load_candidate
+from refghost.verify.candidates import load_candidate
 from refghost.cli import main
-from refghost.compare import compare
-from refghost.golden import make_golden, read_golden, write_golden
+from refghost.verify.compare import compare
+from refghost.verify.golden import make_golden, read_golden, write_golden
 from refghost.weights import from_tensors
 
 

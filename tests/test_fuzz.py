@@ -27,10 +27,10 @@ from hypothesis import strategies as st
 from refghost.atomic import TEMP_MARKER, atomic_path
 from refghost.checkpoint import load_state_dict
 from refghost.cli import main
-from refghost.compare import CompareError
+from refghost.verify.compare import CompareError
 from refghost.convert import read_state_dict
 from refghost.errors import ImageError, RefghostError, WeightsError
-from refghost.golden import GoldenError, read_golden
+from refghost.verify.golden import GoldenError, read_golden
 from refghost.preprocess import MAX_IMAGE_PIXELS, read_image
 from refghost.safe_io import MAX_CHUNKS
 from refghost.testing import fuzz
@@ -362,7 +362,7 @@ def test_image_pixel_limit(tmp_path):
 def test_onnx_scope_metadata_of_any_type():
     import onnx
 
-    from refghost.mapping import _onnx_scope as _scope
+    from refghost.runtimes.mapping import _onnx_scope as _scope
 
     for value in ("5", "[1, 2]", "{'a': 1}", "[[]]", "[7, 'a']", "(" * 200 + ")" * 200, "\xff", "None"):
         node = onnx.helper.make_node("Relu", ["x"], ["y"], name="r")

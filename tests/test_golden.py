@@ -8,7 +8,7 @@ from conftest import random_weights
 import refghost
 from refghost.arch import Config
 from refghost.cli import main
-from refghost.golden import GoldenError, make_golden, read_golden, write_golden
+from refghost.verify.golden import GoldenError, make_golden, read_golden, write_golden
 
 CONFIG = Config(width=0.5, activation="LeakyReLU")
 

@@ -33,10 +33,10 @@ from refghost.arch import Config, build_graph
 from refghost.bounds import FLOAT32_U
 from refghost.ops import fold_batch_norm
 from refghost.cli import main
-from refghost.compare import compare
+from refghost.verify.compare import compare
 from refghost.convert import convert
 from refghost.errors import WeightsError
-from refghost.golden import read_golden
+from refghost.verify.golden import read_golden
 from refghost.onnx_import import (FOLD_ROUNDINGS, conv_weight_shapes, folded_convs, folding_bound, import_onnx,
                                   recognise_width)
 from refghost.weights import NANODET_PREPROCESSING, from_tensors, load_weights, save_weights

@@ -17,7 +17,7 @@ import refghost
 from refghost.arch import Config
 from refghost.cli import main
 from refghost.forward import execute
-from refghost.golden import make_golden, write_golden
+from refghost.verify.golden import make_golden, write_golden
 from refghost.weights import from_tensors
 
 CONFIG = Config(width=0.5, activation="LeakyReLU", out_stages=(4, 6, 9))
@@ -60,7 +60,7 @@ def test_failing_report_verdict_first_and_pictures(env, tmp_path, capsys):
     assert page.count("<svg") >= 2  # the ratio chart and at least the first divergent's picture
     assert f"where the error of {BAD_LAYER} sits" in page
     assert page.index(f"where the error of {BAD_LAYER} sits") < page.index("Every compared tensor")
-    assert page.count("<tr class=") == sum(1 for _ in refghost.golden.read_golden(env / "g.h5").tensors())
+    assert page.count("<tr class=") == sum(1 for _ in refghost.verify.golden.read_golden(env / "g.h5").tensors())
     _no_external_reference(page)
     pngs = sorted(p.name for p in plots.iterdir())
     assert "ratios.png" in pngs and f"layer-{BAD_LAYER}.png" in pngs

@@ -2,8 +2,8 @@
 
 import numpy as np
 
-from refghost.compare import compare
-from refghost.golden import make_golden, read_golden, write_golden
+from refghost.verify.compare import compare
+from refghost.verify.golden import make_golden, read_golden, write_golden
 from refghost.weights import load_weights
 
 

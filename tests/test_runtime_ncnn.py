@@ -21,8 +21,8 @@ import torch_ghostnet as tg
 from onnx import numpy_helper
 
 from refghost import Config
-from refghost.compare import CompareError, compare
-from refghost.golden import make_golden
+from refghost.verify.compare import CompareError, compare
+from refghost.verify.golden import make_golden
 from refghost.runtimes import run_model
 from refghost.runtimes import ncnn as rncnn
 from refghost.weights import from_tensors

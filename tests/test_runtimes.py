@@ -26,8 +26,8 @@ from tflite_writer import write_ghostnet_tflite
 
 from refghost import Config
 from refghost.cli import main
-from refghost.compare import compare
-from refghost.golden import make_golden, read_golden, write_golden
+from refghost.verify.compare import compare
+from refghost.verify.golden import make_golden, read_golden, write_golden
 from refghost.runtimes import RuntimeMissing, run_model
 from refghost.weights import from_tensors
 
@@ -322,7 +322,7 @@ def test_map_lists_tensor_module_and_how(small, capsys):
 
 
 def test_onnxruntime_behind_the_interface_gives_the_old_tensors(small):
-    from refghost.candidates import load_candidate
+    from refghost.verify.candidates import load_candidate
 
     run = run_model(str(small.onnx), small.golden, threads=1)
     tensors, description, notes = load_candidate(small.onnx, small.golden)

@@ -19,7 +19,7 @@ import torch_ghostnet as tg
 
 import refghost
 from refghost.arch import Config
-from refghost.golden import make_golden
+from refghost.verify.golden import make_golden
 from refghost.preprocess import prepare_image
 from refghost.weights import from_tensors
 
@@ -126,7 +126,7 @@ def _assert_bug_caught(golden, broken, runtime, key, precise):
 def test_a_bfloat16_run_judged_as_float32_says_which_precision_it_fits(at320):
     """OpenVINO's default on a bf16 CPU, judged under --policy float32: it fails, and the diagnosis
     says the errors are those of bf16 storage, not of a layer computing a different function."""
-    from refghost.compare import compare
+    from refghost.verify.compare import compare
     from refghost.runtimes import run_model
 
     honest, _, goldens = at320
@@ -157,7 +157,7 @@ def test_compare_judges_a_model_file_under_the_precision_its_runtime_reports(at3
     import json
 
     from refghost.cli import main
-    from refghost.golden import write_golden
+    from refghost.verify.golden import write_golden
 
     honest, _, goldens = at320
     write_golden(tmp_path / "g.h5", goldens["seed 0"])

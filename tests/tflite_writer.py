@@ -20,7 +20,7 @@ from __future__ import annotations
 import flatbuffers
 import numpy as np
 
-from refghost.mapping import folded_conv_weight
+from refghost.runtimes.mapping import folded_conv_weight
 
 # BuiltinOperator codes, BuiltinOptions union types, enum values (TFLite schema).
 ADD, CONCATENATION, CONV_2D, DEPTHWISE_CONV_2D, DEQUANTIZE, MUL, PAD, MEAN = 0, 2, 3, 4, 6, 18, 34, 40

@@ -18,9 +18,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 from onnx_bank import build_bank  # noqa: E402
 
-from refghost.candidates import load_candidate  # noqa: E402
-from refghost.compare import compare  # noqa: E402
-from refghost.golden import make_golden  # noqa: E402
+from refghost.verify.candidates import load_candidate  # noqa: E402
+from refghost.verify.compare import compare  # noqa: E402
+from refghost.verify.golden import make_golden  # noqa: E402
 from refghost.weights import from_tensors  # noqa: E402
 
 

@@ -30,7 +30,7 @@ sys.path.insert(0, str(REPO / "tests"))
 import runtime_bank as rb  # noqa: E402
 
 import refghost  # noqa: E402
-from refghost.golden import make_golden  # noqa: E402
+from refghost.verify.golden import make_golden  # noqa: E402
 from refghost.preprocess import prepare_image  # noqa: E402
 
 WEIGHTS = REPO / "weights" / "ghostnet_nanodet_1.0x.h5"

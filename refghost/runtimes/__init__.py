@@ -14,7 +14,7 @@ user (``--runtime-option KEY=VALUE``), applied last. The runtime packages are op
 the package to install; a runtime that refuses the model or fails on it is a
 :class:`RuntimeFailed` carrying the runtime's message. Adapters build the tensors of a run with
 :func:`collect` (outputs as deployed, mapped intermediates in the golden's shapes) and map them
-with :mod:`refghost.mapping`.
+with :mod:`refghost.runtimes.mapping`.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from ..arch import output_shapes
-from ..compare import CompareError
+from ..errors import CompareError
 
 __all__ = ["EXTENSIONS", "RUNTIMES", "Precision", "RuntimeFailed", "RuntimeMissing", "RuntimeRun", "collect",
            "layer_shapes", "require", "run_model", "runtime_for", "to_golden_shape"]

@@ -8,7 +8,7 @@ the ops it takes over to itself). ``precise=True`` runs the outputs on the built
 Converters (onnx2tf, ai-edge-torch) keep no module paths (tensor names are TF op chains such as
 ``model/tf.nn.relu_3/Relu;model/tf.math.add_6/Add;...``), reorder ops, and fuse: a conv carries
 its folded BN and its ReLU as a fused activation, an SE's second conv absorbs the ``+3`` and ReLU6
-of the hard-sigmoid. Tensors are mapped by :func:`refghost.mapping.map_by_dataflow`: each conv by
+of the hard-sigmoid. Tensors are mapped by :func:`refghost.runtimes.mapping.map_by_dataflow`: each conv by
 its weights (BN folded in), every other layer by the tensors it reads; the fused activation of
 each op is read from the model's flatbuffer. NHWC results are put back in NCHW.
 
@@ -21,10 +21,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..mapping import BY_WEIGHTS, FlowOp, map_by_dataflow
+from .mapping import BY_WEIGHTS, FlowOp, map_by_dataflow
 from . import Precision, RuntimeFailed, RuntimeRun, collect, require
 
-#: TFLite builtin op -> ONNX op type (refghost.mapping's vocabulary).
+#: TFLite builtin op -> ONNX op type (refghost.runtimes.mapping's vocabulary).
 OPS = {
     "CONV_2D": "Conv", "DEPTHWISE_CONV_2D": "Conv", "FULLY_CONNECTED": "Gemm", "ADD": "Add", "MUL": "Mul",
     "DIV": "Div", "SUB": "Sub", "CONCATENATION": "Concat", "MEAN": "ReduceMean", "AVERAGE_POOL_2D": "AveragePool",

@@ -6,7 +6,7 @@ them as an output (``MNN.nn.load_module_from_file``), run on the golden's input,
 moved from MNN's packed ``NC4HW4`` layout to ``NCHW`` (``MNN.expr.convert``). MNN fuses a
 Conv(+folded BN)+ReLU into one ``Convolution`` named after the ReLU's output, and the SE's
 hard-sigmoid becomes ``ADD``, ``ReLU6``, ``MUL``: tensors map to module paths by the exporter's
-scope names where the converter kept them, else by structure (:mod:`refghost.mapping`).
+scope names where the converter kept them, else by structure (:mod:`refghost.runtimes.mapping`).
 
 Settings: ``precision`` = ``normal`` (MNN's default), ``high`` (``precise=True``) or ``low``;
 ``backend`` = ``CPU``; the thread count. ``options`` may set ``precision``, ``memory``, ``power``.
@@ -27,10 +27,10 @@ import platform
 
 import numpy as np
 
-from ..mapping import Op, map_ops, scope_of_name
+from .mapping import Op, map_ops, scope_of_name
 from . import Precision, RuntimeFailed, RuntimeRun, collect, require
 
-#: MNN op type -> ONNX op type (the vocabulary of refghost.mapping); others are plumbing.
+#: MNN op type -> ONNX op type (the vocabulary of refghost.runtimes.mapping); others are plumbing.
 OPS = {
     "Convolution": "Conv", "ConvolutionDepthwise": "Conv", "ADD": "Add", "MUL": "Mul", "DIV": "Div",
     "REALDIV": "Div", "Concat": "Concat", "ReLU": "Relu", "ReLU6": "Clip", "PReLU": "PRelu", "ELU": "Elu",

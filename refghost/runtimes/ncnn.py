@@ -7,7 +7,7 @@ This module
 1. reads the ``.param`` (a text file: ``7767517``, then ``layer_count blob_count``, then one layer
    a line: ``Type name n_bottoms n_tops bottoms... tops... id=value ...``; ids per layer type as in
    ncnn's ``docs/developer-guide/operators.md``) and checks it, a bad file being a
-   :class:`~refghost.compare.CompareError` that names the file and line;
+   :class:`~refghost.errors.CompareError` that names the file and line;
 2. reads the storage type of every weight blob in the ``.bin`` (each weight array starts with a
    4-byte tag: ``0x01306B47`` float16, ``0x000D4B38`` int8, ``0`` or ``0x0002C056`` float32;
    biases and BatchNorm statistics are always raw float32);
@@ -44,7 +44,7 @@ import numpy as np
 
 from . import Precision, RuntimeRun, require
 from ..arch import Graph, Node, output_shapes
-from ..compare import CompareError
+from ..errors import CompareError
 
 PARAM_MAGIC = 7767517
 #: Param ids at or below this hold arrays: id -23300-k is array parameter k, written ``n,v1,...,vn``.

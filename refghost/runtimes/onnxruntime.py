@@ -4,7 +4,7 @@ The model runs twice on the golden's input: as it is, for the outputs as deploye
 every node output exposed as a graph output, for the intermediates (exposing a tensor stops ORT
 from fusing it away, so this run may round differently from the deployed one; each is honest on
 its own and checked as such). ONNX tensors are mapped to module paths by
-:func:`refghost.mapping.map_onnx` (the exporter's scope names, else the structure).
+:func:`refghost.runtimes.mapping.map_onnx` (the exporter's scope names, else the structure).
 
 ONNX Runtime's CPU provider computes float32 at every setting: ``precise=True`` changes nothing.
 ``options``: ``optimization`` = ``all`` (default, ``ORT_ENABLE_ALL``) or ``none``.
@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..mapping import map_onnx
-from ..onnx_package import import_onnx
+from .mapping import map_onnx
+from .onnx_package import import_onnx
 from . import Precision, RuntimeFailed, RuntimeRun, collect, require
 
 OPTIMIZATIONS = ("all", "none")

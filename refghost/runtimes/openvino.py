@@ -7,7 +7,7 @@ the conv before it, do not happen in that run; each run is honest on its own).
 
 OpenVINO's ONNX frontend keeps the ONNX tensor names on ports and the ONNX node names as friendly
 names, so ports are mapped to module paths by the exporter's scope names where it wrote them,
-else by structure (:mod:`refghost.mapping`). A bias is a separate ``Add`` after a
+else by structure (:mod:`refghost.runtimes.mapping`). A bias is a separate ``Add`` after a
 ``Convolution``: the pair is one ``Conv``.
 
 Precision: the CPU plugin's default ``INFERENCE_PRECISION_HINT`` is ``bf16`` on CPUs with bf16
@@ -24,10 +24,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..mapping import Op, map_ops, scope_of_name
+from .mapping import Op, map_ops, scope_of_name
 from . import Precision, RuntimeFailed, RuntimeRun, collect, require
 
-#: OpenVINO op type -> ONNX op type (the vocabulary of refghost.mapping); others are plumbing.
+#: OpenVINO op type -> ONNX op type (the vocabulary of refghost.runtimes.mapping); others are plumbing.
 OPS = {
     "Convolution": "Conv", "GroupConvolution": "Conv", "BatchNormInference": "BatchNormalization",
     "Relu": "Relu", "PRelu": "PRelu", "Elu": "Elu", "Selu": "Selu", "Gelu": "Gelu", "HSwish": "HardSwish",

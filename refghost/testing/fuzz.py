@@ -5,8 +5,8 @@ random-mutation loop with hang and memory accounting). A reader passes a case wh
 or raises a :class:`~refghost.errors.RefghostError`; anything else is a bug.
 
 Readers (``READERS``): ``weights`` (:func:`refghost.weights.load_weights`), ``golden``
-(:func:`refghost.golden.read_golden`), ``candidate_npz``/``candidate_h5``/``candidate_npy``
-(:func:`refghost.candidates.load_candidate` against the seed golden), ``checkpoint``
+(:func:`refghost.verify.golden.read_golden`), ``candidate_npz``/``candidate_h5``/``candidate_npy``
+(:func:`refghost.verify.candidates.load_candidate` against the seed golden), ``checkpoint``
 (:func:`refghost.checkpoint.load_state_dict`) and ``state_dict_npz``
 (:func:`refghost.convert.read_state_dict`).
 """
@@ -37,7 +37,7 @@ SUFFIX = {"weights": ".h5", "golden": ".h5", "candidate_npz": ".npz", "candidate
 def make_seeds(folder) -> dict[str, Path]:
     """Write one valid seed file per kind into ``folder``; returns ``{kind: path}``."""
     from ..arch import Config
-    from ..golden import make_golden, write_golden
+    from ..verify.golden import make_golden, write_golden
     from ..weights import from_tensors, save_weights
     from . import random_params
     from ..arch import build_graph
@@ -124,12 +124,12 @@ def reader(kind: str, seeds: dict):
 
         return load_weights
     if kind == "golden":
-        from ..golden import read_golden
+        from ..verify.golden import read_golden
 
         return read_golden
     if kind.startswith("candidate_"):
-        from ..candidates import load_candidate
-        from ..golden import read_golden
+        from ..verify.candidates import load_candidate
+        from ..verify.golden import read_golden
 
         golden = read_golden(seeds["golden"])
         maps = {"blocks.9": "blocks.9"} if kind == "candidate_npy" else None  # the .npy seed's name

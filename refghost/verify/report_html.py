@@ -17,10 +17,10 @@ import re
 
 import numpy as np
 
-from .atomic import atomic_path
-from .bounds import POLICIES
+from ..atomic import atomic_path
+from ..bounds import POLICIES
 from .compare import LEGEND, Report, _accumulated_bounds
-from .errors import RefghostError
+from ..errors import RefghostError
 
 #: At most this many failing layers get their own pictures (the first divergent first).
 MAX_LAYER_FIGURES = 8

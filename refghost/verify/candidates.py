@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 import os
 
-from . import safe_io
+from .. import safe_io
 from .compare import CompareError, _few
 from .golden import Golden
 
@@ -31,7 +31,7 @@ def load_candidate(path, golden: Golden, *, maps: dict | None = None, threads: i
     (see :func:`refghost.runtimes.run_model`; ``optimization`` is ONNX Runtime's); the
     :class:`~refghost.runtimes.RuntimeRun` is appended to ``run`` when a list is given.
     """
-    from .runtimes import EXTENSIONS, run_model
+    from ..runtimes import EXTENSIONS, run_model
 
     path = os.fspath(path)
     if not os.path.isfile(path):

@@ -13,7 +13,7 @@ from __future__ import annotations
 import importlib
 from importlib import metadata
 
-from .errors import RefghostError
+from ..errors import RefghostError
 
 
 class OnnxUnusable(RefghostError):

@@ -33,9 +33,9 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from .bounds import BOUND_MODEL, DEFAULT_LAMBDA, POLICIES, as_policy, error_bounds, segment_bound
-from .errors import RefghostError
-from .forward import single_threaded_blas
+from ..bounds import BOUND_MODEL, DEFAULT_LAMBDA, POLICIES, as_policy, error_bounds, segment_bound
+from ..errors import CompareError, RefghostError
+from ..forward import single_threaded_blas
 from .golden import Golden
 
 #: Longest chain of layers recomputed for one isolated check (e.g. a fused Conv+BN+ReLU is 3).
@@ -50,10 +50,6 @@ _EVERYTHING_DIFFERS = 0.9
 #: A failure of at least this share of the isolated checks is widespread (a lower precision
 #: rounds every layer more coarsely; a bug breaks one layer and its copies).
 _WIDESPREAD = 0.2
-
-
-class CompareError(RefghostError):
-    """Nothing comparable: no tensor in common, an unreadable candidate, a mismatched input."""
 
 
 @dataclass

@@ -29,8 +29,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .arch import Graph
-from .compare import CompareError
+from ..arch import Graph
+from ..errors import CompareError
 
 __all__ = ["BY_SCOPE", "BY_STRUCTURE", "BY_WEIGHTS", "FlowOp", "Op", "PATTERNS", "PLUMBING", "MappingError",
            "folded_conv_weight", "map_by_dataflow", "map_by_scope", "map_by_structure", "map_onnx", "map_ops",

@@ -33,21 +33,17 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import __version__
-from .atomic import atomic_path
-from .bounds import BOUND_MODEL, DEFAULT_LAMBDA, FLOAT32_U, error_bounds
-from .errors import RefghostError, WeightsError
-from .forward import single_threaded_blas
-from . import safe_io
-from .arch import output_shapes
-from .weights import MAX_INPUT_PIXELS, Weights, open_hdf5, read_weights_group, write_weights_group
+from .. import __version__
+from ..atomic import atomic_path
+from ..bounds import BOUND_MODEL, DEFAULT_LAMBDA, FLOAT32_U, error_bounds
+from ..errors import GoldenError, RefghostError, WeightsError
+from ..forward import single_threaded_blas
+from .. import safe_io
+from ..arch import output_shapes
+from ..weights import MAX_INPUT_PIXELS, Weights, open_hdf5, read_weights_group, write_weights_group
 
 FORMAT = "refghost-golden"
 SCHEMA_VERSION = 1
-
-
-class GoldenError(RefghostError):
-    """A golden file that cannot be used: unreadable, wrong format or version, inconsistent."""
 
 
 @dataclass
