@@ -1,10 +1,11 @@
 """The compiled engine (refghost/engine.py, refghost/kernels/fused.py, refghost/kernels/blas.py).
 
-Every tolerance is derived, none picked:
+Every tolerance comes from refghost.bounds, none is written here:
 
-* one kernel against the plain op, both in the same dtype: each output is a dot product of m
-  terms (taps, plus the bias, plus the residual) summed in two orders, so
-  ``|a - b| <= 2 * gamma_m * sum |terms|`` with ``gamma_m = m u / (1 - m u)`` (Higham ch. 3);
+* one fused kernel (a conv with its bias, activation and residual; the squeeze-excite) and the
+  plain ops it replaces, both in the same dtype: each within the worst-case bound of
+  :func:`refghost.bounds.segment_bound` over the chain of nodes the kernel fuses, around the
+  float64 oracle of that chain (computed by the interpreter, not by the engine's kernels);
 * a whole network against the plain interpreter: both are honest implementations, each within
   the accumulated (probabilistic) bound of :func:`refghost.bounds.error_bounds` of the exact
   result, so they are within twice that bound of each other;
@@ -18,8 +19,8 @@ from conftest import numba_threads, random_weights
 
 import refghost
 from refghost import engine, ops
-from refghost.arch import Config
-from refghost.bounds import FLOAT32_U, FLOAT64_U, error_bounds, gamma
+from refghost.arch import Config, Graph, Node
+from refghost.bounds import FLOAT32_U, FLOAT64_U, UNDERFLOW, error_bounds, segment_bound
 from refghost.errors import RefghostError
 from refghost.forward import execute
 from refghost.kernels import fused
@@ -41,6 +42,37 @@ def _buffer(x):
     buf[:, 0] = 1
     buf[:, 1:] = x.reshape(n, c, h * w)
     return buf
+
+
+#: The engine's activation codes as the activation nodes of refghost.arch (ACT_NONE: no node).
+ACTIVATIONS = {fused.ACT_RELU: "ReLU", fused.ACT_LEAKY: "LeakyReLU", fused.ACT_RELU6: "ReLU6"}
+
+
+def _conv_node(name, src, *, stride=1, padding=0, groups=1):
+    """A conv node with a bias reading ``<name>.weight`` and ``<name>.bias``."""
+    return Node(name, "conv", (src,), {"weight": f"{name}.weight", "bias": f"{name}.bias"},
+                {"stride": stride, "padding": padding, "groups": groups})
+
+
+def _then_act(nodes, code):
+    """``nodes`` followed by the activation of engine code ``code`` (none for ACT_NONE)."""
+    if code == fused.ACT_NONE:
+        return nodes
+    return [*nodes, Node("act", "act", (nodes[-1].name,), attrs={"activation": ACTIVATIONS[code]})]
+
+
+def assert_within_chain_bound(nodes, leaves, params, dtype, *results):
+    """Each of ``results`` within the worst-case bound of refghost.bounds.segment_bound of the chain
+    ``nodes`` (in forward order, the last one the output) around its float64 value: the rounding
+    of an honest ``dtype`` evaluation of the chain from the exact ``leaves`` (``{name: array}``),
+    whatever its summation orders. ``params`` maps the nodes' parameter keys to arrays."""
+    graph = Graph(Config(), list(nodes), {"output": nodes[-1].name}, {})
+    p64 = {k: np.asarray(v, np.float64) for k, v in params.items()}
+    value, bound = segment_bound(graph, [n.name for n in nodes], leaves, p64, u=U[dtype], eta=UNDERFLOW[dtype])
+    for got in results:
+        assert got.shape == value.shape
+        err = np.abs(np.asarray(got, np.float64) - value)
+        assert (err <= bound).all(), f"max error/bound {np.max(err / bound):.3g}"
 
 
 def _plain_act(code, slope, y):
@@ -79,7 +111,7 @@ def test_fused_depthwise_matches_plain_ops(case, dtype, variant):
     x = rng.standard_normal((n, c, h, w)).astype(dtype)
     wt = rng.standard_normal((c, 1, k, k)).astype(dtype)
     b = rng.standard_normal(c).astype(dtype)
-    slope = 0.1
+    slope = ops.LEAKY_RELU_SLOPE
     # ghost layout: source in rows [1, 1+c), output in rows [1+c, 1+2c) of the same buffer
     buf = _buffer(np.concatenate([x, np.zeros((n, c, h, w), dtype)], axis=1)) if s == 1 else _buffer(x)
     dst = buf if s == 1 else _buffer(np.zeros((n, c, ho, wo), dtype))
@@ -100,16 +132,14 @@ def test_fused_depthwise_matches_plain_ops(case, dtype, variant):
         kernels[variant](*args)
     got = dst[:, d_row0:d_row0 + c].reshape(n, c, ho, wo)
 
-    conv = ops.conv2d(x, wt, b, stride=s, padding=p, groups=c)
-    want = _plain_act(act, slope, conv)
-    r = res[:, c:] if with_res else np.zeros_like(want)
+    want = _plain_act(act, slope, ops.conv2d(x, wt, b, stride=s, padding=p, groups=c))
+    chain = _then_act([_conv_node("dw", "input", stride=s, padding=p, groups=c)], act)
     if with_res:
-        want = want + r
-    mag = (ops.conv2d(np.abs(x).astype(np.float64), np.abs(wt).astype(np.float64), np.abs(b).astype(np.float64),
-                      stride=s, padding=p, groups=c) + np.abs(r))
-    tol = 2 * gamma(k * k + 2, U[dtype]) * mag
+        want = want + res[:, c:]
+        chain.append(Node("add", "add", (chain[-1].name, "residual")))
     assert got.dtype == np.dtype(dtype)
-    assert (np.abs(got.astype(np.float64) - want) <= tol).all()
+    assert_within_chain_bound(chain, {"input": x, "residual": res[:, c:]}, {"dw.weight": wt, "dw.bias": b}, dtype,
+                              got, want)
     if pre_row0 >= 0:  # the source half got the other half of the residual, exactly one rounding
         np.testing.assert_array_equal(buf[:, 1:1 + c].reshape(n, c, h, w), x + res[:, :c])
     else:
@@ -134,13 +164,13 @@ def test_gemm_tiles_match_plain_conv(shape, dtype, act):
         covered[img, m0:m1, j0:j1] += 1
     assert (covered == 1).all()  # the tiles partition the output exactly
     wb = np.ascontiguousarray(np.concatenate([b[:, None], wt.reshape(m, k - 1)], axis=1))
-    consts = fused.make_consts(dtype, 0.1)
+    consts = fused.make_consts(dtype, ops.LEAKY_RELU_SLOPE)
     fused.gemm_tasks_parallel(wb, xb, y, 2, tasks, act, consts)
     got = y[:, 2:2 + m].reshape(n, m, h, w)
     assert np.isnan(y[:, :2]).all() and np.isnan(y[:, 2 + m:]).all()  # nothing written outside
-    want = _plain_act(act, 0.1, ops.conv2d(x, wt, b))
-    mag = ops.conv2d(np.abs(x).astype(np.float64), np.abs(wt).astype(np.float64), np.abs(b).astype(np.float64))
-    assert (np.abs(got.astype(np.float64) - want) <= 2 * gamma(k, U[dtype]) * mag).all()
+    want = _plain_act(act, ops.LEAKY_RELU_SLOPE, ops.conv2d(x, wt, b))
+    assert_within_chain_bound(_then_act([_conv_node("pw", "input")], act), {"input": x},
+                              {"pw.weight": wt, "pw.bias": b}, dtype, got, want)
     serial = np.full_like(y, np.nan)
     fused.gemm_tasks(wb, xb, serial, 2, tasks, act, consts)
     np.testing.assert_array_equal(serial, y)  # the same tiles, on any thread: the same bits
@@ -163,20 +193,12 @@ def test_squeeze_excite_matches_plain_ops(dtype, n, c, r, hw):
     pooled = ops.global_avg_pool(x)
     hidden = ops.relu(ops.conv2d(pooled, wr, br))
     gate = ops.hard_sigmoid(ops.conv2d(hidden, we, be))
-    want = (x * gate).astype(np.float64)
-    # Error propagation, first order, both implementations counted (factor 2 on every rounding):
-    u = U[dtype]
-    x64, wr64, we64 = (a.astype(np.float64) for a in (x, wr, we))
-    m = ops.global_avg_pool(x64)
-    e_m = 2 * (gamma(hw, u) + u) * m
-    h64 = ops.conv2d(m, wr64, br.astype(np.float64))
-    e_h = 2 * gamma(c + 1, u) * ops.conv2d(m, np.abs(wr64), np.abs(br).astype(np.float64)) \
-        + ops.conv2d(e_m, np.abs(wr64))
-    hr = np.maximum(h64, 0)
-    e_g = (2 * gamma(r + 3, u) * (ops.conv2d(hr, np.abs(we64), np.abs(be).astype(np.float64)) + 3)
-           + ops.conv2d(e_h, np.abs(we64))) / 6 + 2 * u
-    tol = x64 * e_g + 2 * u * np.abs(want)
-    assert (np.abs(got - want) <= tol).all()
+    want = x * gate
+    chain = [Node("pool", "global_avg_pool", ("input",)), _conv_node("reduce", "pool"),
+             Node("relu", "act", ("reduce",), attrs={"activation": "ReLU"}), _conv_node("expand", "relu"),
+             Node("gate", "hard_sigmoid", ("expand",)), Node("se", "scale", ("input", "gate"))]
+    params = {"reduce.weight": wr, "reduce.bias": br, "expand.weight": we, "expand.bias": be}
+    assert_within_chain_bound(chain, {"input": x}, params, dtype, got, want)
     serial = _buffer(x)
     fused.squeeze_excite_serial(serial, *args)
     np.testing.assert_array_equal(serial, buf)
@@ -262,9 +284,8 @@ def test_stem_bands_match_plain_conv(dtype, n, c, h, w, m, k, s, p, band):
     assert np.isnan(y[:, 0]).all() and np.isnan(y[:, 1 + m:]).all()  # nothing written outside
     got = y[:, 1:1 + m].reshape(n, m, ho, wo).astype(np.float64)
     want = ops.relu(ops.conv2d(x, wt, b, stride=s, padding=p))
-    mag = ops.conv2d(np.abs(x).astype(np.float64), np.abs(wt).astype(np.float64), np.abs(b).astype(np.float64),
-                     stride=s, padding=p)
-    assert (np.abs(got - want) <= 2 * gamma(kk, U[dtype]) * mag).all()
+    assert_within_chain_bound(_then_act([_conv_node("stem", "input", stride=s, padding=p)], fused.ACT_RELU),
+                              {"input": x}, {"stem.weight": wt, "stem.bias": b}, dtype, got, want)
 
 
 def test_the_plan_runs_as_one_compiled_program():

@@ -1,8 +1,22 @@
-"""The fast kernels in refghost.kernels against the plain ops in refghost.ops."""
+"""The fast kernels of refghost.kernels against the plain ops of refghost.ops, from one table.
+
+:data:`KERNELS` names every fast kernel of the interpreter's fast path with its plain op, the op
+name under which :func:`refghost.testing.assert_matches_reference` judges it (the bound of
+:mod:`refghost.bounds`: ``node_bound`` of one node, float64 oracle and underflow included), the
+cases it is checked on (a fixed grid and a Hypothesis strategy) and when it must give exactly the
+plain op's values. :func:`check` applies one row to one case: no tolerance is written here.
+
+Both the fast kernel and the plain op are judged against the same oracle and bound. The oracle is
+float64 through :func:`refghost.forward.evaluate`, whose default is the fast path itself; the
+plain op, judged by the same oracle, keeps the check independent of it: a kernel wrong in both
+dtypes moves the oracle, and then the plain op breaks the bound.
+"""
 
 from __future__ import annotations
 
 import itertools
+from dataclasses import dataclass, replace
+from typing import Callable
 
 import numba
 import numpy as np
@@ -10,118 +24,214 @@ import pytest
 from hypothesis import given, settings, strategies as st
 from conftest import numba_threads
 
-from refghost import ops
+from refghost import kernels, ops
+from refghost.kernels.conv import conv2d_gemm
 from refghost.kernels.depthwise import depthwise_conv2d
 from refghost.kernels.elementwise import erf
+from refghost.testing import ActivationCase, ConvCase, assert_matches_reference
+from refghost.testing import strategies as rst
 
-DTYPES = (np.float32, np.float64)
-UNIT_ROUNDOFF = {np.dtype(np.float32): 2.0**-24, np.dtype(np.float64): 2.0**-53}
-
-
-def _gamma(m, u):
-    """gamma_m = m*u / (1 - m*u), Higham's bound for m successive roundings."""
-    return m * u / (1 - m * u)
+DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 
-def depthwise_tolerance(x, w, b, *, stride, padding):
-    """Elementwise bound on |fast - plain| for a depthwise conv, derived from the summation error.
+@dataclass(frozen=True)
+class Kernel:
+    """One fast kernel and how it is judged.
 
-    Derivation. Each output is s = sum_{t=1..K*K} w_t*x_t (+ b). Both the fast kernel and the plain
-    op form every product once (one rounding) and add the terms in some order (at most K*K - 1
-    roundings on any term's path, plus one more for the bias). Whatever the order, recursive
-    summation gives |computed - s| <= gamma_m * S with m = K*K (+1 with bias), u the unit roundoff
-    of the dtype (2**-24 float32, 2**-53 float64) and S = sum |w_t*x_t| (+ |b|) (Higham, Accuracy
-    and Stability of Numerical Algorithms, 2nd ed., eq. 3.4 and section 4.2; pairwise or blocked
-    orders have smaller bounds). By the triangle inequality |fast - plain| <= 2 * gamma_m * S.
-
-    S is computed as the plain conv of |x|, |w|, |b| in float64. Its terms are non-negative, so the
-    computed S_hat >= S * (1 - gamma_m(2**-53)); dividing by that factor keeps the bound rigorous
-    for float64 inputs too (for float32 it changes nothing visible). No underflow is assumed: the
-    test data here are O(1).
+    ``fast(case)`` and ``plain(case)`` compute the op on a case of refghost.testing; ``op`` is its
+    name in :data:`refghost.testing.OPS` (None: judged by ``exact`` alone); ``grid()`` gives the
+    fixed cases, ``cases`` draws more; ``exact(case)`` says when fast must give exactly the plain op's values;
+    ``wrong(case)`` is the case with one weight (or input) flipped, for showing a wrong kernel fails.
     """
-    k = w.shape[2]
-    m = k * k + (b is not None)
-    u = UNIT_ROUNDOFF[x.dtype]
-    s_hat = ops.conv2d(np.abs(x).astype(np.float64), np.abs(w).astype(np.float64),
-                       None if b is None else np.abs(b).astype(np.float64),
-                       stride=stride, padding=padding, groups=x.shape[1])
-    return 2 * _gamma(m, u) * s_hat / (1 - _gamma(m, 2.0**-53))
+
+    fast: Callable
+    plain: Callable
+    op: str | None
+    grid: Callable[[], list]
+    cases: st.SearchStrategy
+    exact: Callable[[object], bool]
+    wrong: Callable
 
 
-def _random_case(rng, n, c, h, wd, k, dtype, bias):
-    x = rng.standard_normal((n, c, h, wd)).astype(dtype)
-    w = rng.standard_normal((c, 1, k, k)).astype(dtype)
-    b = rng.standard_normal(c).astype(dtype) if bias else None
-    return x, w, b
+# --- the cases ----------------------------------------------------------------------------------
 
 
-def check_depthwise(x, w, b, *, stride, padding):
-    """Fast vs plain: same shape and dtype, within the derived bound, exactly equal when K == 1."""
-    c, k = x.shape[1], w.shape[2]
-    if x.shape[2] + 2 * padding < k or x.shape[3] + 2 * padding < k:
-        with pytest.raises(ValueError):
-            ops.conv2d(x, w, b, stride=stride, padding=padding, groups=c)
-        with pytest.raises(ValueError):
-            depthwise_conv2d(x, w, b, stride=stride, padding=padding)
-        return
-    plain = ops.conv2d(x, w, b, stride=stride, padding=padding, groups=c)
-    fast = depthwise_conv2d(x, w, b, stride=stride, padding=padding)
-    assert fast.shape == plain.shape
-    assert fast.dtype == x.dtype == plain.dtype
-    if k == 1:
-        # A single product (then + bias): one rounding each, in the same order in both.
-        np.testing.assert_array_equal(fast, plain)
-    else:
-        tol = depthwise_tolerance(x, w, b, stride=stride, padding=padding)
-        err = np.abs(fast.astype(np.float64) - plain.astype(np.float64))
-        assert np.all(err <= tol), f"max excess {np.max(err - tol)}"
+def _conv(impl):
+    return lambda c: impl(c.x, c.w, c.b, stride=c.stride, padding=c.padding, groups=c.groups)
 
 
-# --- depthwise: parameter grid --------------------------------------------------------------
+def _conv_case(rng, x_shape, o, k, dtype, *, stride, padding, groups, bias):
+    x = rng.standard_normal(x_shape).astype(dtype)
+    w = rng.standard_normal((o, x_shape[1] // groups, k, k)).astype(dtype)
+    b = rng.standard_normal(o).astype(dtype) if bias else None
+    return ConvCase(x, w, b, stride, padding, groups)
 
+
+#: Input sides (H, W) of the depthwise grid, from smaller than the kernel to several blocks.
 SIZES = [(1, 1), (2, 3), (5, 5), (7, 13), (23, 17), (11, 1), (4, 19)]
-
-
 #: (K, stride, padding): K in {1, 3, 5}, stride in {1, 2, 3}, padding in {0, K//2, K//2 + 1}.
-GRID = [(k, s, p) for k, s in itertools.product((1, 3, 5), (1, 2, 3))
-        for p in sorted({0, k // 2, k // 2 + 1})]
+GRID = [(k, s, p) for k, s in itertools.product((1, 3, 5), (1, 2, 3)) for p in sorted({0, k // 2, k // 2 + 1})]
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: d.__name__)
-@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
-@pytest.mark.parametrize("k,stride,pad", GRID)
-def test_depthwise_grid(k, stride, pad, bias, dtype):
-    rng = np.random.default_rng(1000 * k + 100 * stride + 10 * pad + bias)
-    for n, c in [(1, 1), (2, 5)]:
-        for h, wd in SIZES:
-            x, w, b = _random_case(rng, n, c, h, wd, k, dtype, bias)
-            check_depthwise(x, w, b, stride=stride, padding=pad)
+def _depthwise_grid():
+    """Every (K, stride, padding) of GRID on every size, 1 and 5 channels, bias or not; and bigger
+    planes with GhostNet's geometry (several accumulator blocks per plane, many chunks)."""
+    cases = []
+    for dtype, bias, (k, s, p) in itertools.product(DTYPES, (False, True), GRID):
+        rng = np.random.default_rng(1000 * k + 100 * s + 10 * p + bias)
+        for (n, c), (h, wd) in itertools.product([(1, 1), (2, 5)], SIZES):
+            cases.append(_conv_case(rng, (n, c, h, wd), c, k, dtype, stride=s, padding=p, groups=c, bias=bias))
+    for dtype, (k, s) in itertools.product(DTYPES, [(3, 1), (3, 2), (5, 1), (5, 2)]):
+        rng = np.random.default_rng(k * 10 + s)
+        cases.append(_conv_case(rng, (2, 6, 47, 33), 6, k, dtype, stride=s, padding=k // 2, groups=6, bias=True))
+    return cases
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: d.__name__)
-@pytest.mark.parametrize("k,stride", [(3, 1), (3, 2), (5, 1), (5, 2)])
-def test_depthwise_ghostnet_like(k, stride, dtype):
-    """Bigger planes and channel counts (several accumulator blocks per plane, many chunks)."""
-    rng = np.random.default_rng(k * 10 + stride)
-    x, w, b = _random_case(rng, 2, 6, 47, 33, k, dtype, True)
-    check_depthwise(x, w, b, stride=stride, padding=k // 2)
+def _dense_grid():
+    """Dense convs: the 1x1 stride-1 product without im2col, the stem's 3x3/2, 5x5, odd sides."""
+    cases = []
+    for dtype, (c, o, k, s, p), bias in itertools.product(
+            DTYPES, [(8, 16, 1, 1, 0), (3, 16, 3, 2, 1), (4, 5, 5, 1, 2), (2, 3, 3, 3, 0), (5, 7, 1, 2, 0)],
+            (False, True)):
+        rng = np.random.default_rng(100 * c + 10 * k + s)
+        for h, wd in [(9, 9), (6, 13), (17, 4)]:
+            cases.append(_conv_case(rng, (2, c, h, wd), o, k, dtype, stride=s, padding=p, groups=1, bias=bias))
+    return cases
 
 
-# --- depthwise: hypothesis ------------------------------------------------------------------
+def _any_conv_grid():
+    """What kernels.conv2d dispatches: dense (BLAS), depthwise (Numba), grouped and a channel
+    multiplier (the plain op)."""
+    cases = []
+    for dtype, (c, o, g) in itertools.product(DTYPES, [(4, 6, 1), (6, 6, 6), (6, 9, 3), (3, 6, 3)]):
+        rng = np.random.default_rng(10 * c + g)
+        for k, s in [(1, 1), (3, 1), (3, 2), (5, 2)]:
+            cases.append(_conv_case(rng, (1, c, 11, 8), o, k, dtype, stride=s, padding=k // 2, groups=g, bias=True))
+    return cases
 
+
+def _gelu_grid():
+    """GELU's knee and tails: a fine ramp over [-6, 6], tiny and large magnitudes, both zeros."""
+    rng = np.random.default_rng(3)
+    x = np.concatenate([np.linspace(-6, 6, 4001), rng.uniform(-7, 7, 20000), rng.standard_normal(5000) * 1e-3,
+                        [0.0, -0.0, 1e-30, -1e-30, 1e-8, -1e-8, 30.0, -30.0, 1e4, -1e4]])
+    return [ActivationCase(x.astype(dt), "GELU") for dt in DTYPES]
+
+
+def _flip_weight(case):
+    """The case with its largest weight negated: a kernel that reads it so is wrong."""
+    w = case.w.copy()
+    i = np.unravel_index(np.argmax(np.abs(w)), w.shape)
+    w[i] = -w[i]
+    return replace(case, w=w)
+
+
+def _flip_input(case):
+    """The case with its largest input negated (GELU and erf are not even: the output changes)."""
+    x = case.x.copy()
+    i = np.unravel_index(np.argmax(np.abs(x)), x.shape)
+    x[i] = -x[i]
+    return replace(case, x=x)
+
+
+def _depthwise_exact(case):
+    # A single product (then + bias): one rounding each, in the same order in both.
+    return case.w.shape[2] == 1
+
+
+def _conv2d_exact(case):
+    """kernels.conv2d gives the plain op's values where it calls the plain op (grouped convs, a
+    channel multiplier) and where the depthwise kernel does (K == 1); dense convs go to BLAS."""
+    if case.groups == 1:
+        return False
+    return _depthwise_exact(case) if case.groups == case.x.shape[1] == case.w.shape[0] else True
+
+
+_FLOATS = st.sampled_from(DTYPES)
+
+KERNELS = {
+    "conv2d": Kernel(_conv(kernels.conv2d), _conv(ops.conv2d), "conv2d", _any_conv_grid,
+                     rst.conv_cases(dtype=_FLOATS), _conv2d_exact, _flip_weight),
+    "conv2d_gemm": Kernel(lambda c: conv2d_gemm(c.x, c.w, c.b, stride=c.stride, padding=c.padding),
+                          _conv(ops.conv2d), "conv2d", _dense_grid,
+                          rst.conv_cases(depthwise=False, strides=(1, 2, 3), dtype=_FLOATS),
+                          lambda case: False, _flip_weight),
+    "depthwise_conv2d": Kernel(lambda c: depthwise_conv2d(c.x, c.w, c.b, stride=c.stride, padding=c.padding),
+                               _conv(ops.conv2d), "conv2d", _depthwise_grid,
+                               rst.conv_cases(depthwise=True, in_channels=st.integers(1, 8),
+                                              kernel_sizes=(1, 3, 5), strides=(1, 2, 3), paddings=(0, 1, 2, 3),
+                                              height=st.integers(1, 23), width=st.integers(1, 23),
+                                              dtype=_FLOATS),
+                               _depthwise_exact, _flip_weight),
+    # Both evaluate libm's erf in float64 and round to the dtype: bit-identical.
+    "erf": Kernel(lambda c: erf(c.x), lambda c: ops._erf(c.x), None, _gelu_grid,
+                  rst.activation_cases(name="GELU", dtype=_FLOATS), lambda case: True, _flip_input),
+    "GELU": Kernel(lambda c: kernels.activation("GELU", c.x), lambda c: ops.gelu(c.x), "GELU", _gelu_grid,
+                   rst.activation_cases(name="GELU", dtype=_FLOATS), lambda case: True, _flip_input),
+}
+
+
+# --- the check ----------------------------------------------------------------------------------
+
+
+def check(kernel: Kernel, case):
+    """The kernel against its plain op on one case: the same errors, shape and dtype; the same values
+    where ``kernel.exact``; both within the bound of refghost.bounds around the float64 oracle."""
+    try:
+        plain = kernel.plain(case)
+    except ValueError:  # e.g. a kernel larger than the padded input
+        with pytest.raises(ValueError):
+            kernel.fast(case)
+        return
+    fast = kernel.fast(case)
+    assert fast.shape == plain.shape
+    assert fast.dtype == plain.dtype == case.x.dtype
+    if kernel.exact(case):
+        np.testing.assert_array_equal(fast, plain)  # NaN equals NaN; -0.0 equals 0.0
+    if kernel.op is not None:
+        policy = case.x.dtype.name
+        assert_matches_reference(kernel.op, case, fast, policy=policy)
+        assert_matches_reference(kernel.op, case, plain, policy=policy)
+
+
+@pytest.mark.parametrize("name", KERNELS)
+def test_kernel_on_its_grid(name):
+    kernel = KERNELS[name]
+    for case in kernel.grid():
+        check(kernel, case)
+
+
+@pytest.mark.parametrize("name", KERNELS)
 @settings(deadline=None, max_examples=60)
-@given(n=st.integers(1, 2), c=st.integers(1, 8), h=st.integers(1, 23), wd=st.integers(1, 23),
-       k=st.sampled_from([1, 3, 5]), stride=st.sampled_from([1, 2, 3]), pad_kind=st.integers(0, 2),
-       bias=st.booleans(), dtype=st.sampled_from(DTYPES), seed=st.integers(0, 2**32 - 1))
-def test_depthwise_hypothesis(n, c, h, wd, k, stride, pad_kind, bias, dtype, seed):
-    pad = (0, k // 2, k // 2 + 1)[pad_kind]
-    x, w, b = _random_case(np.random.default_rng(seed), n, c, h, wd, k, dtype, bias)
-    check_depthwise(x, w, b, stride=stride, padding=pad)
+@given(data=st.data())
+def test_kernel_on_drawn_cases(name, data):
+    kernel = KERNELS[name]
+    check(kernel, data.draw(kernel.cases, label="case"))
+
+
+@pytest.mark.parametrize("name", KERNELS)
+def test_a_wrong_kernel_fails_the_check(name):
+    """The same kernel reading one weight (or input) with its sign flipped breaks ``check`` on the
+    largest grid case, in both dtypes: the table can tell a wrong kernel."""
+    kernel = KERNELS[name]
+    wrong = replace(kernel, fast=lambda case: kernel.fast(kernel.wrong(case)))
+    for dtype in DTYPES:
+        case = max((c for c in kernel.grid() if c.x.dtype == dtype and _computable(kernel, c)), key=lambda c: c.x.size)
+        with pytest.raises(AssertionError):
+            check(wrong, case)
+
+
+def _computable(kernel, case):
+    try:
+        return kernel.plain(case).size > 0
+    except ValueError:
+        return False
 
 
 # --- depthwise: exact, hand-checkable cases -------------------------------------------------
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: d.__name__)
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("k,stride,pad",
                          [(3, 1, 1), (3, 2, 1), (5, 1, 2), (5, 2, 2), (5, 3, 3), (3, 2, 0)])
 def test_depthwise_impulse(k, stride, pad, dtype):
@@ -131,8 +241,7 @@ def test_depthwise_impulse(k, stride, pad, dtype):
     stride or padding offset shows up as a wrong power of two (or a missing/extra one).
     """
     h, wd = 9, 8
-    ho = (h + 2 * pad - k) // stride + 1
-    wo = (wd + 2 * pad - k) // stride + 1
+    ho, wo = ops.conv_output_size(h, k, stride, pad), ops.conv_output_size(wd, k, stride, pad)
     positions = [(hh, ww) for hh in range(h) for ww in range(wd)]
     c = len(positions)  # one channel per impulse position
     x = np.zeros((1, c, h, wd), dtype)
@@ -165,8 +274,7 @@ def test_depthwise_one_hot_weights(k, stride, pad):
         w[ch, 0, a, e] = 1
     b = np.arange(c, dtype=np.float64) * 1000  # exact: integers well below 2**53
     xp = np.pad(ramp, pad)
-    ho = (h + 2 * pad - k) // stride + 1
-    wo = (wd + 2 * pad - k) // stride + 1
+    ho, wo = ops.conv_output_size(h, k, stride, pad), ops.conv_output_size(wd, k, stride, pad)
     rows = slice(None, stride * (ho - 1) + 1, stride)
     cols = slice(None, stride * (wo - 1) + 1, stride)
     expected = np.stack([xp[a:, e:][rows, cols] + 1000 * ch
@@ -184,7 +292,7 @@ def test_depthwise_non_contiguous_input():
     fast = depthwise_conv2d(x, w_nc, b, stride=2, padding=1)
     ref = depthwise_conv2d(np.ascontiguousarray(x), w, np.ascontiguousarray(b), stride=2, padding=1)
     np.testing.assert_array_equal(fast, ref)
-    check_depthwise(x, w_nc, b, stride=2, padding=1)
+    check(KERNELS["depthwise_conv2d"], ConvCase(x, w_nc, b, 2, 1, 3))
 
 
 def test_depthwise_nan_inf_propagate():
@@ -216,47 +324,43 @@ def test_depthwise_rejects_bad_arguments():
 
 
 @pytest.mark.skipif(numba.config.NUMBA_NUM_THREADS < 2, reason="needs a Numba pool of 2 threads")
-@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: d.__name__)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("k,stride", [(3, 1), (5, 2)])
 def test_depthwise_deterministic_across_thread_counts(k, stride, dtype):
-    rng = np.random.default_rng(11)
-    x, w, b = _random_case(rng, 2, 7, 40, 37, k, dtype, True)
+    case = _conv_case(np.random.default_rng(11), (2, 7, 40, 37), 7, k, dtype, stride=stride, padding=k // 2,
+                      groups=7, bias=True)
+    run = KERNELS["depthwise_conv2d"].fast
     with numba_threads(1):
-        one = depthwise_conv2d(x, w, b, stride=stride, padding=k // 2)
+        one = run(case)
     with numba_threads(2):
-        two = depthwise_conv2d(x, w, b, stride=stride, padding=k // 2)
+        two = run(case)
     assert one.tobytes() == two.tobytes()
 
 
-# --- erf ----------------------------------------------------------------------------------
+# --- erf: special values ------------------------------------------------------------------------
 
-def _erf_inputs(dtype):
+
+def _erf_specials(dtype):
     finfo = np.finfo(dtype)
-    special = [0.0, -0.0, finfo.smallest_subnormal, -finfo.smallest_subnormal,
-               finfo.tiny, -finfo.tiny,
-               1e-30, -1e-30, 1e-8, -1e-8, 0.5, -0.5, 1.0, -1.0, 2.0, 3.0, -3.0, 5.9, 6.0, -6.0,
-               10.0, 30.0, -30.0, 1e30, -1e30, finfo.max, -finfo.max, np.inf, -np.inf, np.nan]
-    rng = np.random.default_rng(3)
-    spread = np.concatenate([rng.uniform(-7, 7, 20000), rng.standard_normal(5000) * 1e-3,
-                             np.linspace(-6, 6, 4001)])
-    return np.concatenate([np.array(special, dtype), spread.astype(dtype)])
+    return np.array([0.0, -0.0, finfo.smallest_subnormal, -finfo.smallest_subnormal, finfo.tiny, -finfo.tiny,
+                     1e-30, -1e-30, 1e-8, -1e-8, 0.5, -0.5, 1.0, -1.0, 2.0, 3.0, -3.0, 5.9, 6.0, -6.0,
+                     10.0, 30.0, -30.0, 1e30, -1e30, finfo.max, -finfo.max, np.inf, -np.inf, np.nan], dtype)
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: d.__name__)
-def test_erf_matches_plain_exactly(dtype):
-    """Both evaluate libm erf in float64 and round to dtype: bit-identical, NaN included."""
-    x = _erf_inputs(dtype)
-    fast = erf(x)
-    plain = ops._erf(x)
-    assert fast.dtype == plain.dtype == dtype
-    uint = np.uint32 if dtype == np.float32 else np.uint64
-    # Bitwise: also checks the sign of -0.0 and the NaN bits.
-    np.testing.assert_array_equal(fast.view(uint), plain.view(uint))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_erf_matches_plain_bit_for_bit(dtype):
+    """On subnormals, the largest finite values, infinities and NaN, and on the table's grid:
+    the same bits, the sign of -0.0 and the NaN payload included."""
+    specials = ActivationCase(_erf_specials(dtype), "GELU")
+    check(KERNELS["erf"], specials)
+    uint = f"u{dtype.itemsize}"
+    for case in [specials, *(c for c in KERNELS["erf"].grid() if c.x.dtype == dtype)]:
+        np.testing.assert_array_equal(erf(case.x).view(uint), ops._erf(case.x).view(uint))
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: d.__name__)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_erf_shapes_and_special_values(dtype):
-    x = _erf_inputs(dtype)[:24].reshape(2, 3, 4)
+    x = _erf_specials(dtype)[:24].reshape(2, 3, 4)
     out = erf(x.transpose(2, 0, 1))  # non-contiguous, 3-D
     assert out.shape == (4, 2, 3) and out.dtype == dtype
     np.testing.assert_array_equal(out, ops._erf(np.ascontiguousarray(x.transpose(2, 0, 1))))
