@@ -24,6 +24,7 @@ Two architectures:
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -37,6 +38,8 @@ DEFAULT_OUT_STAGES = (4, 6, 9)
 HEAD_CHANNELS = 1280
 #: Every channel count in GhostNet is rounded to a multiple of this.
 CHANNEL_DIVISOR = 4
+#: Channel reduction of every squeeze-excite of GhostNet: ``make_divisible(C * SE_RATIO)``.
+SE_RATIO = 0.25
 
 
 class Block(NamedTuple):
@@ -45,7 +48,7 @@ class Block(NamedTuple):
     kernel: int  # depthwise kernel of the stride-2 conv and of the conv shortcut (3 or 5)
     mid: int  # expansion channels (before width scaling)
     out: int  # output channels (before width scaling)
-    se_ratio: float  # 0 for no squeeze-excite
+    se_ratio: float  # 0 for no squeeze-excite, else its channel reduction (SE_RATIO)
     stride: int
 
 
@@ -54,25 +57,97 @@ STAGES = (
     (Block(3, 16, 16, 0.0, 1),),
     (Block(3, 48, 24, 0.0, 2),),
     (Block(3, 72, 24, 0.0, 1),),
-    (Block(5, 72, 40, 0.25, 2),),
-    (Block(5, 120, 40, 0.25, 1),),
+    (Block(5, 72, 40, SE_RATIO, 2),),
+    (Block(5, 120, 40, SE_RATIO, 1),),
     (Block(3, 240, 80, 0.0, 2),),
     (
         Block(3, 200, 80, 0.0, 1),
         Block(3, 184, 80, 0.0, 1),
         Block(3, 184, 80, 0.0, 1),
-        Block(3, 480, 112, 0.25, 1),
-        Block(3, 672, 112, 0.25, 1),
+        Block(3, 480, 112, SE_RATIO, 1),
+        Block(3, 672, 112, SE_RATIO, 1),
     ),
-    (Block(5, 672, 160, 0.25, 2),),
+    (Block(5, 672, 160, SE_RATIO, 2),),
     (
         Block(5, 960, 160, 0.0, 1),
-        Block(5, 960, 160, 0.25, 1),
+        Block(5, 960, 160, SE_RATIO, 1),
         Block(5, 960, 160, 0.0, 1),
-        Block(5, 960, 160, 0.25, 1),
+        Block(5, 960, 160, SE_RATIO, 1),
     ),
 )
 NUM_STAGES = len(STAGES) + 1  # + the final ConvBnAct
+
+
+@dataclass(frozen=True)
+class Bottleneck:
+    """One GhostBottleneck of a network: its module path, its channels (width applied) and the
+    module paths of its parts, ``None`` where it has none. The one statement of which parts a
+    block has: :func:`build_graph` builds them and the engine (:mod:`refghost.engine`) reads them.
+    """
+
+    name: str  # e.g. "blocks.3.0"
+    stage: int  # its row of STAGES
+    in_chs: int
+    mid_chs: int
+    out_chs: int
+    kernel: int  # of the stride-2 depthwise conv and of the conv shortcut
+    stride: int
+    se_ratio: float  # 0: no squeeze-excite
+
+    @property
+    def ghost1(self) -> str:
+        """The first GhostModule (in -> mid channels, with the activation)."""
+        return f"{self.name}.ghost1"
+
+    @property
+    def ghost2(self) -> str:
+        """The second GhostModule (mid -> out channels, no activation)."""
+        return f"{self.name}.ghost2"
+
+    @property
+    def conv_dw(self) -> str | None:
+        """The strided depthwise conv between the ghost modules (its BN: :attr:`bn_dw`)."""
+        return f"{self.name}.conv_dw" if self.stride > 1 else None
+
+    @property
+    def bn_dw(self) -> str | None:
+        return f"{self.name}.bn_dw" if self.stride > 1 else None
+
+    @property
+    def se(self) -> str | None:
+        """The squeeze-excite on the mid channels."""
+        return f"{self.name}.se" if self.se_ratio > 0 else None
+
+    @property
+    def se_channels(self) -> int:
+        """The squeeze-excite's reduced channels (0 without one)."""
+        return make_divisible(self.mid_chs * self.se_ratio) if self.se_ratio > 0 else 0
+
+    @property
+    def shortcut(self) -> str | None:
+        """The conv shortcut (depthwise conv+BN ``.0``/``.1``, 1x1 conv+BN ``.2``/``.3``), or None:
+        the identity (in == out channels and stride 1)."""
+        return None if self.in_chs == self.out_chs and self.stride == 1 else f"{self.name}.shortcut"
+
+
+def stem_channels(config: Config) -> int:
+    """Output channels of the stem conv."""
+    return make_divisible(16 * config.width)
+
+
+def blocks(config: Config) -> Iterator[Bottleneck]:
+    """The GhostBottlenecks of ``config`` in forward order (stages 0..8 of :data:`STAGES`)."""
+    in_chs = stem_channels(config)
+    for stage, rows in enumerate(STAGES):
+        for i, row in enumerate(rows):
+            out_chs = make_divisible(row.out * config.width)
+            yield Bottleneck(f"blocks.{stage}.{i}", stage, in_chs, make_divisible(row.mid * config.width), out_chs,
+                             row.kernel, row.stride, row.se_ratio)
+            in_chs = out_chs
+
+
+#: Module path of stage 9, the final 1x1 ConvBnAct (``.conv``, ``.bn1``, ``.act1``).
+FINAL_BLOCK = f"blocks.{len(STAGES)}.0"
 
 
 def make_divisible(v: float, divisor: int = CHANNEL_DIVISOR, min_value: int | None = None) -> int:
@@ -239,9 +314,8 @@ class _Builder:
         assert 2 * init == out_chs, (name, out_chs)
         return self.op(name, "concat", y, z)
 
-    def squeeze_excite(self, name, x, chs):
-        """SE: channel means -> 1x1 conv -> ReLU -> 1x1 conv -> hard-sigmoid gate -> x * gate."""
-        reduced = make_divisible(chs * 0.25)
+    def squeeze_excite(self, name, x, chs, reduced):
+        """SE: channel means -> 1x1 conv to ``reduced`` -> ReLU -> 1x1 conv -> hard-sigmoid gate -> x * gate."""
         s = self.op(f"{name}.avg_pool", "global_avg_pool", x)
         s = self.conv(f"{name}.conv_reduce", s, chs, reduced, 1, bias=True)
         s = self.activation(f"{name}.act1", s, "ReLU")  # always ReLU, whatever the backbone uses
@@ -249,45 +323,54 @@ class _Builder:
         g = self.op(f"{name}.gate", "hard_sigmoid", s)  # a function in PyTorch, named here
         return self.op(name, "scale", x, g)
 
-    def bottleneck(self, name, x, in_chs, mid_chs, out_chs, block: Block):
-        y = self.ghost_module(f"{name}.ghost1", x, in_chs, mid_chs, self.act)
-        if block.stride > 1:
-            y = self.conv_bn(f"{name}.conv_dw", f"{name}.bn_dw", y, mid_chs, mid_chs, block.kernel,
-                             stride=block.stride, groups=mid_chs)  # no activation after bn_dw
-        if block.se_ratio > 0:
-            y = self.squeeze_excite(f"{name}.se", y, mid_chs)
-        y = self.ghost_module(f"{name}.ghost2", y, mid_chs, out_chs, None)
-        if in_chs == out_chs and block.stride == 1:
+    def bottleneck(self, x, block: Bottleneck):
+        y = self.ghost_module(block.ghost1, x, block.in_chs, block.mid_chs, self.act)
+        if block.conv_dw:
+            y = self.conv_bn(block.conv_dw, block.bn_dw, y, block.mid_chs, block.mid_chs, block.kernel,
+                             stride=block.stride, groups=block.mid_chs)  # no activation after bn_dw
+        if block.se:
+            y = self.squeeze_excite(block.se, y, block.mid_chs, block.se_channels)
+        y = self.ghost_module(block.ghost2, y, block.mid_chs, block.out_chs, None)
+        if block.shortcut is None:
             shortcut = x
         else:
-            s = f"{name}.shortcut"
-            shortcut = self.conv_bn(f"{s}.0", f"{s}.1", x, in_chs, in_chs, block.kernel,
-                                    stride=block.stride, groups=in_chs)
-            shortcut = self.conv_bn(f"{s}.2", f"{s}.3", shortcut, in_chs, out_chs, 1)
-        return self.op(name, "add", y, shortcut)  # no activation after the residual add
+            s = block.shortcut
+            shortcut = self.conv_bn(f"{s}.0", f"{s}.1", x, block.in_chs, block.in_chs, block.kernel,
+                                    stride=block.stride, groups=block.in_chs)
+            shortcut = self.conv_bn(f"{s}.2", f"{s}.3", shortcut, block.in_chs, block.out_chs, 1)
+        return self.op(block.name, "add", y, shortcut)  # no activation after the residual add
+
+
+def ghost_module_graph(name: str, in_chs: int, out_chs: int, activation: str | None) -> Graph:
+    """A standalone GhostModule called ``name`` reading ``"input"`` (``activation`` None: none)."""
+    b = _Builder(Config(activation=activation or "ReLU"))
+    b.ghost_module(name, "input", in_chs, out_chs, activation)
+    return b.graph
+
+
+def bottleneck_graph(block: Bottleneck, activation: str) -> Graph:
+    """A standalone GhostBottleneck ``block`` reading ``"input"``."""
+    b = _Builder(Config(activation=activation))
+    b.bottleneck("input", block)
+    return b.graph
 
 
 def build_graph(config: Config) -> Graph:
     """The layer graph of GhostNet for ``config`` (see the module docstring)."""
     b = _Builder(config)
-    w = config.width
-    stem_chs = make_divisible(16 * w)
-    x = b.conv_bn("conv_stem", "bn1", "input", 3, stem_chs, 3, stride=2)
+    x = b.conv_bn("conv_stem", "bn1", "input", 3, stem_channels(config), 3, stride=2)
     x = b.activation("act1", x, config.activation)
-    in_chs = stem_chs
+    in_chs = stem_channels(config)
     stage_out = {}
-    for stage, rows in enumerate(STAGES):
-        for i, row in enumerate(rows):
-            out_chs, mid_chs = make_divisible(row.out * w), make_divisible(row.mid * w)
-            x = b.bottleneck(f"blocks.{stage}.{i}", x, in_chs, mid_chs, out_chs, row)
-            in_chs = out_chs
-        stage_out[stage] = x
-    last = len(STAGES)
-    final_chs = make_divisible(STAGES[-1][-1].mid * w)
-    p = f"blocks.{last}.0"
+    for block in blocks(config):
+        x = b.bottleneck(x, block)
+        in_chs = block.out_chs
+        stage_out[block.stage] = x
+    final_chs = make_divisible(STAGES[-1][-1].mid * config.width)
+    p = FINAL_BLOCK
     x = b.conv_bn(f"{p}.conv", f"{p}.bn1", x, in_chs, final_chs, 1)
     x = b.activation(f"{p}.act1", x, config.activation)
-    stage_out[last] = x
+    stage_out[len(STAGES)] = x
     graph = b.graph
     if config.arch == "nanodet":
         graph.outputs = {f"blocks.{s}": stage_out[s] for s in config.out_stages}

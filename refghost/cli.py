@@ -215,20 +215,21 @@ COMPILE_TIMES = {"engine": "30-45 s with a free core, 1-2.5 min on a busy machin
 def _kernels_to_compile(intermediates: bool, impl: str, dtype: str) -> str | None:
     """Which compiled path this run needs and Numba's on-disk cache lacks for ``dtype`` ("engine",
     "interpreter"), or None: nothing to compile (or the cache state cannot be told). The engine
-    (no intermediates) is one program, :func:`refghost.kernels.fused.run_program`; the fast
+    (no intermediates) is one program, :func:`refghost.engine.run.run_program`; the fast
     interpreter compiles its depthwise convolution; "plain" compiles nothing."""
     from .kernels._jit import compiled_on_disk
 
     if impl == "plain":
         return None
     if not intermediates and impl in ("fast", "engine"):
-        from .kernels import fused
+        from .engine.run import run_program
 
-        path, kernels = "engine", (fused.run_program,)
+        path, kernels = "engine", (run_program,)
     else:
         from .kernels import depthwise
 
-        path, kernels = "interpreter", (depthwise._planes, depthwise._planes_parallel)
+        path, kernels = "interpreter", (depthwise.depthwise, depthwise.depthwise_parallel,
+                                        depthwise.depthwise_blocked, depthwise.depthwise_blocked_parallel)
     return path if any(compiled_on_disk(k, dtype) is False for k in kernels) else None
 
 

@@ -1,44 +1,48 @@
 """Execute a GhostNet :class:`~refghost.arch.Graph` on an input, node by node.
 
 Each node op maps to a function of :mod:`refghost.ops` (``impl="plain"``, the definitions) or
-to its fast path (``impl="fast"``, the default: BLAS for dense convolutions, Numba for depthwise
-convolutions and erf). Both compute every value in the requested dtype; float64 is the oracle.
+to its compiled form in :mod:`refghost.kernels` (``impl="kernels"``, the default: BLAS for dense
+convolutions, Numba for depthwise convolutions and erf; the other ops are the plain ones). Both
+compute every value in the requested dtype and differ only in summation order.
+
+The float64 oracle is this default: :func:`refghost.bounds.error_bounds`, which computes the
+golden files' values (:func:`refghost.golden.make_golden`), calls :func:`evaluate` without
+``impl``, so the oracle is computed in float64 with BLAS and Numba, not with ``ops.py``'s loops
+(``tests/test_forward.py`` checks the two agree within the float64 bound).
 """
 
 from __future__ import annotations
-
-import threading
-from contextlib import contextmanager
 
 import numpy as np
 
 from . import ops
 from .arch import Graph, Node
 
-IMPLS = ("fast", "plain")
+#: ``impl`` values: "kernels" (refghost.kernels where it has the op), "plain" (refghost.ops only).
+IMPLS = ("kernels", "plain")
 
 
 def _plain_conv(x, w, b=None, *, stride, padding, groups):
     return ops.conv2d(x, w, b, stride=stride, padding=padding, groups=groups)
 
 
-def _fast_conv(x, w, b=None, *, stride, padding, groups):
+def _kernels_conv(x, w, b=None, *, stride, padding, groups):
     from .kernels import conv2d
 
     return conv2d(x, w, b, stride=stride, padding=padding, groups=groups)
 
 
-def _fast_activation(name, x, weight=None):
+def _kernels_activation(name, x, weight=None):
     from .kernels import activation
 
     return activation(name, x, weight)
 
 
-_CONV = {"plain": _plain_conv, "fast": _fast_conv}
-_ACTIVATION = {"plain": ops.activation, "fast": _fast_activation}
+_CONV = {"plain": _plain_conv, "kernels": _kernels_conv}
+_ACTIVATION = {"plain": ops.activation, "kernels": _kernels_activation}
 
 
-def evaluate(node: Node, inputs: list[np.ndarray], params: dict[str, np.ndarray], *, impl="fast"):
+def evaluate(node: Node, inputs: list[np.ndarray], params: dict[str, np.ndarray], *, impl="kernels"):
     """The output of one node, given the outputs of its input nodes and the parameter arrays.
 
     ``params`` maps state_dict keys to arrays already in the compute dtype.
@@ -68,7 +72,7 @@ def evaluate(node: Node, inputs: list[np.ndarray], params: dict[str, np.ndarray]
 
 
 def execute(graph: Graph, params: dict[str, np.ndarray], x: np.ndarray, *, intermediates=False,
-            impl="fast") -> dict[str, np.ndarray]:
+            impl="kernels") -> dict[str, np.ndarray]:
     """Run the graph on ``x: (N, 3, H, W)`` (already in the compute dtype).
 
     Returns ``{name: array}`` in forward order: the graph's outputs (``blocks.4``, ... or
@@ -100,28 +104,3 @@ def execute(graph: Graph, params: dict[str, np.ndarray], x: np.ndarray, *, inter
                 if last_use[src] == i:
                     values.pop(src, None)
     return result
-
-
-_controller = None
-_controller_lock = threading.Lock()
-
-
-def _blas_controller():
-    """threadpoolctl's view of the BLAS libraries, built once (discovering them costs ~2 ms)."""
-    global _controller
-    with _controller_lock:
-        if _controller is None:
-            from threadpoolctl import ThreadpoolController
-
-            _controller = ThreadpoolController().select(user_api="blas")
-        return _controller
-
-
-@contextmanager
-def single_threaded_blas():
-    """Pin the BLAS pool to one thread for the duration (applying the limit costs ~10 us): results
-    then do not depend on the thread count, and OpenBLAS's spinning threads do not fight Numba's
-    for the cores. The one place refghost touches thread settings; Numba's thread count is the
-    only knob left to the user."""
-    with _blas_controller().limit(limits=1):
-        yield

@@ -7,14 +7,15 @@ import os
 import numpy as np
 
 from .errors import ImageError, RefghostError
-from .forward import execute, single_threaded_blas
+from .forward import execute
+from .threads import single_threaded_blas
 from .weights import Weights, load_weights
 
 DTYPES = ("float32", "float64")
-#: ``impl`` values of :func:`run`: "fast" (the fastest correct path: the engine, or the fast
-#: interpreter when intermediates are asked for or the engine declines), "plain" (the
+#: ``impl`` values of :func:`run`: "fast" (the fastest path: the engine, or the interpreter on
+#: its compiled ops when intermediates are asked for or the engine declines), "plain" (the
 #: interpreter on the plain definitions), "engine" (the engine or an error), "interpreter"
-#: (the interpreter with its fast ops).
+#: (the interpreter on its compiled ops, refghost.forward's impl "kernels").
 RUN_IMPLS = ("fast", "plain", "engine", "interpreter")
 #: File extensions (lower case) of the images :func:`image_files` takes from a folder.
 IMAGE_EXTENSIONS = (".bmp", ".jpeg", ".jpg", ".png", ".tif", ".tiff", ".webp")
@@ -177,9 +178,11 @@ def run(image, weights, *, dtype="float32", intermediates=False, impl="fast",
     intermediates : also return every layer's output, keyed by PyTorch module path; everything is
         then computed by the interpreter (BN unfolded), so the outputs equal their layers'
         tensors and differ from the engine's (``intermediates=False``) within the rounding bound
-    impl : "fast" (default: the compiled engine of :mod:`refghost.engine`, or the interpreter's
-        BLAS + Numba ops when ``intermediates`` is set), "plain" (the definitions in
-        :mod:`refghost.ops`), "engine" or "interpreter" (force one of the two fast paths)
+    impl : "fast" (default: the fastest path, the compiled engine of :mod:`refghost.engine`, or
+        the interpreter on its compiled ops, :mod:`refghost.kernels` (``forward`` impl "kernels"),
+        when ``intermediates`` is set or the engine declines), "plain" (the interpreter on the
+        definitions in :mod:`refghost.ops`), "engine" or "interpreter" (force one of the two
+        compiled paths)
     warp_kernel : which OpenCV's ``warpPerspective`` the resize of a uint8 image or image file
         reproduces (:data:`refghost.preprocess.WARP_KERNELS`; default "fixed_point", OpenCV 4.x;
         :func:`refghost.preprocess.kernel_for_opencv` names the one of an OpenCV version)
@@ -200,8 +203,9 @@ def run(image, weights, *, dtype="float32", intermediates=False, impl="fast",
     w = as_weights(weights)
     x = prepare_input(image, w, dtype, warp_kernel)
     if impl in ("fast", "engine") and not intermediates:
-        # The compiled plan (refghost.engine): cached on w per dtype and input shape; it owns
-        # the thread settings. It declines graphs it cannot run, and "fast" then interprets.
+        # The compiled plan (refghost.engine): cached in w.cache per dtype and input shape; it
+        # holds BLAS at one thread while it runs. It declines graphs it cannot run, and "fast"
+        # then interprets.
         from .engine import EngineUnsupported, get_plan
 
         try:
@@ -216,4 +220,4 @@ def run(image, weights, *, dtype="float32", intermediates=False, impl="fast",
     # layers' tensors, and differ from the engine's only within the rounding bound.
     with single_threaded_blas():
         return execute(w.graph, w.params(dtype), x, intermediates=intermediates,
-                       impl="plain" if impl == "plain" else "fast")
+                       impl="plain" if impl == "plain" else "kernels")

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -96,6 +97,17 @@ def default_preprocessing(arch: str) -> Preprocessing:
     return NANODET_PREPROCESSING if arch == "nanodet" else IMAGENET_PREPROCESSING
 
 
+@dataclass
+class DerivedCache:
+    """What is computed from a :class:`Weights` object once and kept with it."""
+
+    #: compute dtype -> the tensors in that dtype (:meth:`Weights.params`)
+    params: dict = field(default_factory=dict)
+    #: (dtype name, input shape) -> the engine's plan, or why it cannot run
+    #: (:func:`refghost.engine.get_plan`), least recently used first
+    plans: OrderedDict = field(default_factory=OrderedDict)
+
+
 @dataclass(frozen=True)
 class Weights:
     """A validated weights file: config, graph, preprocessing, provenance and the tensors.
@@ -111,9 +123,11 @@ class Weights:
     path: str | None = None
     sha256: str | None = None
     graph: Graph = field(init=False, repr=False, compare=False)
+    cache: DerivedCache = field(init=False, repr=False, compare=False)
 
     def __post_init__(self):
         object.__setattr__(self, "graph", build_graph(self.config))
+        object.__setattr__(self, "cache", DerivedCache())
         _check_tensors(self.tensors, self.graph, self.path or self.provenance.get("source_file", "<in memory>"))
 
     def __repr__(self) -> str:
@@ -127,7 +141,7 @@ class Weights:
     def params(self, dtype) -> dict[str, np.ndarray]:
         """The tensors converted to ``dtype`` (float32 or float64), cached per dtype."""
         dtype = np.dtype(dtype)
-        cache = self.__dict__.setdefault("_params", {})
+        cache = self.cache.params
         if dtype not in cache:
             cache[dtype] = {k: v.astype(dtype) for k, v in self.tensors.items()}
         return cache[dtype]

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from refghost.arch import Config, build_graph, make_divisible, output_shapes
+from refghost.arch import SE_RATIO, Config, blocks, build_graph, make_divisible, output_shapes
 from refghost.errors import RefghostError
 
 
@@ -147,3 +147,30 @@ def test_config_rejects(kwargs, message):
 
 def test_hardswish_alias():
     assert Config(activation="Hardswish").activation == "HardSwish"
+
+
+@pytest.mark.parametrize("width", [0.5, 1.0])
+def test_block_records_name_exactly_the_parts_the_graph_has(width):
+    """arch.blocks lists every GhostBottleneck in forward order, and the parts each record names
+    (or leaves None) are the modules the graph has (or lacks) under that block."""
+    config = Config(width=width)
+    graph = build_graph(config)
+    nodes = {n.name: n for n in graph.nodes}
+    records = list(blocks(config))
+    block_input = "act1"
+    assert [b.name for b in records] == [n.name for n in graph.nodes if n.op == "add"]
+    for b in records:
+        for part, op in ((b.ghost1, "concat"), (b.ghost2, "concat"), (b.conv_dw, "conv"), (b.bn_dw, "batch_norm"),
+                         (b.se, "scale"), (b.shortcut and f"{b.shortcut}.0", "conv")):
+            if part is not None:
+                assert nodes[part].op == op
+        for present, part in ((b.conv_dw, "conv_dw"), (b.se, "se"), (b.shortcut, "shortcut.0")):
+            assert (present is not None) == (f"{b.name}.{part}" in nodes)
+        assert nodes[b.name].inputs == (b.ghost2, f"{b.shortcut}.3" if b.shortcut else block_input)
+        assert graph.param_shapes[f"{b.ghost1}.primary_conv.0.weight"][1] == b.in_chs
+        assert nodes[b.name].op == "add"
+        block_input = b.name
+        if b.se:
+            reduce_ = graph.param_shapes[f"{b.se}.conv_reduce.weight"]
+            assert reduce_ == (b.se_channels, b.mid_chs, 1, 1)
+            assert b.se_channels == make_divisible(b.mid_chs * SE_RATIO)

@@ -1,4 +1,4 @@
-"""The compiled engine (refghost/engine.py, refghost/kernels/fused.py, refghost/kernels/blas.py).
+"""The compiled engine (refghost/engine/, refghost/kernels/depthwise.py, refghost/kernels/blas.py).
 
 Every tolerance comes from refghost.bounds, none is written here:
 
@@ -23,7 +23,9 @@ from refghost.arch import Config, Graph, Node
 from refghost.bounds import FLOAT32_U, FLOAT64_U, UNDERFLOW, error_bounds, segment_bound
 from refghost.errors import RefghostError
 from refghost.forward import execute
-from refghost.kernels import fused
+from refghost.engine import pointwise, program, recognise, squeeze_excite, stem
+from refghost.kernels import depthwise, epilogue
+from refghost.threads import single_threaded_blas
 
 U = {"float32": FLOAT32_U, "float64": FLOAT64_U}
 
@@ -45,7 +47,7 @@ def _buffer(x):
 
 
 #: The engine's activation codes as the activation nodes of refghost.arch (ACT_NONE: no node).
-ACTIVATIONS = {fused.ACT_RELU: "ReLU", fused.ACT_LEAKY: "LeakyReLU", fused.ACT_RELU6: "ReLU6"}
+ACTIVATIONS = {epilogue.ACT_RELU: "ReLU", epilogue.ACT_LEAKY: "LeakyReLU", epilogue.ACT_RELU6: "ReLU6"}
 
 
 def _conv_node(name, src, *, stride=1, padding=0, groups=1):
@@ -56,7 +58,7 @@ def _conv_node(name, src, *, stride=1, padding=0, groups=1):
 
 def _then_act(nodes, code):
     """``nodes`` followed by the activation of engine code ``code`` (none for ACT_NONE)."""
-    if code == fused.ACT_NONE:
+    if code == epilogue.ACT_NONE:
         return nodes
     return [*nodes, Node("act", "act", (nodes[-1].name,), attrs={"activation": ACTIVATIONS[code]})]
 
@@ -76,27 +78,27 @@ def assert_within_chain_bound(nodes, leaves, params, dtype, *results):
 
 
 def _plain_act(code, slope, y):
-    if code == fused.ACT_RELU:
+    if code == epilogue.ACT_RELU:
         return ops.relu(y)
-    if code == fused.ACT_LEAKY:
+    if code == epilogue.ACT_LEAKY:
         return np.where(y > 0, y, y * y.dtype.type(slope))
-    if code == fused.ACT_RELU6:
+    if code == epilogue.ACT_RELU6:
         return ops.relu6(y)
     return y
 
 
 DW_CASES = [  # (N, C, H, W, K, stride, act, residual, pre-residual)
-    (1, 5, 16, 16, 3, 1, fused.ACT_RELU, False, False),
-    (2, 3, 13, 9, 3, 1, fused.ACT_NONE, True, True),
-    (1, 4, 10, 10, 3, 2, fused.ACT_NONE, False, False),
-    (1, 3, 11, 7, 3, 2, fused.ACT_LEAKY, False, False),
-    (2, 2, 20, 20, 5, 2, fused.ACT_RELU6, True, False),
-    (1, 2, 9, 13, 5, 2, fused.ACT_NONE, False, False),
-    (1, 3, 12, 11, 5, 1, fused.ACT_RELU, True, True),
-    (1, 2, 15, 15, 7, 3, fused.ACT_LEAKY, False, False),  # the generic tap-by-tap path
-    (3, 40, 3, 4, 3, 1, fused.ACT_RELU, False, False),  # planes smaller than the kernel reach
-    (1, 37, 10, 10, 3, 1, fused.ACT_LEAKY, True, True),  # 3 channel groups, the last partial
-    (1, 7, 1, 1, 3, 2, fused.ACT_NONE, False, False),
+    (1, 5, 16, 16, 3, 1, epilogue.ACT_RELU, False, False),
+    (2, 3, 13, 9, 3, 1, epilogue.ACT_NONE, True, True),
+    (1, 4, 10, 10, 3, 2, epilogue.ACT_NONE, False, False),
+    (1, 3, 11, 7, 3, 2, epilogue.ACT_LEAKY, False, False),
+    (2, 2, 20, 20, 5, 2, epilogue.ACT_RELU6, True, False),
+    (1, 2, 9, 13, 5, 2, epilogue.ACT_NONE, False, False),
+    (1, 3, 12, 11, 5, 1, epilogue.ACT_RELU, True, True),
+    (1, 2, 15, 15, 7, 3, epilogue.ACT_LEAKY, False, False),  # the generic tap-by-tap path
+    (3, 40, 3, 4, 3, 1, epilogue.ACT_RELU, False, False),  # planes smaller than the kernel reach
+    (1, 37, 10, 10, 3, 1, epilogue.ACT_LEAKY, True, True),  # 3 channel groups, the last partial
+    (1, 7, 1, 1, 3, 2, epilogue.ACT_NONE, False, False),
 ]
 
 
@@ -119,13 +121,13 @@ def test_fused_depthwise_matches_plain_ops(case, dtype, variant):
     res = rng.standard_normal((n, 2 * c, ho, wo)).astype(dtype)
     resb = _buffer(res)
     pre_row0 = 1 if (with_pre and s == 1) else -1
-    consts = fused.make_consts(dtype, slope)
+    consts = epilogue.make_consts(dtype, slope)
     wk = wt.reshape(c, k * k)
     if variant.startswith("blocked"):
-        wk = fused.blocked_weights(wk, wo)
+        wk = depthwise.blocked_weights(wk, wo)
     args = (buf, 1, dst, d_row0, resb, 1 + c, pre_row0, c, h, w, ho, wo, wk, b, k, s, p, act, consts, with_res)
-    kernels = {"planes": fused.depthwise, "blocked": fused.depthwise_blocked,
-               "planes-parallel": fused.depthwise_parallel, "blocked-parallel": fused.depthwise_blocked_parallel}
+    kernels = {"planes": depthwise.depthwise, "blocked": depthwise.depthwise_blocked,
+               "planes-parallel": depthwise.depthwise_parallel, "blocked-parallel": depthwise.depthwise_blocked_parallel}
     if variant.endswith("parallel"):
         kernels[variant](*args, 3)
     else:
@@ -149,7 +151,7 @@ def test_fused_depthwise_matches_plain_ops(case, dtype, variant):
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 @pytest.mark.parametrize("shape", [(1, 24, 17, 40, 40), (2, 56, 481, 20, 20), (3, 5, 9, 1, 3), (1, 960, 161, 10, 10),
                                    (1, 16, 28, 160, 160)])
-@pytest.mark.parametrize("act", [fused.ACT_NONE, fused.ACT_RELU, fused.ACT_LEAKY, fused.ACT_RELU6])
+@pytest.mark.parametrize("act", [epilogue.ACT_NONE, epilogue.ACT_RELU, epilogue.ACT_LEAKY, epilogue.ACT_RELU6])
 def test_gemm_tiles_match_plain_conv(shape, dtype, act):
     n, m, k, h, w = shape
     rng = _rng(m * k + h)
@@ -164,15 +166,15 @@ def test_gemm_tiles_match_plain_conv(shape, dtype, act):
         covered[img, m0:m1, j0:j1] += 1
     assert (covered == 1).all()  # the tiles partition the output exactly
     wb = np.ascontiguousarray(np.concatenate([b[:, None], wt.reshape(m, k - 1)], axis=1))
-    consts = fused.make_consts(dtype, ops.LEAKY_RELU_SLOPE)
-    fused.gemm_tasks_parallel(wb, xb, y, 2, tasks, act, consts)
+    consts = epilogue.make_consts(dtype, ops.LEAKY_RELU_SLOPE)
+    pointwise.gemm_tasks_parallel(wb, xb, y, 2, tasks, act, consts)
     got = y[:, 2:2 + m].reshape(n, m, h, w)
     assert np.isnan(y[:, :2]).all() and np.isnan(y[:, 2 + m:]).all()  # nothing written outside
     want = _plain_act(act, ops.LEAKY_RELU_SLOPE, ops.conv2d(x, wt, b))
     assert_within_chain_bound(_then_act([_conv_node("pw", "input")], act), {"input": x},
                               {"pw.weight": wt, "pw.bias": b}, dtype, got, want)
     serial = np.full_like(y, np.nan)
-    fused.gemm_tasks(wb, xb, serial, 2, tasks, act, consts)
+    pointwise.gemm_tasks(wb, xb, serial, 2, tasks, act, consts)
     np.testing.assert_array_equal(serial, y)  # the same tiles, on any thread: the same bits
 
 
@@ -187,8 +189,8 @@ def test_squeeze_excite_matches_plain_ops(dtype, n, c, r, hw):
     be = rng.standard_normal(c).astype(dtype)
     buf = _buffer(x)
     args = (c, np.ascontiguousarray(wr.reshape(r, c).T), br, np.ascontiguousarray(we.reshape(c, r).T), be,
-            fused.make_consts(dtype))
-    fused.squeeze_excite(buf, *args)
+            epilogue.make_consts(dtype))
+    squeeze_excite.squeeze_excite(buf, *args)
     got = buf[:, 1:].reshape(x.shape).astype(np.float64)
     pooled = ops.global_avg_pool(x)
     hidden = ops.relu(ops.conv2d(pooled, wr, br))
@@ -200,10 +202,10 @@ def test_squeeze_excite_matches_plain_ops(dtype, n, c, r, hw):
     params = {"reduce.weight": wr, "reduce.bias": br, "expand.weight": we, "expand.bias": be}
     assert_within_chain_bound(chain, {"input": x}, params, dtype, got, want)
     serial = _buffer(x)
-    fused.squeeze_excite_serial(serial, *args)
+    squeeze_excite.squeeze_excite_serial(serial, *args)
     np.testing.assert_array_equal(serial, buf)
     by_channels = _buffer(x)
-    fused.squeeze_excite_channels(by_channels, *args, 3)
+    squeeze_excite.squeeze_excite_channels(by_channels, *args, 3)
     np.testing.assert_array_equal(by_channels, buf)
 
 
@@ -274,17 +276,17 @@ def test_stem_bands_match_plain_conv(dtype, n, c, h, w, m, k, s, p, band):
     wb = np.ascontiguousarray(np.concatenate([b[:, None], wt.reshape(m, -1)], axis=1))
     kk = wb.shape[1]
     y = np.full((n, m + 2, ho * wo), np.nan, dtype)
-    consts = fused.make_consts(dtype)
+    consts = epilogue.make_consts(dtype)
     tile = np.full(kk * band * wo, np.nan, dtype)
     ph = np.zeros(s * ((w + 2 * p + s - 1) // s), dtype)
     for img in range(n):
         for i0 in range(0, ho, band):
-            fused._stem_band(x, img, wb, y, 1, k, s, p, ho, wo, i0, min(ho, i0 + band), fused.ACT_RELU, consts,
+            stem.stem_band(x, img, wb, y, 1, k, s, p, ho, wo, i0, min(ho, i0 + band), epilogue.ACT_RELU, consts,
                              tile, ph)
     assert np.isnan(y[:, 0]).all() and np.isnan(y[:, 1 + m:]).all()  # nothing written outside
     got = y[:, 1:1 + m].reshape(n, m, ho, wo).astype(np.float64)
     want = ops.relu(ops.conv2d(x, wt, b, stride=s, padding=p))
-    assert_within_chain_bound(_then_act([_conv_node("stem", "input", stride=s, padding=p)], fused.ACT_RELU),
+    assert_within_chain_bound(_then_act([_conv_node("stem", "input", stride=s, padding=p)], epilogue.ACT_RELU),
                               {"input": x}, {"stem.weight": wt, "stem.bias": b}, dtype, got, want)
 
 
@@ -309,18 +311,18 @@ def test_the_plan_runs_as_one_compiled_program():
     (Config(width=0.5, out_stages=(0, 2)), (1, 3, 40, 2)),  # 1 column: the scratch path for every row
 ], ids=["batch2", "leaky-odd", "relu6-narrow", "one-column"])
 def test_fused_ghost_module_gives_the_bits_of_the_two_ops(monkeypatch, dtype, config, shape):
-    """fused.OP_GHOST (primary 1x1 conv + its 3x3 depthwise by bands of rows) makes the same GEMM
+    """program.OP_GHOST (primary 1x1 conv + its 3x3 depthwise by bands of rows) makes the same GEMM
     calls and computes every depthwise output with the same expression as the GEMM and depthwise
     rows it replaces: the same bits, for any thread count (the threshold lowered so that small
     planes take the fused path too)."""
     weights = random_weights(config, seed=5)
     x = _rng(6).standard_normal(shape).astype(dtype)
-    monkeypatch.setattr(engine, "_GHOST_FUSE_MIN_PLANE", 1 << 40)
+    monkeypatch.setattr(recognise, "GHOST_FUSE_MIN_PLANE", 1 << 40)
     want = engine.Plan(weights.graph, weights.tensors, dtype, shape).run(x)
-    monkeypatch.setattr(engine, "_GHOST_FUSE_MIN_PLANE", 1)
+    monkeypatch.setattr(recognise, "GHOST_FUSE_MIN_PLANE", 1)
     plan = engine.Plan(weights.graph, weights.tensors, dtype, shape)
     rows = np.concatenate([seg[1] for seg in plan._segments if seg[0] == "program"])
-    assert (rows[:, 0] == fused.OP_GHOST).any()
+    assert (rows[:, 0] == program.OP_GHOST).any()
     for threads in sorted({1, 2, numba.config.NUMBA_NUM_THREADS}):
         with numba_threads(threads):
             got = plan.run(x)
@@ -382,7 +384,7 @@ np.savez(sys.argv[2], **saved)
 
 
 def test_same_bits_with_more_threads_than_cores(tmp_path):
-    """Units of work are handed out by atomic counters (refghost.kernels.sync), so which thread
+    """Units of work are handed out by atomic counters (refghost.engine.counters), so which thread
     computes what varies from run to run, the more so with more threads than cores (threads are
     descheduled mid-op). Five runs with NUMBA_NUM_THREADS=4 in a fresh process, batch 1 (the ghost
     fusion, the three-phase squeeze-excite) and batch 3 (fewer images than threads: op by op): the
@@ -431,8 +433,8 @@ def test_image_by_image_gives_the_bits_of_op_by_op(dtype, config, shape):
     want = engine.Plan(weights.graph, weights.tensors, dtype, shape).run(x)
     plan = engine.get_plan(weights, dtype, shape)
     assert isinstance(plan, engine.ImagePlan)
-    if shape[2] * shape[3] >= 4 * engine._GHOST_FUSE_MIN_PLANE:
-        assert (plan.single._segments[0][1][:, 0] == fused.OP_GHOST).any()
+    if shape[2] * shape[3] >= 4 * recognise.GHOST_FUSE_MIN_PLANE:
+        assert (plan.single._segments[0][1][:, 0] == program.OP_GHOST).any()
     for threads in (1, 2):
         with numba_threads(threads):
             got = plan.run(x)
@@ -500,7 +502,7 @@ def test_plan_is_cached_per_dtype_and_shape_and_outputs_are_fresh_arrays():
         np.testing.assert_array_equal(first[name], kept[name])
     for shape in [(1, 3, 32, 32 + i) for i in range(engine.MAX_CACHED_PLANS + 2)]:
         engine.get_plan(weights, "float32", shape)
-    assert len(weights.__dict__["_engine_plans"]) == engine.MAX_CACHED_PLANS
+    assert len(weights.cache.plans) == engine.MAX_CACHED_PLANS
 
 
 def test_blas_is_single_threaded_during_the_run_and_restored_after():
@@ -510,7 +512,7 @@ def test_blas_is_single_threaded_during_the_run_and_restored_after():
     x = _rng(5).standard_normal((1, 3, 32, 32)).astype(np.float32)
     plan = engine.get_plan(weights, "float32", x.shape)
     before = [(i["filepath"], i["num_threads"]) for i in threadpool_info() if i["user_api"] == "blas"]
-    with engine.blas_single_threaded():
+    with single_threaded_blas():
         assert all(i["num_threads"] == 1 for i in threadpool_info() if i["user_api"] == "blas")
     plan.run(x)
     after = [(i["filepath"], i["num_threads"]) for i in threadpool_info() if i["user_api"] == "blas"]

@@ -31,7 +31,7 @@ def _ones_and_twos(dtype):
     return np.stack([np.ones((3, 3)), 2 * np.ones((3, 3))])[None].astype(dtype)
 
 
-@pytest.mark.parametrize("conv2d", [ops.conv2d, kernels.conv2d], ids=["plain", "fast"])
+@pytest.mark.parametrize("conv2d", [ops.conv2d, kernels.conv2d], ids=["plain", "kernels"])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_conv3x3_on_a_two_channel_4x4_input(conv2d, dtype):
     """Each output: the 3x3 window sum of channel 0, plus 2 * (number of taps inside channel 1),
@@ -49,7 +49,7 @@ def test_conv3x3_on_a_two_channel_4x4_input(conv2d, dtype):
                                      [(4 + 5 + 8 + 9 + 12 + 13) + 12 + 0.5, 108.5]]]])
 
 
-@pytest.mark.parametrize("conv2d", [ops.conv2d, kernels.conv2d], ids=["plain", "fast"])
+@pytest.mark.parametrize("conv2d", [ops.conv2d, kernels.conv2d], ids=["plain", "kernels"])
 def test_conv_is_cross_correlation_not_convolution(conv2d):
     """A single 1 at the top-left tap picks the top-left of each window (PyTorch's Conv2d); a true
     convolution (flipped kernel) would pick the bottom-right."""
@@ -59,7 +59,7 @@ def test_conv_is_cross_correlation_not_convolution(conv2d):
     np.testing.assert_array_equal(conv2d(x, w), [[[[0, 1], [4, 5]]]])
 
 
-@pytest.mark.parametrize("conv2d", [ops.conv2d, kernels.conv2d], ids=["plain", "fast"])
+@pytest.mark.parametrize("conv2d", [ops.conv2d, kernels.conv2d], ids=["plain", "kernels"])
 def test_grouped_and_depthwise_conv_keep_their_channels_apart(conv2d):
     """groups=2 on the two-channel input with 3x3 ones: channel 0's windows of 0..15, channel 1's
     windows of ones (9 each). Output channel o reads input group o // (O / groups)."""
@@ -232,6 +232,6 @@ def test_ghost_module_concatenates_primary_then_cheap():
     params = {"primary_conv.0.weight": np.full((1, 1, 1, 1), 2.0), "cheap_operation.0.weight": np.ones((1, 1, 3, 3))}
     for bn in ("primary_conv.1", "cheap_operation.1"):
         params.update({f"{bn}.{role}": v for role, v in identity_bn.items()})
-    for impl in ("plain", "fast"):
+    for impl in ("plain", "kernels"):
         y = execute(config.graph(), params, np.ones((1, 1, 3, 3)), impl=impl)["output"]
         np.testing.assert_array_equal(y, [[np.full((3, 3), 2.0), [[8, 12, 8], [12, 18, 12], [8, 12, 8]]]])

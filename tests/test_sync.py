@@ -1,4 +1,4 @@
-"""The work counters of the engine (refghost/kernels/sync.py).
+"""The work counters of the engine (refghost/engine/counters.py).
 
 What the engine relies on: every unit index of a phase is claimed by exactly one thread, however
 many threads race for it, and a thread that waited for the phase sees every unit's writes.
@@ -7,7 +7,7 @@ many threads race for it, and a thread that waited for the phase sees every unit
 import numba
 import numpy as np
 
-from refghost.kernels import sync
+from refghost.engine import counters as sync
 
 
 @numba.njit(parallel=True)

@@ -28,7 +28,8 @@ import numpy as np
 
 from refghost import __version__
 from refghost.arch import Config, build_graph
-from refghost.forward import evaluate, single_threaded_blas
+from refghost.forward import evaluate
+from refghost.threads import single_threaded_blas
 from refghost.preprocess import prepare_image, read_image
 from refghost.weights import NANODET_PREPROCESSING, from_tensors, save_weights
 

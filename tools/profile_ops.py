@@ -3,7 +3,7 @@
     python tools/profile_ops.py                      # shipped weights, 1x3x320x320 float32
     python tools/profile_ops.py --batch 8 --size 416 --dtype float64 --top 15
 
-Every row of the engine's program (refghost/engine.py, refghost/kernels/fused.py) is run by itself
+Every row of the engine's program (refghost/engine/program.py) is run by itself
 ``--repeat`` times on the plan's own buffers (after one full forward pass, so they hold real
 activations), with Numba's threads and BLAS at one thread as in a real run; the best time of each
 row is printed, then the sum per op kind and the time of the whole program, op by op (batches
@@ -24,23 +24,21 @@ import numpy as np
 
 import refghost
 from refghost import engine
-from refghost.kernels import fused
+from refghost.engine import program
+from refghost.threads import single_threaded_blas
 
 ROOT = Path(__file__).resolve().parent.parent
-KINDS = {fused.OP_GEMM: "gemm", fused.OP_DW: "depthwise", fused.OP_DW_BLOCKED: "depthwise-blocked",
-         fused.OP_SE: "squeeze-excite", fused.OP_OUTPUT: "output copy", fused.OP_STEM: "stem",
-         fused.OP_GHOST: "ghost (fused)"}
+KINDS = {program.OP_GEMM: "gemm", program.OP_DW: "depthwise", program.OP_DW_BLOCKED: "depthwise-blocked",
+         program.OP_SE: "squeeze-excite", program.OP_OUTPUT: "output copy", program.OP_STEM: "stem",
+         program.OP_GHOST: "ghost (fused)"}
 
 
 def best_time(plan, prog, consts, x, out, repeat):
-    """Best wall time in seconds of ``fused.run_program`` on these rows."""
+    """Best wall time in seconds of running these rows on the plan's buffers."""
     best = float("inf")
     for _ in range(repeat):
-        plan.sync[:] = 0
-        plan.flags[:] = 0
         t = time.perf_counter()
-        fused.run_program(prog, consts, plan.arena, plan.params, plan.ints, x, out, numba.get_num_threads(),
-                          plan.sync, plan.shared, plan.flags, engine._OP_BY_OP)
+        plan.execute(prog, consts, x, out)
         best = min(best, time.perf_counter() - t)
     return best
 
@@ -61,7 +59,7 @@ def main(argv=None):
     plan.run(x)
     out = np.empty(max(plan._out_size * args.batch, 1), dtype=x.dtype)  # _out_size is per image
     rows, whole = [], 0.0
-    with engine.blas_single_threaded():
+    with single_threaded_blas():
         for seg in plan._segments:
             if seg[0] != "program":
                 continue
@@ -69,7 +67,7 @@ def main(argv=None):
             whole += best_time(plan, prog, consts, x, out, args.repeat)
             for i in range(len(prog)):
                 rows.append((best_time(plan, prog[i:i + 1], consts[i:i + 1], x, out, args.repeat), len(rows),
-                             KINDS[int(prog[i, 0])]))
+                             KINDS[int(prog[i, program.KIND])]))
     print(f"{args.batch}x3x{args.size}x{args.size} {args.dtype}, {numba.get_num_threads()} threads, "
           f"best of {args.repeat}")
     shown = sorted(rows, reverse=True)[:args.top] if args.top else rows

@@ -6,10 +6,10 @@
 * anything else falls back to the plain op.
 
 Each is tested against the plain op in ``tests/test_kernels.py``. The compiled engine
-(:mod:`refghost.engine`) uses its own fused kernels, :mod:`.fused` (GEMM tiles with bias and
-activation, depthwise with bias, activation and residual, squeeze-excite), :mod:`.blas`
-(OpenBLAS's GEMM called from inside Numba) and :mod:`.sync` (the atomic counters its threads
-claim work from), tested in ``tests/test_engine.py`` and ``tests/test_sync.py``.
+(:mod:`refghost.engine`) shares :mod:`.depthwise` (its depthwise convolution, with bias,
+activation and residual fused), :mod:`.epilogue` (the fast activations run on each tile) and
+:mod:`.blas` (OpenBLAS's GEMM called from inside Numba); :mod:`._jit` sets the compile flags of
+every kernel.
 """
 
 from __future__ import annotations

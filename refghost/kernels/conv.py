@@ -3,7 +3,8 @@
 Same function as :func:`refghost.ops.conv2d` with ``groups=1``; only the summation order of each
 output differs (OpenBLAS's GEMM kernel instead of ``np.einsum``'s loop). Every output is still
 one dot product of ``C*KH*KW`` terms computed by one thread, so with the BLAS pool pinned to one
-thread (see :func:`refghost.forward.run`) the result does not depend on the thread count.
+thread (:func:`refghost.threads.single_threaded_blas`, held by :func:`refghost.run`) the result
+does not depend on the thread count.
 """
 
 from __future__ import annotations

@@ -1,11 +1,20 @@
-"""Depthwise 2-D convolution (channel multiplier 1) as a parallel Numba kernel.
+"""The depthwise KxK convolution (channel multiplier 1): one Numba kernel for the interpreter's
+fast path (:func:`depthwise_conv2d`, the same function as ``refghost.ops.conv2d(x, w, b,
+stride=s, padding=p, groups=C)``) and for the engine's program (:mod:`refghost.engine`), which
+also fuses bias, activation and residual into it.
 
-Computes the same function as ``refghost.ops.conv2d(x, w, b, stride=s, padding=p, groups=C)``;
-only the summation order differs (see :func:`depthwise_conv2d`).
+Planes live in the engine's layout, a buffer ``(N, R, P)`` of planes of ``P = H*W`` pixels; a conv
+reads planes ``s_row0 .. s_row0 + C`` of one buffer and writes planes ``d_row0 ..`` of another (or
+the same) buffer. Two kernels compute the same function with the same sums in the same order:
 
-How it is fast (research notes, performance.md section 4 and performance-feasibility.md section 6):
+* :func:`dw_planes`, plane by plane (each plane by one thread);
+* :func:`dw_groups`, channel-blocked: :data:`CB` channels at a time, transposed so that one output
+  row of the CB channels is one unit-stride loop (the small planes of the last stages, see
+  :func:`blocked`).
 
-- Each thread owns a zero scratch buffer. A plane is copied into it with its zero padding already
+How the plane kernel is fast:
+
+- Each call owns a zero scratch buffer. A plane is copied into it with its zero padding already
   in place, so the convolution loops carry no bounds branches and no index can be negative.
 - For stride ``s > 1`` the padded plane is stored as ``s*s`` polyphase sub-planes
   (``sub[r, q][u, v] = xpad[s*u + r, s*v + q]``), so every tap of a strided conv becomes a
@@ -15,10 +24,13 @@ How it is fast (research notes, performance.md section 4 and performance-feasibi
   per row are computed and dropped. The loop is a plain ``range(n)`` over array views, which LLVM
   vectorises even on 10x10 planes.
 - Rows are processed in blocks of about ``_BLOCK`` elements so the accumulator stays in L1, and the
-  block is copied out (plus bias) while hot.
-- Parallel over the N*C planes with ``numba.prange`` over static chunks (tiny calls run serially);
-  one plane is always done by one thread with the same code, so results do not depend on the thread
-  count. No BLAS is called.
+  block is copied out (plus bias, activation, residual) while hot.
+
+Summation order (both kernels, compiled through :mod:`._jit`: no FMA contraction, every ``+`` and
+``*`` an IEEE operation in the array dtype): ``acc = w[c,0,0]*xp[..]``, then ``acc = acc +
+w[c,a,e]*xp[s*i+a, s*j+e]`` over the remaining taps in row-major order, padding taps included
+(they add ``w*0``), then ``y = act(acc + b[c]) (+ residual)``. Each plane (or group) is computed by
+one thread with the same code, so the result is bit-identical for any thread count.
 """
 
 from __future__ import annotations
@@ -27,24 +39,23 @@ import numba
 import numpy as np
 
 from ..ops import conv_output_size
+from ..threads import PARALLEL_MIN_WORK
 from ._jit import jit, one_launch_at_a_time, parallel_jit
+from .epilogue import ACT_NONE, ACT_RELU, activate, make_consts
 
 #: Accumulator block length (elements). 1024 float64 = 8 KiB, well inside L1 with the sources.
 _BLOCK = 1024
-#: Below this many multiply-adds a call runs serially: a parallel region costs microseconds to
-#: launch (and much more when another process holds the other core). GhostNet's smallest
-#: depthwise layer at 320x320 input (480x10x10, 3x3) has 432,000.
-_PARALLEL_MIN_MACS = 1 << 16
+#: Channels per group of the channel-blocked kernel (the vector lanes).
+CB = 16
+#: Output planes of at most this many pixels use the channel-blocked kernel (stride 1: about
+#: 1.1-1.5x faster than the plane kernel on 10x10 planes, slower from 20x20 on; stride 2: faster
+#: on 10x10 outputs only; other strides never).
+_BLOCKED_MAX_PIXELS = {1: 256, 2: 100}
 
 
-@jit
-def _copy_in_s1(xpl, scratch, p, pitch, v0, nv):
-    """Stride 1: row hh of the plane goes to padded row hh + p, columns [v0, v0 + nv)."""
-    for hh in range(xpl.shape[0]):
-        xrow = xpl[hh]
-        dst = scratch[(hh + p) * pitch + v0: (hh + p) * pitch + v0 + nv]
-        for v in range(nv):
-            dst[v] = xrow[v]
+def blocked(ho, wo, stride):
+    """True when a depthwise conv with (Ho, Wo) outputs at ``stride`` runs channel-blocked."""
+    return ho * wo <= _BLOCKED_MAX_PIXELS.get(stride, 0)
 
 
 @jit
@@ -127,73 +138,314 @@ def _geometry(k, stride, padding, wd, ho, wo):
     return rows, pitch, sub_len, rb, qv0, qnv, qcol0
 
 
-@jit
-def _planes(x, w, b, has_bias, stride, padding, y, lo, hi):
-    """y[pl] = depthwise conv of x[pl] with w[pl % C] (+ b[pl % C]) for planes lo <= pl < hi.
 
-    x: (NC, H, W) C-contiguous, w: (C, K, K), b: (C,), y: (NC, Ho, Wo), all one float dtype.
-    Serial; allocates its own zero scratch, so concurrent calls on disjoint planes are safe.
+@jit
+def taps3_s1(acc, r0, r1, r2, n, wk):
+    """All 9 taps of a 3x3 stride-1 conv in one pass, row-major tap order, one view per row."""
+    w0, w1, w2, w3, w4, w5, w6, w7, w8 = wk[0], wk[1], wk[2], wk[3], wk[4], wk[5], wk[6], wk[7], wk[8]
+    for t in range(n):
+        acc[t] = (w0 * r0[t] + w1 * r0[t + 1] + w2 * r0[t + 2] + w3 * r1[t] + w4 * r1[t + 1]
+                  + w5 * r1[t + 2] + w6 * r2[t] + w7 * r2[t + 1] + w8 * r2[t + 2])
+
+
+@jit
+def _row3_s2(acc, ve, vo, n, w0, w1, w2, first):
+    """One kernel row of a 3x3 stride-2 conv: taps from the even (ve) and odd (vo) sub-planes."""
+    if first:
+        for t in range(n):
+            acc[t] = w0 * ve[t] + w1 * vo[t] + w2 * ve[t + 1]
+    else:
+        for t in range(n):
+            acc[t] = acc[t] + w0 * ve[t] + w1 * vo[t] + w2 * ve[t + 1]
+
+
+@jit
+def _row5_s2(acc, ve, vo, n, w0, w1, w2, w3, w4, first):
+    """One kernel row of a 5x5 stride-2 conv."""
+    if first:
+        for t in range(n):
+            acc[t] = w0 * ve[t] + w1 * vo[t] + w2 * ve[t + 1] + w3 * vo[t + 1] + w4 * ve[t + 2]
+    else:
+        for t in range(n):
+            acc[t] = acc[t] + w0 * ve[t] + w1 * vo[t] + w2 * ve[t + 1] + w3 * vo[t + 1] + w4 * ve[t + 2]
+
+
+@jit
+def _row5_s1(acc, v, n, w0, w1, w2, w3, w4, first):
+    """One kernel row of a 5x5 stride-1 conv."""
+    if first:
+        for t in range(n):
+            acc[t] = w0 * v[t] + w1 * v[t + 1] + w2 * v[t + 2] + w3 * v[t + 3] + w4 * v[t + 4]
+    else:
+        for t in range(n):
+            acc[t] = acc[t] + w0 * v[t] + w1 * v[t + 1] + w2 * v[t + 2] + w3 * v[t + 3] + w4 * v[t + 4]
+
+
+@jit
+def _tap(acc, v, n, wv, first):
+    """One tap of any other kernel: ``acc (=|+=) wv * v``."""
+    if first:
+        for t in range(n):
+            acc[t] = wv * v[t]
+    else:
+        for t in range(n):
+            acc[t] = acc[t] + wv * v[t]
+
+
+@jit
+def _convolve_block(acc, scratch, wk, k, s, pitch, sub_len, i0, n):
+    """acc[t] = sum of the K*K taps for output rows from i0, flat over the padded pitch.
+
+    Taps are summed in row-major order ``(0,0), (0,1), ..., (K-1,K-1)``, left to right, so every
+    variant below computes the same sum in the same order.
     """
-    wd = x.shape[2]
-    ho, wo = y.shape[1], y.shape[2]
-    nch, k = w.shape[0], w.shape[1]
-    s = stride
-    p = padding
+    if k == 3 and s == 1:
+        base = i0 * pitch
+        taps3_s1(acc, scratch[base:], scratch[base + pitch:], scratch[base + 2 * pitch:], n, wk)
+    elif s == 2 and (k == 3 or k == 5):
+        for a in range(k):
+            r = a % 2
+            base = (i0 + a // 2) * pitch
+            ve = scratch[(2 * r) * sub_len + base:]
+            vo = scratch[(2 * r + 1) * sub_len + base:]
+            if k == 3:
+                _row3_s2(acc, ve, vo, n, wk[3 * a], wk[3 * a + 1], wk[3 * a + 2], a == 0)
+            else:
+                _row5_s2(acc, ve, vo, n, wk[5 * a], wk[5 * a + 1], wk[5 * a + 2], wk[5 * a + 3], wk[5 * a + 4],
+                         a == 0)
+    elif k == 5 and s == 1:
+        for a in range(5):
+            v = scratch[(i0 + a) * pitch:]
+            _row5_s1(acc, v, n, wk[5 * a], wk[5 * a + 1], wk[5 * a + 2], wk[5 * a + 3], wk[5 * a + 4], a == 0)
+    else:
+        for a in range(k):
+            r = a % s
+            da = a // s
+            for e in range(k):
+                q = e % s
+                off = (r * s + q) * sub_len + (i0 + da) * pitch + e // s
+                _tap(acc, scratch[off:], n, wk[a * k + e], a == 0 and e == 0)
+
+
+@jit
+def copy_out(acc, pitch, out, wo, i0, i1, bv, act, consts, has_res, rres):
+    """Output rows ``i0 <= i < i1`` of a plane from its accumulator rows (pitch ``pitch``):
+    ``out = act(acc + bv) (+ rres)``, one pass per row for the common cases (the same operations
+    in the same order as the three passes of the general case, so the same bits)."""
+    zero = consts[0]
+    if act == ACT_NONE and has_res:
+        for i in range(i0, i1):
+            a_row = acc[(i - i0) * pitch: (i - i0) * pitch + wo]
+            o_row = out[i * wo: i * wo + wo]
+            rr = rres[i * wo: i * wo + wo]
+            for j in range(wo):
+                o_row[j] = (a_row[j] + bv) + rr[j]
+    elif act == ACT_NONE:
+        for i in range(i0, i1):
+            a_row = acc[(i - i0) * pitch: (i - i0) * pitch + wo]
+            o_row = out[i * wo: i * wo + wo]
+            for j in range(wo):
+                o_row[j] = a_row[j] + bv
+    elif act == ACT_RELU and not has_res:
+        for i in range(i0, i1):
+            a_row = acc[(i - i0) * pitch: (i - i0) * pitch + wo]
+            o_row = out[i * wo: i * wo + wo]
+            for j in range(wo):
+                v = a_row[j] + bv
+                o_row[j] = v if v > zero else zero
+    else:
+        for i in range(i0, i1):
+            a_row = acc[(i - i0) * pitch: (i - i0) * pitch + wo]
+            o_row = out[i * wo: i * wo + wo]
+            for j in range(wo):
+                o_row[j] = a_row[j] + bv
+            activate(o_row, wo, act, consts)
+            if has_res:
+                rr = rres[i * wo: i * wo + wo]
+                for j in range(wo):
+                    o_row[j] = o_row[j] + rr[j]
+
+
+@jit
+def dw_planes(src, s_row0, dst, d_row0, res, r_row0, pre_row0, nch, h, wd, ho, wo, wgt, bias, k, s, p, act,
+               consts, has_res, lo, hi):
+    """Planes ``lo <= pl < hi`` (pl = n*nch + c) of a fused depthwise conv.
+
+    ``dst[n, d_row0+c] = act(conv(src[n, s_row0+c]) + bias[c]) (+ res[n, r_row0+c] if has_res)``;
+    with ``pre_row0 >= 0`` (stride 1 only) the source plane itself is updated after it is read:
+    ``src[n, s_row0+c] += res[n, pre_row0+c]`` (the ghost2 residual of the primary half).
+    """
     rows, pitch, sub_len, rb, qv0, qnv, qcol0 = _geometry(k, s, p, wd, ho, wo)
-    # Positions never written below stay zero: they are the padding, identical for every plane.
-    scratch = np.zeros(s * s * sub_len, dtype=x.dtype)
-    acc = np.empty(rb * pitch, dtype=x.dtype)
+    scratch = np.zeros(s * s * sub_len, dtype=dst.dtype)
+    acc = np.empty(rb * pitch, dtype=dst.dtype)
     s2_both = s == 2 and k >= 2 and qnv[0] > 0 and qnv[1] > 0
-    v0_1 = qv0[0]
-    nv_1 = qnv[0]
     for pl in range(lo, hi):
+        n = pl // nch
         c = pl % nch
-        # --- copy in: sub[r, q][u, v] = x[s*u + r - p, s*v + q - p] where that is inside x
+        xin = src[n, s_row0 + c]
+        # --- copy in (zero padding stays zero: the same positions are written for every plane)
         if s == 1:
-            _copy_in_s1(x[pl], scratch, p, pitch, v0_1, nv_1)
+            for i in range(h):
+                d = scratch[(i + p) * pitch + p: (i + p) * pitch + p + wd]
+                xr = xin[i * wd: i * wd + wd]
+                for j in range(wd):
+                    d[j] = xr[j]
+                if pre_row0 >= 0:
+                    rr = res[n, pre_row0 + c, i * wd: i * wd + wd]
+                    for j in range(wd):
+                        xr[j] = xr[j] + rr[j]
         elif s2_both:
-            _copy_in_s2(x[pl], scratch, p, pitch, sub_len, rows, qv0, qnv, qcol0)
+            _copy_in_s2(xin.reshape((h, wd)), scratch, p, pitch, sub_len, rows, qv0, qnv, qcol0)
         else:
-            _copy_in_any(x[pl], scratch, s, p, k, pitch, sub_len, rows, qv0, qnv, qcol0)
-        # --- convolve, one block of output rows at a time: taps in row-major order
+            _copy_in_any(xin.reshape((h, wd)), scratch, s, p, k, pitch, sub_len, rows, qv0, qnv, qcol0)
+        wk = wgt[c]
+        bv = bias[c]
+        out = dst[n, d_row0 + c]
         for i0 in range(0, ho, rb):
             i1 = min(ho, i0 + rb)
-            n = (i1 - i0 - 1) * pitch + wo  # the last row's junk columns are not needed
-            for a in range(k):
-                r = a % s
-                da = a // s
-                for e in range(k):
-                    q = e % s
-                    de = e // s
-                    off = (r * s + q) * sub_len + (i0 + da) * pitch + de
-                    src = scratch[off: off + n]
-                    wv = w[c, a, e]
-                    if a == 0 and e == 0:
-                        for t in range(n):
-                            acc[t] = wv * src[t]
-                    else:
-                        for t in range(n):
-                            acc[t] += wv * src[t]
-            # --- copy out, bias added last
-            for i in range(i0, i1):
-                row = acc[(i - i0) * pitch: (i - i0) * pitch + wo]
-                out = y[pl, i]
-                if has_bias:
-                    bv = b[c]
-                    for j in range(wo):
-                        out[j] = row[j] + bv
-                else:
-                    for j in range(wo):
-                        out[j] = row[j]
+            nn = (i1 - i0 - 1) * pitch + wo
+            _convolve_block(acc, scratch, wk, k, s, pitch, sub_len, i0, nn)
+            # --- copy out: bias, activation, residual
+            copy_out(acc, pitch, out, wo, i0, i1, bv, act, consts, has_res, res[n, r_row0 + c])
+
+
+@jit
+def depthwise(src, s_row0, dst, d_row0, res, r_row0, pre_row0, nch, h, wd, ho, wo, wgt, bias, k, s, p, act,
+              consts, has_res):
+    """All N*nch planes serially (see :func:`dw_planes`). ``wgt`` (nch, K*K), ``bias`` (nch,)."""
+    nplanes = src.shape[0] * nch
+    dw_planes(src, s_row0, dst, d_row0, res, r_row0, pre_row0, nch, h, wd, ho, wo, wgt, bias, k, s, p, act,
+               consts, has_res, 0, nplanes)
 
 
 @parallel_jit
-def _planes_parallel(x, w, b, has_bias, stride, padding, y, nchunks):
-    """:func:`_planes` over all planes, split into ``nchunks`` contiguous chunks run by prange."""
-    nplanes = x.shape[0]
+def depthwise_parallel(src, s_row0, dst, d_row0, res, r_row0, pre_row0, nch, h, wd, ho, wo, wgt, bias, k, s, p,
+                       act, consts, has_res, nchunks):
+    """:func:`depthwise` with the planes split into ``nchunks`` contiguous chunks over prange."""
+    nplanes = src.shape[0] * nch
     for chunk in numba.prange(nchunks):
-        _planes(x, w, b, has_bias, stride, padding, y,
-                chunk * nplanes // nchunks, (chunk + 1) * nplanes // nchunks)
+        dw_planes(src, s_row0, dst, d_row0, res, r_row0, pre_row0, nch, h, wd, ho, wo, wgt, bias, k, s, p, act,
+                   consts, has_res, chunk * nplanes // nchunks, (chunk + 1) * nplanes // nchunks)
+
+
+
+
+@jit
+def dw_groups(src, s_row0, dst, d_row0, res, r_row0, pre_row0, nch, h, wd, ho, wo, wrep, bias, k, s, p, act,
+               consts, has_res, lo, hi):
+    """Groups ``lo <= g < hi`` of a fused depthwise conv, channel-blocked (for small planes).
+
+    Group g = n*ngroups + gi covers channels ``[gi*CB, min(nch, (gi+1)*CB))`` of image n. Their
+    planes are transposed into a zero-padded scratch where one pixel of the CB channels is CB
+    consecutive values, and the columns of each padded row are stored by phase (``col % s``, then
+    ``col // s``), so for every tap one output row is one flat, unit-stride loop of ``Wo*CB``
+    values at any stride. ``wrep`` (ngroups, K*K, Wo*CB) holds each tap's CB weights tiled Wo
+    times (zero past ``nch``). No per-plane loops: this is what makes 10x10 and 20x20 planes fast.
+
+    Same function and the same summation order as :func:`dw_planes`: taps in row-major order,
+    the first assigned, then ``acc = acc + w*x``; bias, activation, residual in the copy-out.
+    """
+    hp = h + 2 * p
+    wp = wd + 2 * p
+    wq = (wp + s - 1) // s
+    ngroups = (nch + CB - 1) // CB
+    nrow = wo * CB
+    scratch = np.zeros(hp * s * wq * CB, dtype=dst.dtype)
+    acc = np.empty(ho * nrow, dtype=dst.dtype)
+    for g in range(lo, hi):
+        n = g // ngroups
+        gi = g % ngroups
+        c0 = gi * CB
+        cg = min(CB, nch - c0)
+        # --- copy in, transposed: padded pixel (r, col) of channel c0+l at ((r*s + col%s)*wq + col//s)*CB + l;
+        # one pixel's CB channels at a time, so the scratch is written in unit stride
+        for i in range(h):
+            row = scratch[(i + p) * s * wq * CB:]
+            for q in range(s):  # the input columns j with (j + p) % s == q
+                j0 = (q - p) % s
+                cnt = (wd - j0 + s - 1) // s
+                base = (q * wq + (j0 + p) // s) * CB
+                for t in range(cnt):
+                    d = row[base + t * CB: base + t * CB + CB]
+                    col = i * wd + j0 + t * s
+                    for l in range(cg):
+                        d[l] = src[n, s_row0 + c0 + l, col]
+        for l in range(cg):
+            xin = src[n, s_row0 + c0 + l]
+            if pre_row0 >= 0:
+                rr = res[n, pre_row0 + c0 + l]
+                for t in range(h * wd):
+                    xin[t] = xin[t] + rr[t]
+        # --- convolve: per output row and tap, one flat loop over Wo*CB
+        wg = wrep[gi]
+        for i in range(ho):
+            arow = acc[i * nrow: i * nrow + nrow]
+            for a in range(k):
+                r = s * i + a
+                for e in range(k):
+                    off = ((r * s + e % s) * wq + e // s) * CB
+                    xrow = scratch[off: off + nrow]
+                    wr = wg[a * k + e]
+                    if a == 0 and e == 0:
+                        for t in range(nrow):
+                            arow[t] = wr[t] * xrow[t]
+                    else:
+                        for t in range(nrow):
+                            arow[t] = arow[t] + wr[t] * xrow[t]
+        # --- copy out, transposed back: bias, activation, residual
+        for l in range(cg):
+            c = c0 + l
+            bv = bias[c]
+            out = dst[n, d_row0 + c]
+            rr = res[n, r_row0 + c]
+            zero = consts[0]
+            if act == ACT_NONE and has_res:
+                for t in range(ho * wo):
+                    out[t] = (acc[t * CB + l] + bv) + rr[t]
+            elif act == ACT_NONE:
+                for t in range(ho * wo):
+                    out[t] = acc[t * CB + l] + bv
+            elif act == ACT_RELU and not has_res:
+                for t in range(ho * wo):
+                    v = acc[t * CB + l] + bv
+                    out[t] = v if v > zero else zero
+            else:
+                for t in range(ho * wo):
+                    out[t] = acc[t * CB + l] + bv
+                activate(out, ho * wo, act, consts)
+                if has_res:
+                    for t in range(ho * wo):
+                        out[t] = out[t] + rr[t]
+
+
+def blocked_weights(w, wo):
+    """(C, K*K) depthwise weights -> (ceil(C/CB), K*K, Wo*CB) for :func:`dw_groups`: each tap's
+    CB weights tiled Wo times, zero in the lanes past C."""
+    c, kk = w.shape
+    groups = -(-c // CB)
+    out = np.zeros((groups * CB, kk), w.dtype)
+    out[:c] = w
+    per_group = out.reshape(groups, CB, kk).transpose(0, 2, 1)  # (groups, K*K, CB)
+    return np.ascontiguousarray(np.tile(per_group, (1, 1, wo)))
+
+
+@jit
+def depthwise_blocked(src, s_row0, dst, d_row0, res, r_row0, pre_row0, nch, h, wd, ho, wo, wgt_cb, bias, k, s, p,
+                      act, consts, has_res):
+    """All groups of all images serially (see :func:`dw_groups`)."""
+    total = src.shape[0] * ((nch + CB - 1) // CB)
+    dw_groups(src, s_row0, dst, d_row0, res, r_row0, pre_row0, nch, h, wd, ho, wo, wgt_cb, bias, k, s, p, act,
+               consts, has_res, 0, total)
+
+
+@parallel_jit
+def depthwise_blocked_parallel(src, s_row0, dst, d_row0, res, r_row0, pre_row0, nch, h, wd, ho, wo, wgt_cb, bias, k,
+                               s, p, act, consts, has_res, nchunks):
+    """:func:`depthwise_blocked` with the groups split into ``nchunks`` chunks over prange."""
+    total = src.shape[0] * ((nch + CB - 1) // CB)
+    for chunk in numba.prange(nchunks):
+        dw_groups(src, s_row0, dst, d_row0, res, r_row0, pre_row0, nch, h, wd, ho, wo, wgt_cb, bias, k, s, p, act,
+                   consts, has_res, chunk * total // nchunks, (chunk + 1) * total // nchunks)
 
 
 def depthwise_conv2d(x, w, b=None, *, stride=1, padding=0):
@@ -210,13 +462,10 @@ def depthwise_conv2d(x, w, b=None, *, stride=1, padding=0):
     -------
     (N, C, Ho, Wo) array of x's dtype, ``Ho = (H + 2*padding - K)//stride + 1`` (same for Wo).
 
-    Summation order
-    ---------------
-    Each output element is computed by one thread, in x's dtype, with no FMA contraction:
-    ``acc = w[c,0,0]*xp[..]``, then ``acc += w[c,0,a,e]*xp[s*i+a, s*j+e]`` over the remaining taps
-    in row-major order ``(a, e) = (0,1), ..., (0,K-1), (1,0), ..., (K-1,K-1)``, padding taps
-    included (they add ``w*0``), and the bias is added last: ``y = acc + b[c]``. So the result is
-    bit-identical for any thread count, and differs from the plain op only by rounding order.
+    The sums are those of the module docstring (the bias added last; without a bias nothing is
+    added), so the result is bit-identical for any thread count, and differs from the plain op
+    only by rounding order. Planes run in parallel when there are at least
+    :data:`refghost.threads.PARALLEL_MIN_WORK` multiply-adds.
 
     Raises
     ------
@@ -248,16 +497,26 @@ def depthwise_conv2d(x, w, b=None, *, stride=1, padding=0):
                          f"smaller than the {k}x{k} kernel")
     ho = conv_output_size(h, k, stride, padding)
     wo = conv_output_size(wd, k, stride, padding)
-    xs = np.ascontiguousarray(x).reshape(n * c, h, wd)
-    ws = np.ascontiguousarray(w).reshape(c, k, k)
-    bs = np.zeros(c, x.dtype) if b is None else np.ascontiguousarray(b)
     y = np.empty((n, c, ho, wo), dtype=x.dtype)
-    if y.size:
-        ys = y.reshape(n * c, ho, wo)
-        nchunks = min(n * c, numba.get_num_threads())
-        if nchunks > 1 and y.size * k * k >= _PARALLEL_MIN_MACS:
-            with one_launch_at_a_time():
-                _planes_parallel(xs, ws, bs, b is not None, stride, padding, ys, nchunks)
-        else:  # tiny problem or one thread: skip the parallel-region launch
-            _planes(xs, ws, bs, b is not None, stride, padding, ys, 0, n * c)
+    if not y.size:
+        return y
+    src = np.ascontiguousarray(x).reshape(n, c, h * wd)
+    dst = y.reshape(n, c, ho * wo)
+    wk = np.ascontiguousarray(w).reshape(c, k * k)
+    # no bias: -0.0, the identity of IEEE addition (v + -0.0 is v, signed zeros included)
+    bias = np.full(c, -0.0, x.dtype) if b is None else np.ascontiguousarray(b)
+    if blocked(ho, wo, stride):
+        wk = blocked_weights(wk, wo)
+        units, serial, parallel = n * wk.shape[0], depthwise_blocked, depthwise_blocked_parallel
+    else:
+        units, serial, parallel = n * c, depthwise, depthwise_parallel
+    # (the residual argument is unused without has_res: dst stands in)
+    args = (src, 0, dst, 0, dst, 0, -1, c, h, wd, ho, wo, wk, bias, k, stride, padding, ACT_NONE,
+            make_consts(x.dtype), False)
+    nchunks = min(units, numba.get_num_threads())
+    if nchunks > 1 and y.size * k * k >= PARALLEL_MIN_WORK:
+        with one_launch_at_a_time():
+            parallel(*args, nchunks)
+    else:  # a small problem or one thread: no parallel-region launch
+        serial(*args)
     return y

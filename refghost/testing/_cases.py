@@ -16,7 +16,7 @@ from dataclasses import dataclass, fields, is_dataclass, replace
 import numpy as np
 
 from .. import ops
-from ..arch import Block, Config, Graph, Node, _Builder
+from ..arch import SE_RATIO, Bottleneck, Graph, Node, bottleneck_graph, ghost_module_graph
 
 __all__ = [
     "ConvCase", "BatchNormParams", "BatchNormCase", "ConvBNCase", "ActivationCase", "PoolCase",
@@ -249,9 +249,7 @@ class GhostModuleConfig:
     def graph(self) -> Graph:
         """The module's nodes (``primary_conv.0`` ... ``cheap_operation.2``), output ``"output"``;
         parameter keys are those of a standalone PyTorch ``GhostModule``'s state_dict."""
-        b = _Builder(Config(activation=self.activation or "ReLU"))
-        b.ghost_module("m", "input", self.in_channels, self.out_channels, self.activation)
-        return _renamed(b.graph, "m", "output")
+        return _renamed(ghost_module_graph("m", self.in_channels, self.out_channels, self.activation), "m", "output")
 
 
 @dataclass(frozen=True)
@@ -283,10 +281,9 @@ class GhostBottleneckConfig:
     def graph(self) -> Graph:
         """The block's nodes (``ghost1.primary_conv.0`` ... ``shortcut.3``), output ``"output"``
         (the residual add); keys are those of a standalone PyTorch ``GhostBottleneck``."""
-        b = _Builder(Config(activation=self.activation))
-        row = Block(self.kernel_size, self.mid_channels, self.out_channels, 0.25 if self.se else 0.0, self.stride)
-        b.bottleneck("m", "input", self.in_channels, self.mid_channels, self.out_channels, row)
-        return _renamed(b.graph, "m", "output")
+        block = Bottleneck("m", 0, self.in_channels, self.mid_channels, self.out_channels, self.kernel_size,
+                           self.stride, SE_RATIO if self.se else 0.0)
+        return _renamed(bottleneck_graph(block, self.activation), "m", "output")
 
 
 @dataclass(frozen=True, eq=False, repr=False)

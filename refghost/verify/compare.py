@@ -35,7 +35,7 @@ import numpy as np
 
 from ..bounds import BOUND_MODEL, DEFAULT_LAMBDA, POLICIES, as_policy, error_bounds, segment_bound
 from ..errors import CompareError, RefghostError
-from ..forward import single_threaded_blas
+from ..threads import single_threaded_blas
 from .golden import Golden
 
 #: Longest chain of layers recomputed for one isolated check (e.g. a fused Conv+BN+ReLU is 3).

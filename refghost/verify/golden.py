@@ -37,7 +37,7 @@ from .. import __version__
 from ..atomic import atomic_path
 from ..bounds import BOUND_MODEL, DEFAULT_LAMBDA, FLOAT32_U, error_bounds
 from ..errors import GoldenError, RefghostError, WeightsError
-from ..forward import single_threaded_blas
+from ..threads import single_threaded_blas
 from .. import safe_io
 from ..arch import output_shapes
 from ..weights import MAX_INPUT_PIXELS, Weights, open_hdf5, read_weights_group, write_weights_group

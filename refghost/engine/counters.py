@@ -1,6 +1,6 @@
-"""Work claiming between the engine's threads: atomic counters and a polite spin-wait.
+"""Work counters: how the engine's threads claim units of work (atomic counters, a polite spin-wait).
 
-:func:`refghost.kernels.fused.run_program` runs a whole program in *one* parallel region: every
+:func:`refghost.engine.run.run_program` runs a whole program in *one* parallel region: every
 thread walks the same list of ops, and the units of work of each op (GEMM tiles, chunks of
 depthwise planes, stem bands, ...) are handed out by an atomic counter instead of being split
 between the threads in advance. A thread that the operating system has descheduled (another
@@ -22,7 +22,7 @@ count complete (the C++ release/acquire rule, which LLVM's atomics follow).
 
 The wait yields the CPU (``sched_yield``) once a short spin has not seen the count complete: on a
 busy machine the thread it waits for may need this very core. ``sched_yield`` is called by a
-symbol name registered with LLVM at import (as :mod:`.blas` does for GEMM), so the compiled code
+symbol name registered with LLVM at import (as :mod:`refghost.kernels.blas` does for GEMM), so the compiled code
 stays cacheable.
 """
 
@@ -34,10 +34,12 @@ import llvmlite.binding as llvm
 from numba import types
 from numba.extending import intrinsic
 
-from ._jit import jit
+from ..kernels._jit import jit
 
 #: int64 elements per phase: two counters, each on its own 64-byte cache line.
 STRIDE = 16
+#: Phases per op (the most an op has: the squeeze-excite of a small batch).
+PHASES = 3
 #: Polls of a counter before the waiting thread starts yielding the CPU between polls.
 _SPINS = 200
 
