@@ -36,9 +36,12 @@ class _Pattern:
     ops: tuple[str, ...]
 
 
-def _subgraph(onnx: OnnxGraph, t_in: str, t_out: str, limit: int = 8) -> _Pattern | str:
+def _subgraph(onnx: OnnxGraph, t_in: str, t_out: str, same: str, limit: int = 8) -> _Pattern | str:
     """The nodes between tensors ``t_in`` and ``t_out`` (both resolved): every non-constant input
-    of each must be ``t_in`` or an output of another; returns a message if not."""
+    of each must be ``t_in`` or an output of another; returns a message if not (``same`` when
+    ``t_out`` is ``t_in``: no function at all)."""
+    if t_in == t_out:
+        return same
     nodes, stack, seen, reached = [], [t_out], set(), False
     while stack:
         t = onnx.resolve(stack.pop())
@@ -84,9 +87,7 @@ def _other_const(onnx: OnnxGraph, node) -> float | None:
 def classify_activation(onnx: OnnxGraph, t_in: str, t_out: str) -> tuple[str, np.ndarray | None, list] | str:
     """``(activation name, PReLU slope or None, ONNX nodes)`` of the pattern from ``t_in`` to
     ``t_out``, or a message saying what is wrong with it."""
-    if t_in == t_out:
-        return "has no activation (the conv output is used as is)"
-    pat = _subgraph(onnx, t_in, t_out)
+    pat = _subgraph(onnx, t_in, t_out, "has no activation (the conv output is used as is)")
     if isinstance(pat, str):
         return pat
     n, ops_ = pat.nodes, pat.ops
@@ -169,9 +170,7 @@ def _gelu_erf(onnx: OnnxGraph, pat: _Pattern, t_in: str, where: str):
 
 def classify_gate(onnx: OnnxGraph, t_in: str, t_out: str) -> list | str:
     """The ONNX nodes of a hard-sigmoid ``relu6(x + 3) / 6`` from ``t_in`` to ``t_out``, or a message."""
-    if t_in == t_out:
-        return "has no gate function (the SE multiplies by conv_expand's output itself)"
-    pat = _subgraph(onnx, t_in, t_out)
+    pat = _subgraph(onnx, t_in, t_out, "has no gate function (the SE multiplies by conv_expand's output itself)")
     if isinstance(pat, str):
         return pat
     n, ops_ = pat.nodes, pat.ops
