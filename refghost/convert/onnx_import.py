@@ -51,6 +51,7 @@ from .onnx_graph import OnnxGraph, attribute, load_onnx_graph
 from .onnx_walk import Walker
 from .onnx_width import conv_weight_shapes, ghostnet_config, recognise_width
 
+
 @dataclass
 class OnnxImport:
     """What :func:`read_onnx` found: the config, the folded tensors, and how."""

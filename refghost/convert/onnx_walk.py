@@ -30,6 +30,7 @@ from ..errors import WeightsError
 from .onnx_graph import OnnxGraph, attribute, is_close
 from .onnx_patterns import ACTIVATION_LABELS, classify_activation, classify_gate
 
+
 class Walker:
     """Checks every layer of a folded refghost graph against the ONNX data flow, and reads weights."""
 
