@@ -19,6 +19,10 @@ Higham's, *Accuracy and Stability of Numerical Algorithms* (2nd ed.), ch. 3:
 Terms of second order in ``u`` are dropped. The bounds are rigorous in that model and
 pessimistic in practice: an honest float32 backend typically uses a small fraction of them
 (``docs/tolerances.md`` gives measured fractions).
+
+:func:`folding_bound` is the other question a converted model asks: how far the exact output of
+a graph whose weights an exporter folded with BatchNorm in float32 may move by that folding's
+roundings (:data:`FOLD_ROUNDINGS` per folded weight and bias).
 """
 
 from __future__ import annotations
@@ -457,3 +461,60 @@ def _folded_conv_bn_error(conv, conv_p, bn, bn_p, x, e, z, y, r: _Roundoff):
     flushed = tw * evaluate(weight_only, [np.abs(x) + e], {key: np.ones_like(conv_p["weight"])}) + tw if tw else 0.0
     return (carried + gamma(m, u) * (big_a + c) + (u + uw) * big_a + 4 * u * (a * np.abs(z) + ab)
             + (7 * u + uw) * c + flushed + us * np.abs(y) + ts)
+
+
+# --------------------------------------------------------------------------------------------
+# An exporter's BatchNorm folding, propagated
+# --------------------------------------------------------------------------------------------
+# An exporter folds in float32, ``W' = W * alpha`` and ``b' = beta - mean * alpha`` (``beta`` the
+# BN's bias) with ``alpha = gamma / sqrt(var + eps)``: alpha carries up to 2.5 roundings (add,
+# sqrt, divide), ``W'`` one more, ``b'`` one more on ``mean * alpha`` and one for the subtraction:
+# ``|W' - W alpha| <= 3.5 u |W alpha|`` and ``|b' - (beta - mean alpha)| <= 3.5 u (|beta| + |mean
+# alpha|)`` to first order (u = 2^-24; PyTorch 2.13's exporters measure <= 3). FOLD_ROUNDINGS = 4
+# covers both; folding_bound carries it to every layer. A BN folded by refghost's ONNX import (in
+# float64, refghost.convert.onnx_walk) is rounded once: <= 1 u.
+
+#: Roundings in units of u that an exporter's float32 BatchNorm folding puts on each folded weight
+#: and bias (derived above); measured on PyTorch 2.x exports: <= 3.
+FOLD_ROUNDINGS = 4
+
+
+def folded_convs(graph: Graph) -> list[str]:
+    """The conv nodes of a folded graph that stand for a conv+BN pair (named after the BN)."""
+    return [n.name for n in graph.nodes
+            if n.op == "conv" and n.params["weight"] != f"{n.name}.weight"]
+
+
+def folding_bound(graph: Graph, params: dict[str, np.ndarray], x: np.ndarray, *, k: float = FOLD_ROUNDINGS,
+                  u: float = FLOAT32_U, model: str = "probabilistic", lam: float = DEFAULT_LAMBDA,
+                  bias_magnitude: dict[str, np.ndarray] | None = None):
+    """How far the *exact* output of a folded graph may move when its folded weights were rounded.
+
+    Each conv that replaced a conv+BN pair has ``|W' - W alpha| <= k u |W'|`` and
+    ``|b' - b| <= k u m`` with ``m = bias_magnitude[<bias key>]`` (``|beta| + |mean alpha|``, the
+    magnitudes the exporter's subtraction saw; default ``|b'|``). That perturbs the conv's output
+    by ``k u (|W'| * |x| + m)`` at most (``model="worst"``), or by ``lam`` standard deviations of
+    independent per-weight errors (``"probabilistic"``: variance ``(k u)^2 (W'^2 * x^2 + m^2)``),
+    and every later layer carries it by the rules of :func:`refghost.bounds.error_bounds`, with no
+    rounding of its own (both networks are evaluated exactly, in float64, which adds
+    ``2^-53``-sized terms only, covered by adding ``8 * 2^-53`` to ``k u``).
+
+    Returns ``(values, bounds)``: ``{node: array}`` of the float64 values and the elementwise
+    bounds, in forward order.
+    """
+    worst = model == "worst"
+    ku = k * u + 8 * FLOAT64_U
+    seeded = set(folded_convs(graph))
+
+    def rounded_weights(node, ins, p):
+        if node.name not in seeded:
+            return None
+        m = np.abs(p["bias"]) if bias_magnitude is None else np.abs(bias_magnitude[node.params["bias"]])
+        key, bias_key = node.params["weight"], node.params["bias"]
+        if worst:
+            return ku * evaluate(node, [np.abs(ins[0])], {key: np.abs(p["weight"]), bias_key: m})
+        return ku * ku * evaluate(node, [ins[0] ** 2], {key: p["weight"] ** 2, bias_key: m ** 2})
+
+    # u = 0: both networks are evaluated exactly; only the rounded weights move the output.
+    return error_bounds(graph, params, np.asarray(x, dtype=np.float64), u=0.0, model=model, lam=lam,
+                        extra=rounded_weights)

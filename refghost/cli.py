@@ -35,6 +35,7 @@ import numpy as np
 from . import __version__
 from .atomic import atomic_path
 from .bounds import POLICIES
+from .convert import DEFAULTS as CONVERT_DEFAULTS, convert
 from .errors import RefghostError
 
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -76,10 +77,14 @@ def make_parser() -> argparse.ArgumentParser:
                                   ".npz of state_dict arrays, or .onnx model (architecture read from the graph)")
     conv.add_argument("--out", required=True, help="weights file to write (.h5)")
     conv.add_argument("--arch", choices=("nanodet", "ghostnet"),
-                      help="default nanodet (for .onnx: read from the graph, and checked if given)")
-    conv.add_argument("--width", type=float, help="width multiplier (default 1.0; .onnx: from the graph)")
-    conv.add_argument("--activation", help="NanoDet activation name (default ReLU; .onnx: from the graph)")
-    conv.add_argument("--out-stages", help="comma-separated stages 0..9 (default 4,6,9; .onnx: from the graph)")
+                      help=f"default {CONVERT_DEFAULTS['arch']} (.onnx: read from the graph, and checked if given)")
+    conv.add_argument("--width", type=float,
+                      help=f"width multiplier (default {CONVERT_DEFAULTS['width']}; .onnx: from the graph)")
+    conv.add_argument("--activation",
+                      help=f"NanoDet activation name (default {CONVERT_DEFAULTS['activation']}; .onnx: from the graph)")
+    default_stages = ",".join(map(str, CONVERT_DEFAULTS["out_stages"]))
+    conv.add_argument("--out-stages",
+                      help=f"comma-separated stages 0..9 (default {default_stages}; .onnx: from the graph)")
     conv.add_argument("--channel-order", choices=("BGR", "RGB"),
                       help="channel order the network expects (no checkpoint or graph records it; default: "
                            "BGR for nanodet, as NanoDet's cv2.imread, RGB for ghostnet)")
@@ -328,8 +333,6 @@ def cmd_run(args) -> int:
 
 
 def cmd_convert(args) -> int:
-    from .convert import convert
-
     stages = None
     if args.out_stages is not None:
         try:
@@ -554,7 +557,7 @@ def _golden_for_map(args):
     if not args.model.lower().endswith(".onnx"):
         raise RefghostError(f"{args.model}: give --golden golden.h5 (the network and the input shape); only an "
                             f".onnx model carries what refghost needs to make one")
-    from .onnx_import import import_onnx, read_onnx
+    from .convert.onnx_import import import_onnx, read_onnx
 
     shape = read_onnx(args.model).input_shape
     if shape is None or any(d is None for d in shape):

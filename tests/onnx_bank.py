@@ -68,6 +68,8 @@ import onnx
 import torch
 from onnx import helper, numpy_helper
 
+from refghost.arch import DEFAULT_OUT_STAGES
+
 try:
     import torch_ghostnet as tg
 except ModuleNotFoundError:  # imported as tests.onnx_bank or from elsewhere
@@ -172,7 +174,7 @@ class Bank:
 # Building
 # ------------------------------------------------------------------------------------------
 def build_bank(folder, *, width: float = 0.5, activation: str = "ReLU", size=(64, 64), seed: int = 0,
-               out_stages: Iterable[int] = (4, 6, 9), dynamo: bool = True, refresh: bool = False) -> Bank:
+               out_stages: Iterable[int] = DEFAULT_OUT_STAGES, dynamo: bool = True, refresh: bool = False) -> Bank:
     """Build (or reuse from ``folder``) the bank of ONNX models.
 
     ``size`` is (H, W) of the input ``x`` (standard normal, float32, seeded by ``seed``, which

@@ -1,4 +1,4 @@
-"""refghost.checkpoint: PyTorch checkpoints read without torch, identical to torch.load, safely."""
+"""refghost.convert.checkpoint: PyTorch checkpoints read without torch, identical to torch.load, safely."""
 
 import argparse
 import collections
@@ -16,7 +16,7 @@ import torch_ghostnet as tg
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from refghost.checkpoint import load_state_dict
+from refghost.convert.checkpoint import load_state_dict
 from refghost.errors import WeightsError
 
 LEGACY = {"_use_new_zipfile_serialization": False}
@@ -247,7 +247,7 @@ def test_random_views_match_torch(tmp_path, data):
 def test_needs_no_torch(tmp_path, ghostnet_sd):
     torch.save({"state_dict": {f"model.{k}": v for k, v in ghostnet_sd.items()}}, tmp_path / "m.ckpt")
     code = ("import sys; sys.modules['torch'] = None\n"
-            "from refghost.checkpoint import load_state_dict\n"
+            "from refghost.convert.checkpoint import load_state_dict\n"
             f"print(len(load_state_dict({str(tmp_path / 'm.ckpt')!r})))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert int(out.stdout) == len(ghostnet_sd)

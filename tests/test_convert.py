@@ -6,7 +6,8 @@ import torch
 import torch_ghostnet as tg
 
 import refghost
-from refghost.convert import convert, select_backbone
+from refghost.convert import convert
+from refghost.convert.state_dict import select_backbone
 from refghost.errors import WeightsError
 
 

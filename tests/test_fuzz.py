@@ -25,10 +25,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from refghost.atomic import TEMP_MARKER, atomic_path
-from refghost.checkpoint import load_state_dict
+from refghost.convert.checkpoint import load_state_dict
 from refghost.cli import main
 from refghost.verify.compare import CompareError
-from refghost.convert import read_state_dict
+from refghost.convert.state_dict import read_state_dict
 from refghost.errors import ImageError, RefghostError, WeightsError
 from refghost.verify.golden import GoldenError, read_golden
 from refghost.preprocess import MAX_IMAGE_PIXELS, read_image

@@ -4,7 +4,7 @@ rounding, measured and bounded.
 
 The imported (BN-folded) weights and the original (unfolded) ones differ only by the exporter's
 float32 folding: each folded weight and bias is off by at most ``FOLD_ROUNDINGS`` (4) units of
-roundoff (checked here per weight), and ``refghost.onnx_import.folding_bound`` carries that to every
+roundoff (checked here per weight), and ``refghost.bounds.folding_bound`` carries that to every
 output; the float64 runs of the two weight sets must agree within it.
 """
 
@@ -29,16 +29,16 @@ except ModuleNotFoundError:  # e.g. if tests/ becomes a package
 
 import refghost
 from refghost import ops
-from refghost.arch import Config, build_graph
-from refghost.bounds import FLOAT32_U
+from refghost.arch import DEFAULT_OUT_STAGES, Config, build_graph
+from refghost.bounds import FLOAT32_U, FOLD_ROUNDINGS, folded_convs, folding_bound
 from refghost.ops import fold_batch_norm
 from refghost.cli import main
 from refghost.verify.compare import compare
 from refghost.convert import convert
 from refghost.errors import WeightsError
 from refghost.verify.golden import read_golden
-from refghost.onnx_import import (FOLD_ROUNDINGS, conv_weight_shapes, folded_convs, folding_bound, import_onnx,
-                                  recognise_width)
+from refghost.convert.onnx_import import import_onnx
+from refghost.convert.onnx_width import conv_weight_shapes, recognise_width
 from refghost.weights import NANODET_PREPROCESSING, from_tensors, load_weights, save_weights
 
 #: The banks built (once each): LeakyReLU at width 0.5 and ReLU at width 1.0 with other out_stages
@@ -123,13 +123,13 @@ def torch_models(tmp_path_factory):
     banks, exports = {}, {}
     folder = tmp_path_factory.mktemp("exports")
     for seed, (name, (arch, width, activation, stages, classes)) in enumerate(EXPORTS.items()):
-        model = tg.randomize(tg.build(arch, width, activation, out_stages=stages or (4, 6, 9),
+        model = tg.randomize(tg.build(arch, width, activation, out_stages=stages or DEFAULT_OUT_STAGES,
                                       num_classes=classes or 1000), seed).eval()
         x = np.random.default_rng(seed).standard_normal((1, 3, 32, 32)).astype(np.float32)
         with ob._quiet():
             torch.onnx.export(model, (torch.from_numpy(x),), str(folder / f"{name}.onnx"), dynamo=False,
                               opset_version=ob.TS_OPSET, input_names=["input"])
-        config = Config(arch=arch, width=width, activation=activation, out_stages=stages or (4, 6, 9),
+        config = Config(arch=arch, width=width, activation=activation, out_stages=stages or DEFAULT_OUT_STAGES,
                         num_classes=classes)
         exports[name] = Exported(folder / f"{name}.onnx", model, x, config)
     for name, options in BANKS.items():  # the dynamo export last: TorchScript exports slow down after one

@@ -1,7 +1,7 @@
-"""Checks that tests/torch_ghostnet.py (the PyTorch cross-check model) matches the specification
-in /work/shared/research/ghostnet.md: key names/shapes/order (Appendix A, section 2), parameter
-totals (2.1, 6.1), channel/width tables (1.4, 1.8, 2.3), activations (section 3), forward
-semantics (1.3-1.8) and the helper functions randomize / capture / state_dict_numpy.
+"""Checks that tests/torch_ghostnet.py (the PyTorch cross-check model) matches GhostNet as NanoDet
+and Huawei publish it (the sources cited in tests/torch_ghostnet.py; docs/architecture.md): key
+names/shapes/order (the table APPENDIX_A below), parameter totals, channel/width tables,
+activations, forward semantics and the helper functions randomize / capture / state_dict_numpy.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ except ModuleNotFoundError:  # e.g. if tests/ becomes a package
 # Spec tables, transcribed
 # ------------------------------------------------------------------------------------------
 
-# Appendix A: every conv/BN module at width 1.0 in state_dict order.
+# Every conv/BN module at width 1.0 in state_dict order (NanoDet's registration order).
 # "name AxBxCxD" is a Conv2d weight shape (suffix "+b": also a bias [A]); "name C" is a BN(C).
 APPENDIX_A = """
 conv_stem 16x3x3x3
@@ -609,7 +609,7 @@ def test_ghost_module_slice_only_in_huawei_variant():
 # ------------------------------------------------------------------------------------------
 
 def _bn(x, bn):
-    invstd = 1.0 / torch.sqrt(bn.running_var + bn.eps)  # spec 1.11 formulation
+    invstd = 1.0 / torch.sqrt(bn.running_var + bn.eps)  # PyTorch's eval-mode BatchNorm2d, as alpha and beta
     alpha = invstd * bn.weight
     beta = bn.bias - bn.running_mean * alpha
     return x * alpha[None, :, None, None] + beta[None, :, None, None]

@@ -1,7 +1,19 @@
 """Independent PyTorch GhostNet used by refghost's test-suite as the cross-check framework.
 
-Written from the specification in ``/work/shared/research/ghostnet.md`` (sections 0-3, 6 and
-Appendix A); no code was taken from NanoDet, Huawei or timm.
+Written from the published descriptions of GhostNet, not from their code (no code was taken from
+NanoDet, Huawei or timm): the paper (Han et al., "GhostNet: More Features from Cheap Operations",
+CVPR 2020, https://arxiv.org/abs/1911.11907) for the GhostModule, the GhostBottleneck and the stage
+table, and the module names, registration order and hyper-parameters of the public
+implementations it must match key for key:
+
+* NanoDet's backbone, https://github.com/RangiLyu/nanodet/blob/main/nanodet/model/backbone/ghostnet.py
+  (its activations: https://github.com/RangiLyu/nanodet/blob/main/nanodet/model/module/activation.py);
+* Huawei's ImageNet classifier,
+  https://github.com/huawei-noah/Efficient-AI-Backbones/blob/master/ghostnet_pytorch/ghostnet.py,
+  and timm's port of it,
+  https://github.com/huggingface/pytorch-image-models/blob/main/timm/models/ghostnet.py.
+
+``docs/architecture.md`` lists where NanoDet's differs from Huawei's and timm's.
 
 Two architectures are available through :func:`build`:
 
@@ -49,7 +61,8 @@ __all__ = [
 ]
 
 # --------------------------------------------------------------------------------------------
-# Configuration (spec section 1.8): one list per stage, rows are [k, exp (mid), c (out), se, s].
+# Configuration (the paper's Table 1, NanoDet's ``cfgs``): one list per stage, rows are
+# [k, exp (mid), c (out), se, s].
 # Stage 9 is not in this table: it is a ConvBnAct 1x1 to make_divisible(960 * width, 4).
 # --------------------------------------------------------------------------------------------
 CFGS: tuple[tuple[tuple[int, int, int, float, int], ...], ...] = (
@@ -94,7 +107,7 @@ def hard_sigmoid(x: torch.Tensor) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------------------------
-# Activations (spec section 3)
+# Activations (NanoDet's ``act_layers`` names; LeakyReLU with NanoDet's slope 0.1)
 # --------------------------------------------------------------------------------------------
 ACTIVATIONS: dict[str | None, Callable[[], nn.Module]] = {
     "ReLU": lambda: nn.ReLU(inplace=True),

@@ -20,10 +20,12 @@ from ..bounds import UNDERFLOW, UNIT_ROUNDOFF, error_bounds, node_bound, segment
 from ._cases import (ActivationCase, BatchNormCase, BatchNormParams, ConvBNCase, ConvCase, GhostBottleneckCase,
                      GhostModuleCase, LinearCase, PoolCase, iter_arrays, map_arrays)
 
-__all__ = ["OPS", "POLICIES", "assert_matches_reference", "reference_and_bound", "round_case"]
+__all__ = ["OPS", "PRECISIONS", "assert_matches_reference", "reference_and_bound", "round_case"]
 
-#: Precision policies: the unit roundoff of the backend's arithmetic (refghost.bounds.UNIT_ROUNDOFF).
-POLICIES = tuple(UNIT_ROUNDOFF)
+#: The values ``policy=`` takes here: the precision a backend's arithmetic and storage round to, the
+#: keys of :data:`refghost.bounds.UNIT_ROUNDOFF`. (Not :data:`refghost.bounds.POLICIES`, the
+#: verdict policies of ``refghost compare``, which also say how weights and tensors are stored.)
+PRECISIONS = tuple(UNIT_ROUNDOFF)
 
 _ACTIVATION_OPS = tuple(ops.ACTIVATIONS) + ("hard_sigmoid",)
 #: Every op name :func:`assert_matches_reference` knows, with the case type it takes.
@@ -46,7 +48,7 @@ def _f64(a):
 
 def _unit_roundoff(policy):
     if policy not in UNIT_ROUNDOFF:
-        raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
+        raise ValueError(f"policy must be one of {PRECISIONS}, got {policy!r}")
     return UNIT_ROUNDOFF[policy]
 
 

@@ -7,8 +7,8 @@ or raises a :class:`~refghost.errors.RefghostError`; anything else is a bug.
 Readers (``READERS``): ``weights`` (:func:`refghost.weights.load_weights`), ``golden``
 (:func:`refghost.verify.golden.read_golden`), ``candidate_npz``/``candidate_h5``/``candidate_npy``
 (:func:`refghost.verify.candidates.load_candidate` against the seed golden), ``checkpoint``
-(:func:`refghost.checkpoint.load_state_dict`) and ``state_dict_npz``
-(:func:`refghost.convert.read_state_dict`).
+(:func:`refghost.convert.checkpoint.load_state_dict`) and ``state_dict_npz``
+(:func:`refghost.convert.state_dict.read_state_dict`).
 """
 
 from __future__ import annotations
@@ -135,11 +135,11 @@ def reader(kind: str, seeds: dict):
         maps = {"blocks.9": "blocks.9"} if kind == "candidate_npy" else None  # the .npy seed's name
         return lambda path: load_candidate(path, golden, maps=maps)
     if kind == "checkpoint":
-        from ..checkpoint import load_state_dict
+        from ..convert.checkpoint import load_state_dict
 
         return load_state_dict
     if kind == "state_dict_npz":
-        from ..convert import read_state_dict
+        from ..convert.state_dict import read_state_dict
 
         return read_state_dict
     raise ValueError(kind)

@@ -3,7 +3,8 @@
 :func:`load_state_dict` returns ``{key: numpy array}`` for the tensors of a checkpoint, in the
 order they are stored, with the same values, shapes and dtypes ``torch.load(...)[key].numpy()``
 gives. It unwraps ``{"state_dict": {...}}`` (Lightning/NanoDet checkpoints) and keeps only tensor
-entries; keys are returned as stored (``refghost.convert.select_backbone`` strips prefixes).
+entries; keys are returned as stored (:func:`refghost.convert.state_dict.select_backbone` strips
+prefixes).
 
 Formats
 -------
@@ -89,7 +90,7 @@ from collections import OrderedDict
 
 import numpy as np
 
-from .errors import WeightsError
+from ..errors import WeightsError
 
 __all__ = ["load_state_dict"]
 

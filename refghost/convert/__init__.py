@@ -1,72 +1,32 @@
-"""Convert a PyTorch GhostNet checkpoint into a refghost weights file.
+"""Convert a PyTorch GhostNet checkpoint, state dict or ONNX export into a refghost weights file.
 
-Sources understood (after unwrapping ``{"state_dict": ...}``):
+:func:`convert` is what ``refghost convert`` runs. The parts, one job each:
 
-* a plain state_dict of NanoDet's, Huawei's or timm's GhostNet;
-* a NanoDet checkpoint: keys under ``model.``/``module.`` and ``backbone.``; when EMA weights
-  (``avg_model.``) are present they replace the raw ones, as NanoDet's ``load_model_weight`` does;
-  the FPN and head keys are left out;
-* a Huawei/timm classifier: for ``--arch nanodet`` its ``conv_head``/``classifier`` keys are
-  dropped; for ``--arch ghostnet`` they are kept and ``num_classes`` is read from them.
+* :mod:`~refghost.convert.checkpoint`: the tensors of a ``.pth``/``.pt``/``.ckpt`` file, read
+  without PyTorch and without running anything in the file's pickle;
+* :mod:`~refghost.convert.state_dict`: a state dict (from a checkpoint or an ``.npz``) as
+  weights: NanoDet's, Huawei's or timm's keys mapped to refghost's;
+* :mod:`~refghost.convert.onnx_import`: an ``.onnx`` file (a GhostNet exported by PyTorch) as
+  weights with BatchNorm folded (``Config(folded=True)``), built on
+  :mod:`~refghost.convert.onnx_graph` (reading the graph and its initializers),
+  :mod:`~refghost.convert.onnx_width` (the width multiplier),
+  :mod:`~refghost.convert.onnx_patterns` (activation and gate patterns) and
+  :mod:`~refghost.convert.onnx_walk` (the verifying walk).
 
-``.pth``/``.pt``/``.ckpt`` files are read by :mod:`refghost.checkpoint` (no PyTorch needed, nothing
-in the file's pickle is run); an ``.npz`` of state_dict arrays needs nothing but NumPy.
-
-An ``.onnx`` file (a GhostNet exported by PyTorch) is read by :mod:`refghost.onnx_import`: the
-architecture, width, activation and out_stages come from the graph, and the weights file is
-written with BatchNorm folded (``Config(folded=True)``). The graph wins: an option given
-explicitly that contradicts it is an error.
+For an ``.onnx`` file the architecture, width, activation and out_stages come from the graph.
+The graph wins: an option given explicitly that contradicts it is an error.
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 
-import numpy as np
-
-from . import __version__
-from .arch import DEFAULT_OUT_STAGES, Config
-from .checkpoint import load_state_dict
-from . import safe_io
-from .errors import WeightsError
-from .weights import Preprocessing, Weights, default_preprocessing, file_sha256, from_tensors, save_weights
-
-HEAD_PREFIXES = ("conv_head.", "classifier.")
-
-
-def read_state_dict(path) -> dict[str, np.ndarray]:
-    """All tensors of a checkpoint file as NumPy arrays, keyed as stored (see module docstring)."""
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise WeightsError(f"{path}: no such checkpoint file")
-    if path.endswith(".npz"):
-        arrays, _ = safe_io.read_npz(path, WeightsError, max_bytes=lambda key: safe_io.MAX_ARRAY_BYTES)
-        return arrays
-    return load_state_dict(path)
-
-
-def select_backbone(state_dict: dict, arch: str) -> dict:
-    """The GhostNet keys of a checkpoint, named as NanoDet's/Huawei's module paths.
-
-    EMA copies (``avg_model.``) win over raw weights; ``module.``, ``model.`` and ``backbone.``
-    prefixes are stripped; with a ``backbone.`` prefix only those keys are kept; for
-    ``arch="nanodet"`` the classifier head keys are dropped.
-    """
-    sd = dict(state_dict)
-    if any(k.startswith("avg_model.") for k in sd):
-        sd = {"model." + k[len("avg_model."):]: v for k, v in sd.items() if k.startswith("avg_model.")}
-    stripped = {}
-    for key, value in sd.items():
-        for prefix in ("module.", "model."):
-            if key.startswith(prefix):
-                key = key[len(prefix):]
-        stripped[key] = value
-    if any(k.startswith("backbone.") for k in stripped):
-        stripped = {k[len("backbone."):]: v for k, v in stripped.items() if k.startswith("backbone.")}
-    if arch == "nanodet":
-        stripped = {k: v for k, v in stripped.items() if not k.startswith(HEAD_PREFIXES)}
-    return stripped
-
+from ..arch import DEFAULT_OUT_STAGES, build_graph, canonical_activation
+from ..errors import RefghostError, WeightsError
+from ..weights import Preprocessing, Weights, save_weights
+from .onnx_import import import_onnx
+from .state_dict import weights_from_state_dict
 
 #: The options' values when not given, for checkpoints (an ONNX graph says its own).
 DEFAULTS = {"arch": "nanodet", "width": 1.0, "activation": "ReLU", "out_stages": DEFAULT_OUT_STAGES}
@@ -89,7 +49,7 @@ def convert(src, out, *, arch=None, width=None, activation=None, out_stages=None
     default statistics of each colour (reordered).
     """
     if os.fspath(src).lower().endswith(".onnx"):
-        weights = _check_onnx_options(src, _import_onnx(src, preprocessing), arch=arch, width=width,
+        weights = _check_onnx_options(src, import_onnx(src, preprocessing=preprocessing), arch=arch, width=width,
                                       activation=activation, out_stages=out_stages)
         weights = _with_preprocessing(weights, channel_order, mean, std)
         save_weights(out, weights)
@@ -98,18 +58,8 @@ def convert(src, out, *, arch=None, width=None, activation=None, out_stages=None
     width = DEFAULTS["width"] if width is None else width
     activation = DEFAULTS["activation"] if activation is None else activation
     out_stages = DEFAULTS["out_stages"] if out_stages is None else out_stages
-    state_dict = select_backbone(read_state_dict(src), arch)
-    num_classes = 0
-    if arch == "ghostnet":
-        if "classifier.weight" not in state_dict:
-            raise WeightsError(f"{src}: arch 'ghostnet' needs the classifier head; key 'classifier.weight' "
-                               f"is missing")
-        num_classes = int(state_dict["classifier.weight"].shape[0])
-    config = Config(arch=arch, width=width, activation=activation, out_stages=tuple(out_stages),
-                    num_classes=num_classes)
-    provenance = {"source_file": os.path.basename(os.fspath(src)), "source_sha256": file_sha256(src),
-                  "converter": f"refghost {__version__} convert"}
-    weights = from_tensors(state_dict, config, preprocessing or default_preprocessing(arch), provenance)
+    weights = weights_from_state_dict(src, arch=arch, width=width, activation=activation, out_stages=out_stages,
+                                      preprocessing=preprocessing)
     weights = _with_preprocessing(weights, channel_order, mean, std)
     save_weights(out, weights)
     return weights
@@ -117,10 +67,6 @@ def convert(src, out, *, arch=None, width=None, activation=None, out_stages=None
 
 def _with_preprocessing(weights: Weights, channel_order, mean, std) -> Weights:
     """``weights`` with the given preprocessing fields replaced (see :func:`convert`)."""
-    from dataclasses import replace
-
-    from .errors import RefghostError
-
     if channel_order is None and mean is None and std is None:
         return weights
     pre = weights.preprocessing
@@ -137,23 +83,12 @@ def _with_preprocessing(weights: Weights, channel_order, mean, std) -> Weights:
     return Weights(weights.config, new, weights.tensors, weights.provenance)
 
 
-def _import_onnx(src, preprocessing):
-    from .onnx_import import import_onnx
-
-    return import_onnx(src, preprocessing=preprocessing)
-
-
 def _check_onnx_options(src, weights: Weights, **options) -> Weights:
     """The imported weights, if every explicitly given option agrees with the graph (see :func:`convert`).
 
     An explicit width that gives the same channel counts as the graph's is the same network and is
     recorded as given.
     """
-    from dataclasses import replace
-
-    from .arch import build_graph, canonical_activation
-    from .errors import RefghostError
-
     cfg = weights.config
     graph_says = {"arch": cfg.arch, "width": cfg.width, "activation": cfg.activation, "out_stages": cfg.out_stages}
     for name, value in options.items():
