@@ -14,9 +14,9 @@ The tasks run on Dask's ``distributed`` (the ``refghost[dataset]`` extra): on a
 given by its scheduler address. The local run is a cluster run so that both share one path: a
 worker that dies is restarted by its nanny and its task rescheduled by the scheduler, up to
 Dask's ``distributed.scheduler.allowed-failures`` times, then reported as lost
-(``KilledWorker``); a task that ran more than once is reported as retried (each attempt logs an
-event on topic :data:`EVENT_TOPIC`). A ``concurrent.futures`` process pool would fail every
-image in flight when one worker dies, without saying which one killed it.
+(``KilledWorker``); a task that was running on a worker that died is reported as retried (the
+scheduler's ``remove-worker`` events name those tasks). A ``concurrent.futures`` process pool
+would fail every image in flight when one worker dies, without saying which one killed it.
 
 :func:`summarize` folds the results (in image-name order, whatever order they finished in) into
 a :class:`DatasetReport`: the worst ratio of every layer over the images, which images fail where,
@@ -35,12 +35,10 @@ import numpy as np
 
 from ..errors import RefghostError
 
-#: The Dask event topic every task attempt logs its source on (counts the retries of a dead worker).
-EVENT_TOPIC = "refghost-dataset-attempt"
-#: Test-only hook: when this environment variable holds ``NAME:MARKER``, the task of the source
-#: named NAME ends its worker process with os._exit, the first time (while MARKER does not exist;
-#: it is created), or every time when MARKER is ``always``. tests/test_dataset.py uses it to kill
-#: a worker.
+#: Test-only hook: when this environment variable holds ``NAME:MARKER[,NAME:MARKER...]``, the task
+#: of the source named NAME ends its worker process with os._exit the first time (while the file
+#: MARKER does not exist; it is created), or every time when MARKER is ``always``.
+#: tests/test_dataset.py kills workers with it.
 CRASH_HOOK = "REFGHOST_DATASET_TEST_CRASH"
 #: The stages of a task, timed (``ImageResult.seconds``).
 STAGES = ("preprocess", "oracle", "candidate", "compare", "keep")
@@ -172,27 +170,15 @@ def _weights(path: str):
 
 
 def _crash_hook(source: str) -> None:
-    spec = os.environ.get(CRASH_HOOK)
-    if not spec:
-        return
-    name, marker = spec.split(":", 1)
-    if os.path.basename(source) != name:
-        return
-    if marker != "always":
-        if os.path.exists(marker):
-            return
-        open(marker, "w").close()
-    os._exit(13)
-
-
-def _log_attempt(source: str) -> None:
-    """Log this attempt on :data:`EVENT_TOPIC` when running in a Dask worker."""
-    try:
-        from distributed import get_worker
-
-        get_worker().log_event(EVENT_TOPIC, {"source": source})
-    except (ImportError, ValueError):  # not in a Dask worker
-        pass
+    for spec in filter(None, os.environ.get(CRASH_HOOK, "").split(",")):
+        name, marker = spec.split(":", 1)
+        if os.path.basename(source) != name:
+            continue
+        if marker != "always":
+            if os.path.exists(marker):
+                return
+            open(marker, "w").close()
+        os._exit(13)
 
 
 def _golden_of(job: Job, source: str, seconds: dict):
@@ -223,7 +209,6 @@ def run_task(job: Job, source: str) -> ImageResult:
 
     from .golden import write_golden
 
-    _log_attempt(source)
     _crash_hook(source)
     numba.set_num_threads(min(job.candidate.threads if job.candidate else 1, numba.config.NUMBA_NUM_THREADS))
     seconds = {}
@@ -290,9 +275,13 @@ def run_set(job: Job, items: list[str], *, workers: int | None = None, scheduler
     if scheduler is None and cluster is None:
         import logging
 
-        local = cluster = distributed.LocalCluster(n_workers=workers or default_workers(), threads_per_worker=1,
-                                                   processes=True, dashboard_address=None,
-                                                   silence_logs=logging.ERROR)
+        import dask
+
+        # one task at a time per worker: a worker that dies is then blamed on that task alone
+        with dask.config.set({"distributed.scheduler.worker-saturation": 1.0}):
+            local = cluster = distributed.LocalCluster(n_workers=workers or default_workers(), threads_per_worker=1,
+                                                       processes=True, dashboard_address=":0",
+                                                       silence_logs=logging.ERROR)
     try:
         try:
             client = distributed.Client(scheduler or cluster, timeout=30)
@@ -306,18 +295,22 @@ def run_set(job: Job, items: list[str], *, workers: int | None = None, scheduler
 
 
 def _gather(client, job: Job, items: list[str], progress: bool) -> list[ImageResult]:
-    from distributed import as_completed
+    from distributed import KilledWorker, as_completed
     from tqdm import tqdm
 
-    attempts: dict[str, int] = {}
+    deaths: dict[str, int] = {}  # task key -> workers that died running it
 
     def count(event):
-        source = event[1]["source"]
-        attempts[source] = attempts.get(source, 0) + 1
+        _, msg = event
+        if isinstance(msg, dict) and msg.get("action") == "remove-worker" and not msg.get("expected"):
+            for key in msg.get("processing-tasks", ()):
+                deaths[key] = deaths.get(key, 0) + 1
 
-    client.subscribe_topic(EVENT_TOPIC, count)
-    futures = {client.submit(run_task, job, item, key=f"refghost-{i}-{os.path.basename(item)}", pure=False): item
-               for i, item in enumerate(items)}
+    client.subscribe_topic("all", count)
+    # one task group ("refghost-dataset") sent at once: larger than the cluster, it is queued on the
+    # scheduler and handed to workers as they free up
+    keys = [f"refghost-dataset-{i}" for i in range(len(items))]
+    futures = dict(zip(client.map(run_task, [job] * len(items), items, key=keys, pure=False), items))
     results: dict[str, ImageResult] = {}
     bad = 0
     with tqdm(total=len(items), unit="image", disable=not progress, dynamic_ncols=True) as bar:
@@ -325,18 +318,18 @@ def _gather(client, job: Job, items: list[str], progress: bool) -> list[ImageRes
             source = futures[future]
             try:
                 result = future.result()
-            except Exception as exc:  # KilledWorker, or a bug in the task: reported, never dropped
-                lost = type(exc).__name__ == "KilledWorker"
-                result = ImageResult(source, "lost" if lost else "error",
-                                     error=(f"its worker died every time it ran it ({exc})" if lost
-                                            else f"{type(exc).__name__}: {exc}"))
+                result.attempts = 1 + deaths.get(future.key, 0)
+            except KilledWorker as exc:
+                result = ImageResult(source, "lost", attempts=exc.allowed_failures + 1,
+                                     error=f"the worker running it died {exc.allowed_failures + 1} times ({exc})")
+            except Exception as exc:  # a bug in the task: reported, never dropped
+                result = ImageResult(source, "error", error=f"{type(exc).__name__}: {exc}")
+            future.release()  # a result held on a worker that dies later would be recomputed
             results[source] = result
             bad += result.status in ("fail", "error", "lost")
             bar.set_postfix_str(f"{bad} failed or not judged", refresh=False)
             bar.update()
-    client.unsubscribe_topic(EVENT_TOPIC)
-    for source, result in results.items():
-        result.attempts = max(attempts.get(source, 1), 1)
+    client.unsubscribe_topic("all")
     return [results[item] for item in items]
 
 
@@ -459,5 +452,5 @@ def format_report(report: DatasetReport, *, verbose: bool = False) -> str:
     for r in unjudged:
         lines.append(f"not judged: {r.name} ({r.status}): {r.error}")
     for r in report.retried:
-        lines.append(f"retried: {r.name} ran {r.attempts} times (its worker died)")
+        lines.append(f"retried: {r.name} ran {r.attempts} times (a worker died while it was on it)")
     return "\n".join(lines)
