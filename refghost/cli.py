@@ -12,13 +12,18 @@
     refghost compare golden.h5 model.xml|model.mnn|model.param|model.tflite [--runtime NAME] [--precise]
                      [--runtime-option KEY=VALUE] [--threads N]
     refghost compare ... --html report.html [--plots DIR]   # a page with charts (refghost[report])
+    refghost compare --images DIR --weights W.h5 MODEL [--json r.json] [--html r.html] [--keep-failing DIR]
+    refghost golden --images DIR --weights W.h5 --out GOLDDIR/ [--intermediates]
+    refghost compare GOLDDIR/ MODEL           # a set: one task per image or golden (refghost[dataset]),
+                     [--workers N | --scheduler tcp://HOST:8786]   # local processes or a Dask cluster
     refghost dump golden.h5 MODEL --out dump.npz  # the runtime's tensors on the golden input, by module path
     refghost map MODEL [--golden golden.h5] [--json]  # runtime tensor -> module path, and how matched
     refghost info W.h5|golden.h5 [--json]
     refghost export W.h5 --out state_dict.npz|state_dict.pth
 
 Exit status: 0 success (compare: every tensor within tolerance), 1 compare found a mismatch,
-2 bad input (the message says what is wrong; no output file is left).
+2 bad input (the message says what is wrong; no output file is left). Over a set: 0 every image
+passes, 1 any image fails, else 2 if any image could not be judged.
 """
 
 from __future__ import annotations
@@ -94,19 +99,33 @@ def make_parser() -> argparse.ArgumentParser:
     gold = sub.add_parser("golden", help="write a golden file: the float64 oracle's outputs and their bounds")
     gold.add_argument("--weights", default=str(DEFAULT_WEIGHTS),
                       help="refghost weights file (default: the shipped synthetic weights)")
-    gold.add_argument("--out", required=True, help="golden file to write (.h5 or .hdf5)")
+    gold.add_argument("--out", required=True, help="golden file to write (.h5 or .hdf5); with --images, the folder "
+                                                   "to write one golden per image to (NAME.h5 for NAME.png)")
     source = gold.add_mutually_exclusive_group()
     source.add_argument("--input", help="image file, or .npy float array (N,3,H,W)/(3,H,W) used as is "
                                         "(default: the shipped sample image)")
     source.add_argument("--seed", type=int, help="use a seeded N(0,1) input of the weights' input size")
+    source.add_argument("--images", metavar="DIR", help="a folder of images: one golden file per image, written "
+                                                        "by parallel workers (needs refghost[dataset])")
     gold.add_argument("--batch", type=int, default=1, help="batch size of the --seed input")
     gold.add_argument("--intermediates", action="store_true", help="also store every layer's output")
     _add_warp_kernel_option(gold)
+    _set_arguments(gold)
 
     comp = sub.add_parser("compare", help="compare a backend's outputs with a golden file")
-    comp.add_argument("golden", help="golden file written by `refghost golden`")
-    comp.add_argument("candidate", help=".onnx (run with ONNX Runtime on the golden input), or .npz/.h5/.npy "
-                                        "arrays named by module path")
+    comp.add_argument("golden", nargs="?", help="golden file written by `refghost golden`, or a folder of them "
+                                                "(each judged by a worker); omitted with --images")
+    comp.add_argument("candidate", nargs="?", help=".onnx (run with ONNX Runtime on the golden input), or "
+                                                   ".npz/.h5/.npy arrays named by module path; a model file for a "
+                                                   "folder or --images")
+    comp.add_argument("--images", metavar="DIR", help="judge the model on every image of this folder: oracle, "
+                                                      "candidate run and verdict per image, a per-layer summary "
+                                                      "(needs refghost[dataset])")
+    comp.add_argument("--weights", default=str(DEFAULT_WEIGHTS),
+                      help="with --images: the weights file of the oracle (default: the shipped synthetic weights)")
+    comp.add_argument("--keep-failing", metavar="DIR", help="with a folder or --images: write the golden, the "
+                                                            "candidate's tensors and the report of each failing "
+                                                            "image to this folder")
     comp.add_argument("--json", help="write the full report to this JSON file")
     comp.add_argument("--html", help="write the report as one self-contained HTML page with charts "
                                      "(needs refghost[report])")
@@ -124,6 +143,8 @@ def make_parser() -> argparse.ArgumentParser:
     comp.add_argument("--ort-optimization", choices=("all", "none"), default="all",
                       help="ONNX Runtime graph optimization level")
     _runtime_arguments(comp)
+    _add_warp_kernel_option(comp)
+    _set_arguments(comp)
     dump = sub.add_parser("dump", help="run a model file in its runtime on a golden input and write its "
                                        "tensors by module path (.npz)")
     dump.add_argument("golden", help="golden file written by `refghost golden` (its input is fed)")
@@ -157,6 +178,13 @@ def _runtime_arguments(parser) -> None:
     parser.add_argument("--runtime-option", action="append", default=[], metavar="KEY=VALUE",
                         help="a runtime setting (OpenVINO property, MNN precision, ncnn opt flag...), repeatable")
     parser.add_argument("--threads", type=int, default=1, help="threads of the runtime")
+
+
+def _set_arguments(parser) -> None:
+    """Where the tasks of a set (--images, a folder of goldens) run."""
+    parser.add_argument("--workers", type=int, help="local worker processes (default: the cores)")
+    parser.add_argument("--scheduler", metavar="tcp://HOST:8786",
+                        help="run the tasks on this existing Dask distributed cluster instead")
 
 
 def _runtime_options(args) -> dict[str, str]:
@@ -415,6 +443,8 @@ def cmd_golden(args) -> int:
     from .runner import prepare_input
     from .weights import MAX_INPUT_PIXELS, load_weights
 
+    if args.images:
+        return cmd_golden_set(args)
     _check_out(args.out, (".h5", ".hdf5"), "golden files")
     weights = load_weights(args.weights)
     warp_kernel = None  # recorded only when the input is an image file
@@ -433,7 +463,7 @@ def cmd_golden(args) -> int:
         source = image
         if _is_image(loaded):
             warp_kernel = args.warp_kernel
-    command = "refghost " + " ".join(sys.argv[1:] if args.argv is None else args.argv)
+    command = _command_line(args)
     n_tensors = len(weights.graph.outputs) + (len(weights.graph.nodes) if args.intermediates else 0)
     print(f"golden   {args.out}: the float64 oracle and bounds of {_plural(n_tensors, 'tensor')} for input "
           f"{tuple(x.shape)}, about {_megabytes(golden_file_size(weights, x.shape, args.intermediates))}",
@@ -455,12 +485,9 @@ def cmd_golden(args) -> int:
     return 0
 
 
-def cmd_compare(args) -> int:
-    import json
-
-    from .verify.candidates import load_candidate
-    from .verify.compare import compare, format_report
-    from .verify.golden import read_golden
+def _candidate(args, path: str):
+    """The candidate model or dump of `compare` and the options it is run and judged with."""
+    from .verify.dataset import Candidate
 
     maps = {}
     for item in args.map:
@@ -468,28 +495,25 @@ def cmd_compare(args) -> int:
             raise RefghostError(f"--map {item!r}: expected CANDIDATE_NAME=MODULE.PATH")
         key, value = item.split("=", 1)
         maps[key] = value
+    return Candidate(path, runtime=args.runtime, precise=args.precise, options=_runtime_options(args),
+                     threads=args.threads, optimization=args.ort_optimization, maps=maps, policy=args.policy,
+                     atol=args.atol, rtol=args.rtol)
+
+
+def cmd_compare(args) -> int:
+    import json
+
+    from .verify.compare import format_report
+    from .verify.golden import read_golden
+
+    if args.images or os.path.isdir(args.golden or ""):
+        return cmd_compare_set(args)
+    if args.candidate is None:
+        raise RefghostError("give a golden file and a candidate (or --images DIR and a model file)")
+    candidate = _candidate(args, args.candidate)
     golden = read_golden(args.golden)
-    runs = []
     _announce_compile(_kernels_to_compile(True, "interpreter", "float64"), "float64")  # the isolated check
-    tensors, description, notes = load_candidate(args.candidate, golden, maps=maps, threads=args.threads,
-                                                 optimization=args.ort_optimization, runtime=args.runtime,
-                                                 precise=args.precise, options=_runtime_options(args), run=runs)
-    policy, runtime = args.policy, None
-    if runs:
-        runtime = runs[0].summary()
-        precision = runs[0].precision
-        if policy == "auto":
-            policy = runtime["policy"] = precision.policy
-            if not precision.is_float32:
-                notes = [*notes, f"the runtime did not run in float32 ({precision.detail}): judged under "
-                                 f"--policy {policy}; --precise runs it at its most precise settings"]
-        elif policy != precision.policy:
-            notes = [*notes, f"the runtime reports {precision.policy} precision ({precision.detail}); judged under "
-                             f"--policy {policy} as asked"]
-    elif policy == "auto":
-        policy = "float32"  # arrays from a file say nothing of how they were computed
-    report = compare(golden, tensors, policy=policy, atol=args.atol, rtol=args.rtol,
-                     candidate_name=description, notes=notes, runtime=runtime, separate_outputs=bool(runs))
+    report, tensors = candidate.judge(golden)
     print(format_report(report, verbose=args.verbose))
     if args.json:
         with atomic_path(args.json) as tmp, open(tmp, "w") as f:
@@ -501,6 +525,78 @@ def cmd_compare(args) -> int:
         if args.plots:
             write_plots(report, golden, tensors, args.plots)
     return 0 if report.passed else 1
+
+
+def _run_set(args, job, items: list[str], what: str):
+    """Run a set's tasks where --workers/--scheduler say, announcing it on stderr."""
+    from .verify.dataset import default_workers, run_set
+
+    where = f"the Dask cluster at {args.scheduler}" if args.scheduler else \
+        f"{_plural(args.workers or default_workers(), 'local worker')}"
+    print(f"  {what} {_plural(len(items), 'source')} on {where} ...", file=sys.stderr, flush=True)
+    _announce_compile(_kernels_to_compile(True, "interpreter", "float64"), "float64")
+    return run_set(job, items, workers=args.workers, scheduler=args.scheduler)
+
+
+def cmd_compare_set(args) -> int:
+    """`compare --images DIR MODEL` and `compare GOLDDIR/ MODEL`: one task per source."""
+    import json
+
+    from .verify.dataset import Job, format_report, sources, summarize
+
+    model = args.golden if args.images else args.candidate
+    if model is None or (args.images and args.candidate is not None):
+        raise RefghostError("give one model file: `compare --images DIR MODEL` or `compare GOLDDIR/ MODEL`")
+    if not os.path.isfile(model):
+        raise RefghostError(f"{model}: no such model file")
+    candidate = _candidate(args, os.path.abspath(model))
+    keep = os.path.abspath(args.keep_failing) if args.keep_failing else None
+    if args.images:
+        from .weights import load_weights
+
+        folder, items = args.images, sources(args.images, "images")
+        print(_weights_line(args.weights, load_weights(args.weights)))
+        job = Job(weights=os.path.abspath(args.weights), warp_kernel=args.warp_kernel, candidate=candidate,
+                  keep_failing=keep, command=_command_line(args))
+    else:
+        folder, items = args.golden, sources(args.golden, "goldens")
+        job = Job(candidate=candidate, keep_failing=keep)
+    results = _run_set(args, job, [os.path.abspath(item) for item in items], "judging")
+    report = summarize(folder, model, results)
+    print(format_report(report, verbose=args.verbose))
+    if args.json:
+        with atomic_path(args.json) as tmp, open(tmp, "w") as f:
+            json.dump(report.to_json(), f, indent=1)
+    if args.html:
+        from .verify.report_html import write_dataset_html
+        write_dataset_html(report, args.html)
+    if args.plots:
+        from .verify.report_html import write_dataset_plots
+        write_dataset_plots(report, args.plots)
+    return report.exit_status
+
+
+def cmd_golden_set(args) -> int:
+    """`golden --images DIR --out GOLDDIR/`: one golden file per image, NAME.h5 for NAME.png."""
+    from .verify.dataset import Job, sources
+    from .weights import load_weights
+
+    items = sources(args.images, "images")
+    print(_weights_line(args.weights, load_weights(args.weights)))
+    os.makedirs(args.out, exist_ok=True)
+    job = Job(weights=os.path.abspath(args.weights), warp_kernel=args.warp_kernel, golden_out=os.path.abspath(args.out),
+              intermediates=args.intermediates, command=_command_line(args))
+    results = _run_set(args, job, [os.path.abspath(item) for item in items], "writing the goldens of")
+    failed = [r for r in results if r.status != "written"]
+    print(f"wrote {len(results) - len(failed)} golden files to {args.out}"
+          f"{' (with intermediates)' if args.intermediates else ''}")
+    for r in failed:
+        print(f"not written: {r.name} ({r.status}): {r.error}")
+    return 2 if failed else 0
+
+
+def _command_line(args) -> str:
+    return "refghost " + " ".join(sys.argv[1:] if args.argv is None else args.argv)
 
 
 def cmd_dump(args) -> int:
@@ -694,6 +790,16 @@ def check_args(args) -> None:
             raise RefghostError(f"--plots {args.plots}: no such folder")
         if args.plots:
             check_writable(os.path.join(args.plots, "ratios.png"), "--plots")
+    if command in ("compare", "golden"):
+        _at_least("--workers", args.workers, 1)
+    if command == "compare" and args.keep_failing and not os.path.isdir(args.keep_failing):
+        raise RefghostError(f"--keep-failing {args.keep_failing}: no such folder")
+    if command == "golden" and args.images:
+        if os.path.exists(args.out) and not os.path.isdir(args.out):
+            raise RefghostError(f"--out {args.out}: with --images, --out is the folder the goldens are written to")
+        folder = args.out if os.path.isdir(args.out) else os.path.dirname(os.path.abspath(args.out))
+        check_writable(os.path.join(folder, "golden.h5"), "--out")
+        return
     output = args.json if command == "compare" else getattr(args, "out", None)
     if output is not None:
         check_writable(output, "--json" if command == "compare" else "--out")

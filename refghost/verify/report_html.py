@@ -233,3 +233,97 @@ def write_html(report: Report, golden, candidate_tensors: dict, path) -> None:
     text = render_html(report, golden, candidate_tensors)
     with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         f.write(text)
+
+
+# --- a set of images (refghost.verify.dataset) ----------------------------------------------
+def _dataset_chart(plt, report):
+    """Every layer's worst accumulated and isolated ratio over the images, in network order (log y,
+    the bound at 1), with the first divergent layers of the failing images marked."""
+    names = [layer.name for layer in report.layers]
+    x = np.arange(len(names))
+    floor = 1e-6  # an exact result drawn at the bottom of the log axis
+
+    def clip(values):
+        v = np.array([np.nan if r is None else r for r in values], dtype=np.float64)
+        return np.where(np.isinf(v), 1e6, np.where(np.isnan(v), np.nan, np.maximum(v, floor)))
+
+    acc = clip([layer.worst_accumulated for layer in report.layers])
+    iso = clip([layer.worst_isolated for layer in report.layers])
+    fig, ax = plt.subplots(figsize=(11, 4))
+    ax.semilogy(x, acc, ".-", lw=0.8, ms=3, label="worst accumulated over the images / bound")
+    ax.semilogy(x, iso, "x", ms=4, label="worst isolated over the images / bound")
+    ax.axhline(1.0, color="crimson", lw=1, ls="--", label="bound (pass at <= 1)")
+    for i, layer in enumerate(report.layers):
+        if layer.first_divergent_in:
+            ax.axvline(i, color="black", lw=1, ls=":")
+            ax.annotate(f"first divergent on {len(layer.first_divergent_in)} image(s): {layer.name}", (i, 1.0),
+                        xytext=(5, 10), textcoords="offset points", fontsize=8)
+    ax.set_xlabel(f"compared tensor, in network order ({len(names)} in all)")
+    ax.set_ylabel(f"max error / bound (exact: {floor:g})")
+    ax.set_title(f"Worst error of every layer over {len(report.images)} images, as a fraction of its bound")
+    ax.legend(fontsize=8, loc="lower right")
+    ax.grid(True, which="major", alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def write_dataset_plots(report, folder) -> list[str]:
+    """Write the set's chart as ``layers.png`` in ``folder``; returns its path."""
+    if not os.path.isdir(folder):
+        raise RefghostError(f"--plots {folder}: no such folder")
+    plt = require_matplotlib()
+    fig = _dataset_chart(plt, report)
+    path = os.path.join(folder, "layers.png")
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)
+    return [path]
+
+
+def render_dataset_html(report) -> str:
+    """The report over a set as one self-contained HTML page (str): the verdict, the failing images
+    and where each first diverges, the per-layer worst-ratio chart, what was not judged or retried,
+    and the per-layer table."""
+    plt = require_matplotlib()
+    e = html.escape
+    n, failing, unjudged = len(report.images), report.failing, report.unjudged
+    verdict = "PASS" if report.exit_status == 0 else "FAIL"
+    parts = ["<!DOCTYPE html><html><head><meta charset='utf-8'>",
+             f"<title>refghost compare over {n} images: {verdict}</title><style>{_STYLE}</style></head><body>",
+             f"<h1 id='verdict'><span class='{verdict.lower()}'>{verdict}</span> {n - len(failing) - len(unjudged)} "
+             f"of {n} images pass, {len(failing)} fail, {len(unjudged)} not judged</h1>",
+             f"<p>images <code>{e(report.folder)}</code>, candidate <code>{e(report.candidate)}</code></p>"]
+    if failing:
+        parts.append("<h2>Failing images, and where each first diverges</h2><table><tr><th>image</th>"
+                     "<th>first divergent layer</th><th>errors consistent with</th><th>diagnosis</th></tr>")
+        parts += [f"<tr class='bad'><td>{e(r.name)}</td><td>{e(str(r.first_divergent))}</td>"
+                  f"<td>{e(r.consistent_with or '-')}</td><td>{e('; '.join(r.diagnosis))}</td></tr>" for r in failing]
+        parts.append("</table>")
+    if unjudged:
+        parts.append("<h2>Not judged</h2><ul>")
+        parts += [f"<li>{e(r.name)} ({e(r.status)}): {e(r.error)}</li>" for r in unjudged]
+        parts.append("</ul>")
+    if report.retried:
+        parts.append("<p>retried (a worker died): " + ", ".join(f"{e(r.name)} ({r.attempts} runs)"
+                                                             for r in report.retried) + "</p>")
+    parts.append(f"<p class='legend'>{e(LEGEND)}</p>")
+    if report.layers:
+        parts.append(f"<figure>{_svg(plt, _dataset_chart(plt, report))}<figcaption>every layer's worst error / bound "
+                     f"over the images</figcaption></figure>")
+    parts.append("<h2>Every compared tensor over the images</h2><table><tr><th>layer</th><th>worst acc/bound</th>"
+                 "<th>on</th><th>worst iso/bound</th><th>on</th><th>images outside the bound</th></tr>")
+    for layer in report.layers:
+        cls = "first" if layer.first_divergent_in else ("bad" if layer.failing_images else "")
+        parts.append(f"<tr class='{cls}'><td>{e(layer.name)}</td><td>{_fmt(layer.worst_accumulated)}</td>"
+                     f"<td>{e(layer.worst_accumulated_image)}</td><td>{_fmt(layer.worst_isolated)}</td>"
+                     f"<td>{e(layer.worst_isolated_image or '-')}</td>"
+                     f"<td>{len(layer.failing_images)}: {e(', '.join(layer.failing_images))}</td></tr>")
+    parts.append("</table></body></html>\n")
+    return "".join(parts)
+
+
+def write_dataset_html(report, path) -> None:
+    """Write :func:`render_dataset_html` to ``path`` atomically."""
+    text = render_dataset_html(report)
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
