@@ -6,7 +6,7 @@ convolutions, Numba for depthwise convolutions and erf; the other ops are the pl
 compute every value in the requested dtype and differ only in summation order.
 
 The float64 oracle is this default: :func:`refghost.bounds.error_bounds`, which computes the
-golden files' values (:func:`refghost.golden.make_golden`), calls :func:`evaluate` without
+golden files' values (:func:`refghost.verify.golden.make_golden`), calls :func:`evaluate` without
 ``impl``, so the oracle is computed in float64 with BLAS and Numba, not with ``ops.py``'s loops
 (``tests/test_forward.py`` checks the two agree within the float64 bound).
 """

@@ -12,7 +12,7 @@ numerical contract is stated once:
 - ``cache=True``: compiled code is cached next to the sources (``__pycache__``), so only the first
   process pays the compile time.
 
-Thread-pool note (research/performance.md section 4): Numba's ``omp`` workers and OpenBLAS's
+Thread-pool note (docs/performance.md, "Design"): Numba's ``omp`` workers and OpenBLAS's
 pthreads both spin-wait. Kernels compiled with :func:`parallel_jit` must not call BLAS (NumPy
 ``@``/``dot``) inside, and callers that mix parallel Numba regions with multi-threaded BLAS must
 limit one of the two pools.
