@@ -109,7 +109,7 @@ def test_fused_depthwise_matches_plain_ops(case, dtype, variant):
     n, c, h, w, k, s, act, with_res, with_pre = case
     rng = _rng(hash(case) % 2**32)
     p = (k - 1) // 2
-    ho, wo = (h + 2 * p - k) // s + 1, (w + 2 * p - k) // s + 1
+    ho, wo = ops.conv_output_size(h, k, s, p), ops.conv_output_size(w, k, s, p)
     x = rng.standard_normal((n, c, h, w)).astype(dtype)
     wt = rng.standard_normal((c, 1, k, k)).astype(dtype)
     b = rng.standard_normal(c).astype(dtype)
@@ -272,7 +272,7 @@ def test_stem_bands_match_plain_conv(dtype, n, c, h, w, m, k, s, p, band):
     x = rng.standard_normal((n, c, h, w)).astype(dtype)
     wt = rng.standard_normal((m, c, k, k)).astype(dtype)
     b = rng.standard_normal(m).astype(dtype)
-    ho, wo = (h + 2 * p - k) // s + 1, (w + 2 * p - k) // s + 1
+    ho, wo = ops.conv_output_size(h, k, s, p), ops.conv_output_size(w, k, s, p)
     wb = np.ascontiguousarray(np.concatenate([b[:, None], wt.reshape(m, -1)], axis=1))
     kk = wb.shape[1]
     y = np.full((n, m + 2, ho * wo), np.nan, dtype)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import flatbuffers
 import numpy as np
 
+from refghost.ops import conv_output_size
 from refghost.runtimes.mapping import folded_conv_weight
 
 # BuiltinOperator codes, BuiltinOptions union types, enum values (TFLite schema).
@@ -110,7 +111,7 @@ def write_ghostnet_tflite(weights, path, input_shape, *, bug_layer: str | None =
                                     np.array([[0, 0], [pad, pad], [pad, pad], [0, 0]], np.int32), INT32)
                 hi, wi = hi + 2 * pad, wi + 2 * pad
                 x = g.op(PAD, [x, paddings], f"{node.name}/pad", (n, hi, wi, ci))
-            ho, wo = (hi - k) // stride + 1, (wi - k) // stride + 1
+            ho, wo = conv_output_size(hi, k, stride, 0), conv_output_size(wi, k, stride, 0)
             b = g.tensor(f"{node.name}/bias", (o,), bias.astype(np.float32))
             filt = wt.transpose(0, 2, 3, 1) if groups == 1 else wt.transpose(1, 2, 3, 0)  # OHWI, 1HWO
             if float16_weights:
