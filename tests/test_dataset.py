@@ -15,6 +15,7 @@ import onnx
 import pytest
 from onnx import helper, numpy_helper
 from PIL import Image
+from browser import assert_renders_offline
 from runtime_bank import export_onnx
 
 from refghost.cli import DEFAULT_WEIGHTS, main
@@ -112,6 +113,11 @@ def test_bug_found_on_exactly_the_bright_images(local_run, capsys):
     assert single["first_divergent"] == BUG_LAYER and not single["passed"]
     page = (tmp / "r.html").read_text()
     assert "<svg" in page and "bright_220.png" in page and BUG_LAYER in page and "http" not in page.split("<svg")[0]
+
+
+def test_set_report_rendered_in_headless_chromium(local_run, tmp_path):
+    dom = assert_renders_offline(local_run[2] / "r.html", tmp_path)
+    assert "<svg" in dom and BUG_LAYER in dom and all(name in dom for name in BRIGHT)
 
 
 def test_honest_model_passes_every_image_and_cluster_matches_local(bench, cluster, local_run, tmp_path, capsys):

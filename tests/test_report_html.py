@@ -2,15 +2,13 @@
 headless browser (Debian's chromium): charts drawn, nothing fetched, a screenshot that is not blank."""
 
 import copy
-import json
 import re
-import shutil
-import subprocess
 import sys
 
 import numpy as np
 import pytest
 import torch_ghostnet as tg
+from browser import assert_renders_offline
 from PIL import Image
 
 import refghost
@@ -89,29 +87,7 @@ def test_without_matplotlib_names_the_extra(env, tmp_path, capsys, monkeypatch):
 
 
 def test_rendered_in_headless_chromium(env, tmp_path):
-    CHROMIUM = shutil.which("chromium")
-    assert CHROMIUM, "this test needs Debian's chromium: apt-get install chromium (.ci/run installs it)"
     page = tmp_path / "r.html"
     assert _compare(env, "bad.npz", "--html", str(page)) == 1
-    flags = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-             "--disable-background-networking", "--disable-component-update", "--disable-sync",
-             f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1200,2000"]
-    shot = tmp_path / "out.png"
-    log = tmp_path / "netlog.json"
-    subprocess.run([*flags, f"--screenshot={shot}", f"--log-net-log={log}", page.as_uri()],
-                   check=True, capture_output=True, timeout=120)
-    with Image.open(shot) as im:
-        rgb = np.asarray(im.convert("RGB"))
-    assert rgb.shape[:2] == (2000, 1200)
-    colours = np.unique(rgb.reshape(-1, 3), axis=0)
-    assert len(colours) > 50 and (rgb < 250).any(axis=2).mean() > 0.01  # text and charts, not a blank page
-    # every URL the page asked for (the browser's own background requests have the initiator
-    # "not an origin"; a page at file:// has the opaque origin "null"): only file: and data:
-    text = log.read_text().rstrip()
-    events = json.loads(text if text.endswith("}") else text.rstrip(",") + "]}")["events"]
-    asked = {e["params"]["url"] for e in events
-             if "url" in e.get("params", {}) and e["params"].get("initiator", "not an origin") != "not an origin"}
-    assert not [u for u in asked if not u.startswith(("file:", "data:"))], asked
-    dom = subprocess.run([*flags, "--dump-dom", page.as_uri()], check=True, capture_output=True, text=True,
-                         timeout=120).stdout
+    dom = assert_renders_offline(page, tmp_path)
     assert dom.count("<svg") >= 2 and "FAIL" in dom and BAD_LAYER in dom
