@@ -167,15 +167,17 @@ def test_gemm_tiles_match_plain_conv(shape, dtype, act):
     assert (covered == 1).all()  # the tiles partition the output exactly
     wb = np.ascontiguousarray(np.concatenate([b[:, None], wt.reshape(m, k - 1)], axis=1))
     consts = epilogue.make_consts(dtype, ops.LEAKY_RELU_SLOPE)
-    pointwise.gemm_tasks_parallel(wb, xb, y, 2, tasks, act, consts)
+    for task in tasks:  # the engine hands these tiles to its threads in any order
+        pointwise.gemm_task(wb, xb, y, 2, task, act, consts)
     got = y[:, 2:2 + m].reshape(n, m, h, w)
     assert np.isnan(y[:, :2]).all() and np.isnan(y[:, 2 + m:]).all()  # nothing written outside
     want = _plain_act(act, ops.LEAKY_RELU_SLOPE, ops.conv2d(x, wt, b))
     assert_within_chain_bound(_then_act([_conv_node("pw", "input")], act), {"input": x},
                               {"pw.weight": wt, "pw.bias": b}, dtype, got, want)
-    serial = np.full_like(y, np.nan)
-    pointwise.gemm_tasks(wb, xb, serial, 2, tasks, act, consts)
-    np.testing.assert_array_equal(serial, y)  # the same tiles, on any thread: the same bits
+    backwards = np.full_like(y, np.nan)
+    for task in tasks[::-1]:
+        pointwise.gemm_task(wb, xb, backwards, 2, task, act, consts)
+    np.testing.assert_array_equal(backwards, y)  # the same tiles in any order: the same bits
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])

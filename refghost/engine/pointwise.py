@@ -9,9 +9,7 @@ thread count, so the same BLAS calls happen whatever the number of threads.
 
 from __future__ import annotations
 
-import numba
-
-from ..kernels._jit import jit, parallel_jit
+from ..kernels._jit import jit
 from ..kernels.blas import gemm
 from ..kernels.epilogue import ACT_NONE, activate
 
@@ -29,22 +27,3 @@ def gemm_task(w, x, y, y_row0, task, act, consts):
         for i in range(m1 - m0):
             row = y[n, y_row0 + m0 + i, j0:j1]
             activate(row, j1 - j0, act, consts)
-
-
-@jit
-def gemm_tasks(w, x, y, y_row0, tasks, act, consts):
-    """All tiles of ``tasks`` (T, 5) = (image, m0, m1, j0, j1), serially.
-
-    w: (M, K) weights with the bias in column 0; x: (N, Rx, P) buffer whose rows ``[0, K)`` are
-    the input (row 0 ones); y: (N, Ry, P), output rows ``[y_row0, y_row0 + M)``.
-    """
-    for t in range(tasks.shape[0]):
-        gemm_task(w, x, y, y_row0, tasks[t], act, consts)
-
-
-@parallel_jit
-def gemm_tasks_parallel(w, x, y, y_row0, tasks, act, consts):
-    """:func:`gemm_tasks` with the tiles spread over Numba's threads (BLAS at one thread)."""
-    for t in numba.prange(tasks.shape[0]):
-        gemm_task(w, x, y, y_row0, tasks[t], act, consts)
-
