@@ -105,7 +105,11 @@ class Policy:
         return max(UNDERFLOW[f] for f in (self.arithmetic, self.weights, self.activations))
 
 
-#: The precision policies ``refghost compare --policy`` knows, from the tightest to the loosest.
+#: The precision policies ``refghost compare --policy`` knows, in the order the diagnosis tries
+#: them (:mod:`refghost.verify.compare` names the first looser one under which every check passes):
+#: storage-only roundings before rounded arithmetic. This is not a total order of the bounds: bfloat16
+#: storage rounds at 2^-8 but accumulates in float32, float16 arithmetic rounds every step at 2^-11,
+#: so on a long sum either bound may be the larger.
 #: Every one is an honest way to run a float32 model; the names say what is rounded to what.
 POLICIES = {p.name: p for p in (
     Policy("float32", "float32", "float32", "float32", "float32 arithmetic and storage"),
