@@ -4,7 +4,9 @@ honest images pass, exit statuses 0/1/2, goldens written per image and judged as
 2-worker LocalCluster gives the local run's report, and a worker that dies is retried or
 reported as lost."""
 
+import contextlib
 import dataclasses
+import io
 import json
 from pathlib import Path
 
@@ -85,16 +87,21 @@ def _without_timing(report: dict) -> dict:
 
 @pytest.fixture(scope="module")
 def local_run(bench, tmp_path_factory):
-    """The bug model over the folder on 2 local workers (a LocalCluster of refghost's own)."""
+    """The bug model over the folder on 2 local workers (a LocalCluster of refghost's own): exit
+    status, JSON report, its folder and what it wrote to stderr."""
     tmp = tmp_path_factory.mktemp("local")
     (tmp / "kept").mkdir()
-    status, report = _compare(bench, bench["bug"], tmp, "--workers", "2", "--keep-failing", str(tmp / "kept"),
-                              "--html", str(tmp / "r.html"))
-    return status, report, tmp
+    stderr = io.StringIO()
+    with contextlib.redirect_stderr(stderr):
+        status, report = _compare(bench, bench["bug"], tmp, "--workers", "2", "--keep-failing", str(tmp / "kept"),
+                                  "--html", str(tmp / "r.html"))
+    return status, report, tmp, stderr.getvalue()
 
 
-def test_bug_found_on_exactly_the_bright_images(local_run, capsys):
-    status, report, tmp = local_run
+def test_bug_found_on_exactly_the_bright_images(local_run):
+    status, report, tmp, progress = local_run
+    # the progress bar on stderr: images done of the total, failures so far, rate
+    assert "5/5" in progress and "2 failed or not judged" in progress and "image/s" in progress
     assert status == 1
     assert [f["image"] for f in report["failing"]] == BRIGHT
     assert all(f["first_divergent"] == BUG_LAYER for f in report["failing"])
@@ -126,7 +133,7 @@ def test_honest_model_passes_every_image_and_cluster_matches_local(bench, cluste
     assert all(layer["worst_accumulated"] <= 1 for layer in report["layers"])
     # the same tasks on a 2-worker LocalCluster given by its address give the local run's report
     status, on_cluster = _compare(bench, bench["bug"], tmp_path, "--scheduler", cluster.scheduler_address)
-    local_status, local, _ = local_run
+    local_status, local, _, _ = local_run
     assert status == local_status == 1
     assert _without_timing(on_cluster) == _without_timing(local) | {
         "failing": [dict(f, kept=[]) for f in local["failing"]]}
