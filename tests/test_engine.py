@@ -23,7 +23,7 @@ from refghost.arch import Config, Graph, Node
 from refghost.bounds import FLOAT32_U, FLOAT64_U, UNDERFLOW, error_bounds, segment_bound
 from refghost.errors import RefghostError
 from refghost.forward import execute
-from refghost.engine import pointwise, program, recognise, squeeze_excite, stem
+from refghost.engine import lower, pointwise, program, recognise, squeeze_excite, stem
 from refghost.kernels import depthwise, epilogue
 from refghost.threads import single_threaded_blas
 
@@ -160,7 +160,7 @@ def test_gemm_tiles_match_plain_conv(shape, dtype, act):
     b = rng.standard_normal(m).astype(dtype)
     xb = _buffer(x)
     y = np.full((n, m + 3, h * w), np.nan, dtype)
-    tasks = engine.gemm_tasks(n, m, k, h * w)
+    tasks = lower.gemm_tasks(n, m, k, h * w)
     covered = np.zeros((n, m, h * w), int)
     for img, m0, m1, j0, j1 in tasks:
         covered[img, m0:m1, j0:j1] += 1
@@ -180,6 +180,30 @@ def test_gemm_tiles_match_plain_conv(shape, dtype, act):
     np.testing.assert_array_equal(backwards, y)  # the same tiles in any order: the same bits
 
 
+def _se_by_images(x, nch, wr_t, br, we_t, be, consts):
+    """The SE of :func:`squeeze_excite.se_op` for a batch of at least the thread count: one
+    :func:`squeeze_excite.se_image` per image."""
+    pooled, hidden, lanes = np.empty(nch, x.dtype), np.empty(wr_t.shape[1], x.dtype), np.empty(squeeze_excite._LANES, x.dtype)
+    for n in range(x.shape[0]):
+        squeeze_excite.se_image(x, n, nch, wr_t, br, we_t, be, consts, pooled, hidden, lanes)
+
+
+def _se_by_chunks(x, nch, wr_t, br, we_t, be, consts, chunks):
+    """The SE of :func:`squeeze_excite.se_op` for a batch smaller than the thread count: plane means,
+    the first small conv and the second with the scaling, each in ``chunks`` chunks (run here one
+    after the other, as any thread may take them)."""
+    nr = wr_t.shape[1]
+    pooled, hidden, lanes = np.empty(nch, x.dtype), np.empty(nr, x.dtype), np.empty(squeeze_excite._LANES, x.dtype)
+    part = lambda i, size: (i * size // chunks, (i + 1) * size // chunks)  # noqa: E731
+    for n in range(x.shape[0]):
+        for i in reversed(range(chunks)):
+            squeeze_excite.se_means(x, n, *part(i, nch), pooled, lanes)
+        for i in reversed(range(chunks)):
+            squeeze_excite.se_hidden(pooled, wr_t, br, *part(i, nr), hidden, consts)
+        for i in reversed(range(chunks)):
+            squeeze_excite.se_scale(x, n, hidden, we_t, be, *part(i, nch), consts)
+
+
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 @pytest.mark.parametrize("n, c, r, hw", [(1, 72, 20, 1600), (2, 960, 240, 100), (1, 8, 4, 7)])
 def test_squeeze_excite_matches_plain_ops(dtype, n, c, r, hw):
@@ -192,7 +216,7 @@ def test_squeeze_excite_matches_plain_ops(dtype, n, c, r, hw):
     buf = _buffer(x)
     args = (c, np.ascontiguousarray(wr.reshape(r, c).T), br, np.ascontiguousarray(we.reshape(c, r).T), be,
             epilogue.make_consts(dtype))
-    squeeze_excite.squeeze_excite(buf, *args)
+    _se_by_images(buf, *args)
     got = buf[:, 1:].reshape(x.shape).astype(np.float64)
     pooled = ops.global_avg_pool(x)
     hidden = ops.relu(ops.conv2d(pooled, wr, br))
@@ -203,12 +227,9 @@ def test_squeeze_excite_matches_plain_ops(dtype, n, c, r, hw):
              Node("gate", "hard_sigmoid", ("expand",)), Node("se", "scale", ("input", "gate"))]
     params = {"reduce.weight": wr, "reduce.bias": br, "expand.weight": we, "expand.bias": be}
     assert_within_chain_bound(chain, {"input": x}, params, dtype, got, want)
-    serial = _buffer(x)
-    squeeze_excite.squeeze_excite_serial(serial, *args)
-    np.testing.assert_array_equal(serial, buf)
-    by_channels = _buffer(x)
-    squeeze_excite.squeeze_excite_channels(by_channels, *args, 3)
-    np.testing.assert_array_equal(by_channels, buf)
+    by_chunks = _buffer(x)
+    _se_by_chunks(by_chunks, *args, 3)
+    np.testing.assert_array_equal(by_chunks, buf)  # a small batch split over threads: the same bits
 
 
 # --- whole networks against the plain interpreter ------------------------------------------------

@@ -34,7 +34,8 @@ KINDS = {program.OP_GEMM: "gemm", program.OP_DW: "depthwise", program.OP_DW_BLOC
 
 
 def best_time(plan, prog, consts, x, out, repeat):
-    """Best wall time in seconds of running these rows on the plan's buffers."""
+    """Best wall time in seconds of running these rows on the plan's buffers (as the engine runs
+    them: zeroing the work counters first, a few microseconds, is included)."""
     best = float("inf")
     for _ in range(repeat):
         t = time.perf_counter()

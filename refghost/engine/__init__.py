@@ -38,8 +38,7 @@ thread takes them: the results are bit-identical for any thread count and from r
 kernels can call).
 """
 
-from .lower import gemm_tasks
 from .plan import MAX_CACHED_PLANS, ImagePlan, Plan, get_plan
 from .recognise import EngineUnsupported
 
-__all__ = ["MAX_CACHED_PLANS", "EngineUnsupported", "ImagePlan", "Plan", "gemm_tasks", "get_plan"]
+__all__ = ["MAX_CACHED_PLANS", "EngineUnsupported", "ImagePlan", "Plan", "get_plan"]

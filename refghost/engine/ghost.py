@@ -82,7 +82,8 @@ def ghost_chunk(w, xb, yb, row0, tasks, t0, t1, act1, wdw, bdw, act2, consts, h,
     """GEMM tiles ``t0 <= t < t1`` (column tiles over full images' rows, in pixel order) of a
     ghost module's primary conv, each followed by the depthwise rows whose three input rows are
     now complete *within this chunk* (so they are read back from cache); ``done[n*h + i] = 1``
-    marks them. The rows left (at chunk edges) are done after the parallel region."""
+    marks them. The rows left (at chunk edges) are done by :func:`ghost_rest`, one unit in the op's
+    second phase, once every chunk is done."""
     init = w.shape[0]
     zrow = np.zeros(wd, yb.dtype)
     scratch = np.zeros(3 * (wd + 2), yb.dtype)

@@ -197,7 +197,7 @@ class Lowering:
             nimg = self.buffers[y_t.slot].shape[0]
             columns = self._gemm_columns(x_t, y_t, w, 1, tasks, a["act1"])
             columns.update({
-                col.GHOST_DW_W: self._param(self._cast(a["wdw"])), col.GHOST_DW_BIAS: self._param(self._cast(a["bdw"])),
+                col.GHOST_DW_W: self._param(a["wdw"]), col.GHOST_DW_BIAS: self._param(a["bdw"]),
                 col.GHOST_DW_ACT: a["act2"], col.GHOST_H: y_t.h, col.GHOST_W: y_t.w,
                 col.GHOST_BAND: min(_GHOST_BAND_ROWS, y_t.h), col.GHOST_FLAGS: self.flags_size})
             self.flags_size += nimg * y_t.h
@@ -248,7 +248,7 @@ class Lowering:
             col.DW_RES_BUF: self._buf(res_t) if has_res else self._buf(dst_t), col.DW_SRC_ROW0: 1 + a["s_row0"],
             col.DW_DST_ROW0: d_row0, col.DW_RES_ROW0: 1 + a["res_row0"] if has_res else 0,
             col.DW_PRE_ROW0: 1 + a["pre_row0"] if a["pre_row0"] >= 0 else -1, col.DW_NCH: nch, col.DW_H: src_t.h,
-            col.DW_W: src_t.w, col.DW_HO: ho, col.DW_WO: wo, col.DW_BIAS: self._param(self._cast(a["b"])),
+            col.DW_W: src_t.w, col.DW_HO: ho, col.DW_WO: wo, col.DW_BIAS: self._param(a["b"]),
             col.DW_K: k, col.DW_STRIDE: s, col.DW_PADDING: p, col.DW_ACT: a["code"], col.DW_HAS_RES: has_res,
             col.DW_PARALLEL: nimg * nch * ho * wo * k * k >= PARALLEL_MIN_WORK}
         if blocked(ho, wo, s):

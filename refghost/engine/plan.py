@@ -43,21 +43,20 @@ class Plan:
         if c != 3:
             raise EngineUnsupported("input channels")
         self.shape = tuple(shape)
-        recogniser = Recogniser(graph, tensors, dtype, n)
+        recogniser = Recogniser(graph, tensors)
         recogniser.build(h, w)
-        self.slots_spec = assign_slots(recogniser.ops)
+        slots = assign_slots(recogniser.ops)
         # one arena of activation buffers (each slot 64-byte aligned), row 0 of each set to ones
         offsets, total = [], 0
-        for p, rows in self.slots_spec:
+        for p, rows in slots:
             offsets.append(total)
             total += aligned(n * rows * p)
         self.arena = _aligned_empty(total, self.dtype)
         self.buffers = []
-        for (p, rows), off in zip(self.slots_spec, offsets):
+        for (p, rows), off in zip(slots, offsets):
             buf = self.arena[off: off + n * rows * p].reshape(n, rows, p)
             buf[:, 0, :] = 1
             self.buffers.append(buf)
-        self.nbytes = self.arena.nbytes
         self._lock = threading.Lock()
         self._result = {}  # the classifier's logits of the current run
         lowering = Lowering(self.dtype, self.buffers, offsets, self._result)

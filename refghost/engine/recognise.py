@@ -65,11 +65,9 @@ def _f64(tensors, key):
 class Recogniser:
     """Walks the graph block by block and emits ops on tensors (no buffers yet)."""
 
-    def __init__(self, graph: Graph, tensors, dtype, n):
+    def __init__(self, graph: Graph, tensors):
         self.graph = graph
         self.tensors = tensors
-        self.dtype = np.dtype(dtype)
-        self.n = n
         self.nodes = {node.name: node for node in graph.nodes}
         self.used = set()
         self.ops: list[Op] = []

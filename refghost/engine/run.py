@@ -3,9 +3,9 @@ parallel region, and :func:`execute`, the one way to call it.
 
 Every thread walks the whole program and takes the units of each op from an atomic counter
 (:mod:`.counters`), so a thread that loses its core to another process holds up only the unit it
-is on, not half of every op. Each op calls the same per-tile / per-plane / per-group code as the
-single-op kernels (:mod:`.pointwise`, :mod:`refghost.kernels.depthwise`, :mod:`.squeeze_excite`,
-:mod:`.stem`, :mod:`.ghost`), and every unit of work is computed by one thread with the same
+is on, not half of every op. Each op calls its kernel module's per-unit function (a GEMM tile of
+:mod:`.pointwise`, a plane or channel group of :mod:`refghost.kernels.depthwise`, an image or chunk
+of :mod:`.squeeze_excite`, a band of :mod:`.stem` or :mod:`.ghost`), and every unit of work is computed by one thread with the same
 code, so the results are the same bits for any thread count and any interleaving.
 """
 

@@ -1,16 +1,15 @@
 """Squeeze-excite in place: plane means, the two small 1x1 convs, hard-sigmoid, the scaling.
 
-For one image at a time (:func:`_se_image`), or, for a batch smaller than the thread count, in
+For one image at a time (:func:`se_image`), or, for a batch smaller than the thread count, in
 three phases of chunks (of channels, reduced channels, channels) whose every value is the same sum
-in the same order, so the same bits (:func:`se_op`, :func:`squeeze_excite_channels`).
+in the same order, so the same bits (:func:`se_op`, the program row that runs them).
 """
 
 from __future__ import annotations
 
-import numba
 import numpy as np
 
-from ..kernels._jit import jit, parallel_jit
+from ..kernels._jit import jit
 from . import program as col
 from .counters import claim, finish, wait_done
 from .program import buffer, view2
@@ -66,28 +65,28 @@ def _plane_mean(v, n, lanes):
 
 
 @jit
-def _se_image(x, n, nch, wr_t, br, we_t, be, consts, pooled, hidden, lanes):
+def se_image(x, n, nch, wr_t, br, we_t, be, consts, pooled, hidden, lanes):
     """SE of image n, in place on rows ``[1, 1+nch)`` of x (N, R, P).
 
     ``pooled = mean``; ``hidden = relu(wr_t.T @ pooled + br)``; ``gate = relu6(we_t.T @ hidden + be + 3) / 6``
     (the sums run over the input index in order, the bias added last); ``x *= gate``. The same
-    helpers as the chunks of :func:`squeeze_excite_channels`, over all channels.
+    helpers as the chunks of :func:`se_op` for a small batch, over all channels.
     """
     zero = np.int64(0)  # (a literal 0 would compile these helpers once more)
-    _se_means(x, n, zero, nch, pooled, lanes)
-    _se_hidden(pooled, wr_t, br, zero, wr_t.shape[1], hidden, consts)
-    _se_scale(x, n, hidden, we_t, be, zero, nch, consts)
+    se_means(x, n, zero, nch, pooled, lanes)
+    se_hidden(pooled, wr_t, br, zero, wr_t.shape[1], hidden, consts)
+    se_scale(x, n, hidden, we_t, be, zero, nch, consts)
 
 
 @jit
-def _se_means(x, n, c0, c1, pooled, lanes):
+def se_means(x, n, c0, c1, pooled, lanes):
     """``pooled[c] = mean of plane x[n, 1 + c]`` for ``c0 <= c < c1`` (the sum of :func:`_plane_mean`)."""
     for c in range(c0, c1):
         pooled[c] = _plane_mean(x[n, 1 + c], x.shape[2], lanes)
 
 
 @jit
-def _se_hidden(pooled, wr_t, br, j0, j1, hidden, consts):
+def se_hidden(pooled, wr_t, br, j0, j1, hidden, consts):
     """``hidden[j] = relu(sum_c wr_t[c, j] * pooled[c] + br[j])`` for ``j0 <= j < j1``, summed over
     c in order, in a local accumulator (no cache line shared between the
     threads that write other j)."""
@@ -106,7 +105,7 @@ def _se_hidden(pooled, wr_t, br, j0, j1, hidden, consts):
 
 
 @jit
-def _se_scale(x, n, hidden, we_t, be, c0, c1, consts):
+def se_scale(x, n, hidden, we_t, be, c0, c1, consts):
     """Channels ``c0 <= c < c1`` of image n: the hard-sigmoid gate from ``hidden`` (summed over j in
     order) and the scaling of the plane in place."""
     zero, three, six = consts[0], consts[1], consts[2]
@@ -128,56 +127,13 @@ def _se_scale(x, n, hidden, we_t, be, c0, c1, consts):
             row[t] = row[t] * g
 
 
-@parallel_jit
-def squeeze_excite_channels(x, nch, wr_t, br, we_t, be, consts, nchunks):
-    """:func:`squeeze_excite_serial` for a batch below the thread count: the plane means, the two
-    small convs (the first split over its outputs, the second over channels, with the scaling)
-    are each split into at most ``nchunks`` chunks. Every value is the same sum in the same order
-    as in :func:`_se_image`, so the results are the same bits. (The same helpers as the SE of
-    :func:`se_op` for a batch smaller than the thread count.)"""
-    nr = wr_t.shape[1]
-    chunks = min(nchunks, nch)
-    hchunks = min(nchunks, nr)
-    pooled = np.empty(nch, x.dtype)
-    hidden = np.empty(nr, x.dtype)
-    for n in range(x.shape[0]):
-        for chunk in numba.prange(chunks):
-            lanes = np.empty(_LANES, x.dtype)
-            _se_means(x, n, chunk * nch // chunks, (chunk + 1) * nch // chunks, pooled, lanes)
-        for chunk in numba.prange(hchunks):
-            _se_hidden(pooled, wr_t, br, chunk * nr // hchunks, (chunk + 1) * nr // hchunks, hidden, consts)
-        for chunk in numba.prange(chunks):
-            _se_scale(x, n, hidden, we_t, be, chunk * nch // chunks, (chunk + 1) * nch // chunks, consts)
-
-
-@parallel_jit
-def squeeze_excite(x, nch, wr_t, br, we_t, be, consts):
-    """Squeeze-excite in place on every image of x (see :func:`_se_image`); prange over images."""
-    for n in numba.prange(x.shape[0]):
-        pooled = np.empty(nch, x.dtype)
-        hidden = np.empty(wr_t.shape[1], x.dtype)
-        lanes = np.empty(_LANES, x.dtype)
-        _se_image(x, n, nch, wr_t, br, we_t, be, consts, pooled, hidden, lanes)
-
-
-@jit
-def squeeze_excite_serial(x, nch, wr_t, br, we_t, be, consts):
-    """:func:`squeeze_excite` without a parallel region (batch 1)."""
-    pooled = np.empty(nch, x.dtype)
-    hidden = np.empty(wr_t.shape[1], x.dtype)
-    lanes = np.empty(_LANES, x.dtype)
-    for n in range(x.shape[0]):
-        _se_image(x, n, nch, wr_t, br, we_t, be, consts, pooled, hidden, lanes)
-
-
-
 @jit
 def se_op(r, arena, params, nimg, nthreads, consts, sync, q, shared):
     """The squeeze-excite row ``r`` of a program (:mod:`.run`) (phases q, q+1, q+2). A batch of at least
-    ``nthreads`` images: one unit per image (:func:`_se_image`). A smaller batch, when parallel:
+    ``nthreads`` images: one unit per image (:func:`se_image`). A smaller batch, when parallel:
     the plane means, the first small conv and the second with the scaling as three phases of
     chunks (of channels, reduced channels, channels), through ``shared``; every value is the same
-    sum in the same order as in :func:`_se_image`. Otherwise one unit does it all."""
+    sum in the same order as in :func:`se_image`. Otherwise one unit does it all."""
     xb = buffer(arena, r, col.SE_X_BUF, nimg)
     nch, nr = r[col.SE_NCH], r[col.SE_REDUCED]
     wr_t = view2(params, r[col.SE_WR_T], nch, nr)
@@ -193,7 +149,7 @@ def se_op(r, arena, params, nimg, nthreads, consts, sync, q, shared):
             lanes = np.empty(_LANES, xb.dtype)
         while u < units:
             for n in range(u * nimg // units, (u + 1) * nimg // units):
-                _se_image(xb, n, nch, wr_t, br, we_t, be, consts, pooled, hidden, lanes)
+                se_image(xb, n, nch, wr_t, br, we_t, be, consts, pooled, hidden, lanes)
             finish(sync, q)
             u = claim(sync, q)
         wait_done(sync, q, units)
@@ -208,7 +164,7 @@ def se_op(r, arena, params, nimg, nthreads, consts, sync, q, shared):
         lanes = np.empty(_LANES, xb.dtype)
     while u < units:
         n, chunk = u // chunks, u % chunks
-        _se_means(xb, n, chunk * nch // chunks, (chunk + 1) * nch // chunks, pooled_all[n * nch:(n + 1) * nch],
+        se_means(xb, n, chunk * nch // chunks, (chunk + 1) * nch // chunks, pooled_all[n * nch:(n + 1) * nch],
                   lanes)
         finish(sync, q)
         u = claim(sync, q)
@@ -217,7 +173,7 @@ def se_op(r, arena, params, nimg, nthreads, consts, sync, q, shared):
     u = claim(sync, q + 1)
     while u < units:
         n, chunk = u // hchunks, u % hchunks
-        _se_hidden(pooled_all[n * nch:(n + 1) * nch], wr_t, br, chunk * nr // hchunks, (chunk + 1) * nr // hchunks,
+        se_hidden(pooled_all[n * nch:(n + 1) * nch], wr_t, br, chunk * nr // hchunks, (chunk + 1) * nr // hchunks,
                    hidden_all[n * nr:(n + 1) * nr], consts)
         finish(sync, q + 1)
         u = claim(sync, q + 1)
@@ -226,7 +182,7 @@ def se_op(r, arena, params, nimg, nthreads, consts, sync, q, shared):
     u = claim(sync, q + 2)
     while u < units:
         n, chunk = u // chunks, u % chunks
-        _se_scale(xb, n, hidden_all[n * nr:(n + 1) * nr], we_t, be, chunk * nch // chunks,
+        se_scale(xb, n, hidden_all[n * nr:(n + 1) * nr], we_t, be, chunk * nch // chunks,
                   (chunk + 1) * nch // chunks, consts)
         finish(sync, q + 2)
         u = claim(sync, q + 2)

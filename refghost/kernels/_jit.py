@@ -1,6 +1,6 @@
 """The one place where Numba compile flags are set.
 
-Every Numba kernel in :mod:`refghost.kernels` is compiled through these wrappers, so that the
+Every Numba kernel in :mod:`refghost.kernels` and :mod:`refghost.engine` is compiled through these wrappers, so that the
 numerical contract is stated once:
 
 - ``fastmath=False``: every ``+``, ``*`` is an honest IEEE-754 operation in the array dtype, in the
@@ -12,10 +12,10 @@ numerical contract is stated once:
 - ``cache=True``: compiled code is cached next to the sources (``__pycache__``), so only the first
   process pays the compile time.
 
-Thread-pool note (docs/performance.md, "Design"): Numba's ``omp`` workers and OpenBLAS's
-pthreads both spin-wait. Kernels compiled with :func:`parallel_jit` must not call BLAS (NumPy
-``@``/``dot``) inside, and callers that mix parallel Numba regions with multi-threaded BLAS must
-limit one of the two pools.
+Thread-pool note (docs/performance.md, "One thread pool"): Numba's ``omp`` workers and OpenBLAS's
+pthreads both spin-wait, so two busy pools on the same cores slow each other down. Kernels
+compiled with :func:`parallel_jit` call BLAS only through :mod:`refghost.kernels.blas`, with BLAS
+held at one thread (:func:`refghost.threads.single_threaded_blas`); never NumPy ``@``/``dot``.
 """
 
 from __future__ import annotations

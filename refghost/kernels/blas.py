@@ -2,7 +2,7 @@
 
 The engine (:mod:`refghost.engine`) runs its 1x1 convolutions as GEMM tiles called from a Numba
 parallel loop, with the BLAS library itself held at one thread: one thread pool in the process,
-never two spinning against each other (docs/performance.md, "Design").
+never two spinning against each other (docs/performance.md, "One thread pool").
 
 How the call is made, and why it survives Numba's on-disk cache:
 

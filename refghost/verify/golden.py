@@ -89,7 +89,7 @@ def make_golden(weights: Weights, x: np.ndarray, *, intermediates: bool = False,
     import numba
 
     x = np.ascontiguousarray(x, dtype=np.float32)
-    with single_threaded_blas():  # the oracle values are refghost.run(x, weights, dtype="float64")'s
+    with single_threaded_blas():  # the values of refghost.run(x, weights, dtype="float64", impl="interpreter")
         values, node_bounds = error_bounds(weights.graph, weights.params("float64"), x.astype(np.float64),
                                            u=FLOAT32_U, lam=DEFAULT_LAMBDA)
     outputs = {name: values[node] for name, node in weights.graph.outputs.items()}
