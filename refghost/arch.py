@@ -8,7 +8,7 @@ https://arxiv.org/abs/1911.11907); NanoDet's ``nanodet/model/backbone/ghostnet.p
 in forward order, each named by the PyTorch module path that produces the same tensor
 (``conv_stem``, ``blocks.3.0.ghost1.primary_conv.1``, ``blocks.3.0.se``, ``blocks.3.0``) and
 naming the state_dict keys it reads. Nothing here computes; :mod:`refghost.forward` executes a
-graph, :mod:`refghost.weights` checks a weights file against :meth:`Graph.param_shapes`.
+graph, :mod:`refghost.weights` checks a weights file against :attr:`Graph.param_shapes`.
 
 Two architectures:
 

@@ -12,7 +12,8 @@ from __future__ import annotations
 import threading
 from contextlib import contextmanager
 
-#: Below this many multiply-adds a depthwise conv, a squeeze-excite or the stem runs serially: a
+#: Below this much work a depthwise conv, a squeeze-excite or the stem runs serially (multiply-adds;
+#: for a squeeze-excite, the pixels it averages and scales): a
 #: parallel region costs microseconds to launch (and much more when another process holds the
 #: other core). Each plane is computed by one thread whatever the split, so this changes speed,
 #: never bits. GhostNet's smallest depthwise layer at 320x320 input (480x10x10, 3x3) has 432,000.

@@ -11,7 +11,7 @@ The parts, in the order a plan is built and run:
 * :mod:`.recognise`: the graph, block by block (:func:`refghost.arch.blocks`), as ops on tensors,
   **BN folded** into each conv's weights and bias in float64, then cast to the compute dtype.
 * :mod:`.lower`: the ops as rows of an int64 program (:mod:`.program` names every column) over
-  one 64-byte-aligned arena of buffers, **reused** by liveness, and one array of parameters.
+  buffers **reused** by liveness (slots of one 64-byte-aligned arena :mod:`.plan` allocates), and one array of parameters.
   Every tensor of C channels lives in rows ``[1, 1+C)`` of a buffer whose row 0 is ones, so a 1x1
   conv is one GEMM with the bias included, and a ghost module's two halves are the two halves of
   one buffer (no concat).

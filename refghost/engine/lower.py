@@ -71,10 +71,11 @@ def assign_slots(ops):
 
 
 def gemm_tasks(n, m, k, p):
-    """The fixed tiling of a 1x1 conv (n images, M outputs, K inputs, P pixels): (T, 5) int64.
+    """The fixed tiling of a 1x1 conv (n images, M outputs, K inputs, P pixels): (T, program.TASK_COLS) int64.
 
     A function of the shapes only (never of the thread count), so every run makes the same BLAS
-    calls. Planes of at least 4096 pixels are cut into tiles of 512 columns (the tile stays in
+    calls. A conv of fewer than 2^17 multiply-adds is one tile. Above that, planes of at least
+    4096 pixels are cut into tiles of 512 columns (the tile stays in
     cache for the activation pass; 1.3-1.5x faster than 4 tiles at 80x80 and 160x160); other
     large planes are split by columns (multiples of 16), and so are planes of 64 columns per
     part or more when there are at least twice as many inputs as outputs (each tile then packs
@@ -96,7 +97,7 @@ def gemm_tasks(n, m, k, p):
             tasks += [(img, edges[i], edges[i + 1], 0, p) for i in range(parts) if edges[i] < edges[i + 1]]
         else:
             tasks.append((img, 0, m, 0, p))
-    return np.array(tasks, dtype=np.int64).reshape(-1, 5)
+    return np.array(tasks, dtype=np.int64).reshape(-1, col.TASK_COLS)
 
 
 

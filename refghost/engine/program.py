@@ -7,7 +7,8 @@ A program is an int64 array (T, :data:`COLS`), one row per op, written by :mod:`
 takes ``{column: value}`` with these names; the kernels read ``r[NAME]``.
 
 Every tensor buffer is a view into the plan's arena and every parameter array a view into its
-parameter array (both 1-D, the compute dtype) at an offset (:func:`view3`, :func:`view2`).
+parameter array (both 1-D, the compute dtype) at an offset (:func:`view3`, :func:`view2`); the GEMM
+tiles of a row are a view into the plan's int64 array ``ints``.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ OP_STEM = 7
 OP_GHOST = 8
 #: Columns of a program row.
 COLS = 32
+#: Columns of a GEMM tile in ``ints``: (image, m0, m1, j0, j1), output rows [m0, m1) x pixels [j0, j1).
+TASK_COLS = 5
 KIND = 0
 #: Offsets within a buffer's three columns (the first is the arena offset).
 BUF_ROWS = 1
@@ -39,7 +42,7 @@ GEMM_W = 6  # offset of w (M, K): the bias in column 0
 GEMM_M = 7
 GEMM_K = 8
 GEMM_Y_ROW0 = 9
-GEMM_TASKS = 10  # offset in ints of the (T, 5) tiles, each a unit of work
+GEMM_TASKS = 10  # offset in ints of the (T, TASK_COLS) tiles, each a unit of work
 GEMM_NTASKS = 11
 GEMM_ACT = 12
 GEMM_PARALLEL = 13  # more than one tile

@@ -121,7 +121,7 @@ def _gemm_op(r, arena, params, ints, nimg, consts, sync, q):
     xb = buffer(arena, r, col.GEMM_X_BUF, nimg)
     yb = view3(arena, r[col.GEMM_Y_OFFSET], nimg, r[col.GEMM_Y_ROWS], r[col.GEMM_X_BUF + col.BUF_PLANE])
     w = view2(params, r[col.GEMM_W], r[col.GEMM_M], r[col.GEMM_K])
-    tasks = view2(ints, r[col.GEMM_TASKS], r[col.GEMM_NTASKS], np.int64(5))
+    tasks = view2(ints, r[col.GEMM_TASKS], r[col.GEMM_NTASKS], np.int64(col.TASK_COLS))
     units = tasks.shape[0]
     u = claim(sync, q)
     while u < units:
@@ -194,7 +194,7 @@ def _ghost_op(r, arena, params, ints, flags, nimg, nthreads, consts, sync, q):
     yb = view3(arena, r[col.GEMM_Y_OFFSET], nimg, r[col.GEMM_Y_ROWS], r[col.GEMM_X_BUF + col.BUF_PLANE])
     m = r[col.GEMM_M]
     w = view2(params, r[col.GEMM_W], m, r[col.GEMM_K])
-    tasks = view2(ints, r[col.GEMM_TASKS], r[col.GEMM_NTASKS], np.int64(5))
+    tasks = view2(ints, r[col.GEMM_TASKS], r[col.GEMM_NTASKS], np.int64(col.TASK_COLS))
     wdw = view2(params, r[col.GHOST_DW_W], m, np.int64(9))
     bdw = params[r[col.GHOST_DW_BIAS]: r[col.GHOST_DW_BIAS] + m]
     h, wd, band = r[col.GHOST_H], r[col.GHOST_W], r[col.GHOST_BAND]
