@@ -125,9 +125,16 @@ class Bottleneck:
 
     @property
     def shortcut(self) -> str | None:
-        """The conv shortcut (depthwise conv+BN ``.0``/``.1``, 1x1 conv+BN ``.2``/``.3``), or None:
-        the identity (in == out channels and stride 1)."""
+        """The conv shortcut (its nodes: :attr:`shortcut_parts`), or None: the identity (in == out
+        channels and stride 1)."""
         return None if self.in_chs == self.out_chs and self.stride == 1 else f"{self.name}.shortcut"
+
+    @property
+    def shortcut_parts(self) -> tuple[ConvBn, ConvBn] | None:
+        """The conv shortcut's depthwise conv+BN (``.0``/``.1``, stride :attr:`stride`) and 1x1
+        conv+BN (``.2``/``.3``), neither with an activation."""
+        s = self.shortcut
+        return None if s is None else (ConvBn(f"{s}.0", f"{s}.1"), ConvBn(f"{s}.2", f"{s}.3"))
 
 
 def stem_channels(config: Config) -> int:
@@ -146,8 +153,59 @@ def blocks(config: Config) -> Iterator[Bottleneck]:
             in_chs = out_chs
 
 
-#: Module path of stage 9, the final 1x1 ConvBnAct (``.conv``, ``.bn1``, ``.act1``).
+#: Module path of stage 9, the final 1x1 ConvBnAct (its nodes: :data:`FINAL_CONV`).
 FINAL_BLOCK = f"blocks.{len(STAGES)}.0"
+
+
+@dataclass(frozen=True)
+class ConvBn:
+    """Node names of a conv, the BatchNorm after it and the activation after that (None: the
+    network puts none there)."""
+
+    conv: str
+    bn: str
+    act: str | None = None
+
+
+#: The stem: a 3x3 stride-2 conv, BN and the backbone's activation.
+STEM = ConvBn("conv_stem", "bn1", "act1")
+#: Stage 9: a 1x1 conv to the last row's ``mid`` channels, BN and the backbone's activation.
+FINAL_CONV = ConvBn(f"{FINAL_BLOCK}.conv", f"{FINAL_BLOCK}.bn1", f"{FINAL_BLOCK}.act1")
+
+
+def ghost_module_parts(name: str, activated: bool) -> tuple[ConvBn, ConvBn]:
+    """The primary 1x1 conv and the cheap depthwise conv of the GhostModule ``name``, each with an
+    activation if ``activated`` (a block's ghost1); the module is the concat of their outputs."""
+    return tuple(ConvBn(f"{name}.{part}.0", f"{name}.{part}.1", f"{name}.{part}.2" if activated else None)
+                 for part in ("primary_conv", "cheap_operation"))
+
+
+@dataclass(frozen=True)
+class SqueezeExcite:
+    """Node names of the squeeze-excite ``name``: channel means, 1x1 conv to the reduced channels,
+    ReLU, 1x1 conv back, hard-sigmoid gate; ``name`` itself is the input times the gate."""
+
+    name: str
+
+    @property
+    def avg_pool(self) -> str:
+        return f"{self.name}.avg_pool"
+
+    @property
+    def conv_reduce(self) -> str:
+        return f"{self.name}.conv_reduce"
+
+    @property
+    def act(self) -> str:
+        return f"{self.name}.act1"
+
+    @property
+    def conv_expand(self) -> str:
+        return f"{self.name}.conv_expand"
+
+    @property
+    def gate(self) -> str:
+        return f"{self.name}.gate"
 
 
 def make_divisible(v: float, divisor: int = CHANNEL_DIVISOR, min_value: int | None = None) -> int:
@@ -301,14 +359,13 @@ class _Builder:
     def ghost_module(self, name, x, in_chs, out_chs, act):
         """GhostModule: 1x1 conv to ceil(out/2) channels, a 3x3 depthwise 'cheap' copy, concat."""
         init = math.ceil(out_chs / 2)
-        p = f"{name}.primary_conv"
-        y = self.conv_bn(f"{p}.0", f"{p}.1", x, in_chs, init, 1)
-        if act:
-            y = self.activation(f"{p}.2", y, act)
-        c = f"{name}.cheap_operation"
-        z = self.conv_bn(f"{c}.0", f"{c}.1", y, init, init, 3, groups=init)
-        if act:
-            z = self.activation(f"{c}.2", z, act)
+        primary, cheap = ghost_module_parts(name, activated=bool(act))
+        y = self.conv_bn(primary.conv, primary.bn, x, in_chs, init, 1)
+        if primary.act:
+            y = self.activation(primary.act, y, act)
+        z = self.conv_bn(cheap.conv, cheap.bn, y, init, init, 3, groups=init)
+        if cheap.act:
+            z = self.activation(cheap.act, z, act)
         # NanoDet returns the whole concat (2*init channels); Huawei and timm slice it to out_chs.
         # make_divisible(..., 4) keeps out_chs even, so 2*init == out_chs and the slice is a no-op.
         assert 2 * init == out_chs, (name, out_chs)
@@ -316,11 +373,12 @@ class _Builder:
 
     def squeeze_excite(self, name, x, chs, reduced):
         """SE: channel means -> 1x1 conv to ``reduced`` -> ReLU -> 1x1 conv -> hard-sigmoid gate -> x * gate."""
-        s = self.op(f"{name}.avg_pool", "global_avg_pool", x)
-        s = self.conv(f"{name}.conv_reduce", s, chs, reduced, 1, bias=True)
-        s = self.activation(f"{name}.act1", s, "ReLU")  # always ReLU, whatever the backbone uses
-        s = self.conv(f"{name}.conv_expand", s, reduced, chs, 1, bias=True)
-        g = self.op(f"{name}.gate", "hard_sigmoid", s)  # a function in PyTorch, named here
+        se = SqueezeExcite(name)
+        s = self.op(se.avg_pool, "global_avg_pool", x)
+        s = self.conv(se.conv_reduce, s, chs, reduced, 1, bias=True)
+        s = self.activation(se.act, s, "ReLU")  # always ReLU, whatever the backbone uses
+        s = self.conv(se.conv_expand, s, reduced, chs, 1, bias=True)
+        g = self.op(se.gate, "hard_sigmoid", s)  # a function in PyTorch, named here
         return self.op(name, "scale", x, g)
 
     def bottleneck(self, x, block: Bottleneck):
@@ -331,13 +389,13 @@ class _Builder:
         if block.se:
             y = self.squeeze_excite(block.se, y, block.mid_chs, block.se_channels)
         y = self.ghost_module(block.ghost2, y, block.mid_chs, block.out_chs, None)
-        if block.shortcut is None:
+        if block.shortcut_parts is None:
             shortcut = x
         else:
-            s = block.shortcut
-            shortcut = self.conv_bn(f"{s}.0", f"{s}.1", x, block.in_chs, block.in_chs, block.kernel,
+            dw, pw = block.shortcut_parts
+            shortcut = self.conv_bn(dw.conv, dw.bn, x, block.in_chs, block.in_chs, block.kernel,
                                     stride=block.stride, groups=block.in_chs)
-            shortcut = self.conv_bn(f"{s}.2", f"{s}.3", shortcut, block.in_chs, block.out_chs, 1)
+            shortcut = self.conv_bn(pw.conv, pw.bn, shortcut, block.in_chs, block.out_chs, 1)
         return self.op(block.name, "add", y, shortcut)  # no activation after the residual add
 
 
@@ -358,8 +416,8 @@ def bottleneck_graph(block: Bottleneck, activation: str) -> Graph:
 def build_graph(config: Config) -> Graph:
     """The layer graph of GhostNet for ``config`` (see the module docstring)."""
     b = _Builder(config)
-    x = b.conv_bn("conv_stem", "bn1", "input", 3, stem_channels(config), 3, stride=2)
-    x = b.activation("act1", x, config.activation)
+    x = b.conv_bn(STEM.conv, STEM.bn, "input", 3, stem_channels(config), 3, stride=2)
+    x = b.activation(STEM.act, x, config.activation)
     in_chs = stem_channels(config)
     stage_out = {}
     for block in blocks(config):
@@ -367,9 +425,8 @@ def build_graph(config: Config) -> Graph:
         in_chs = block.out_chs
         stage_out[block.stage] = x
     final_chs = make_divisible(STAGES[-1][-1].mid * config.width)
-    p = FINAL_BLOCK
-    x = b.conv_bn(f"{p}.conv", f"{p}.bn1", x, in_chs, final_chs, 1)
-    x = b.activation(f"{p}.act1", x, config.activation)
+    x = b.conv_bn(FINAL_CONV.conv, FINAL_CONV.bn, x, in_chs, final_chs, 1)
+    x = b.activation(FINAL_CONV.act, x, config.activation)
     stage_out[len(STAGES)] = x
     graph = b.graph
     if config.arch == "nanodet":

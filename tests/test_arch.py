@@ -4,7 +4,8 @@ import math
 
 import pytest
 
-from refghost.arch import SE_RATIO, Config, blocks, build_graph, make_divisible, output_shapes
+from refghost.arch import (FINAL_CONV, SE_RATIO, STEM, Config, SqueezeExcite, blocks, build_graph, ghost_module_parts,
+                           make_divisible, output_shapes)
 from refghost.errors import RefghostError
 
 
@@ -174,3 +175,34 @@ def test_block_records_name_exactly_the_parts_the_graph_has(width):
             reduce_ = graph.param_shapes[f"{b.se}.conv_reduce.weight"]
             assert reduce_ == (b.se_channels, b.mid_chs, 1, 1)
             assert b.se_channels == make_divisible(b.mid_chs * SE_RATIO)
+
+
+@pytest.mark.parametrize("activation", ["ReLU", "PReLU"])
+def test_name_records_name_every_node_with_its_op(activation):
+    """STEM, FINAL_CONV, ghost_module_parts, SqueezeExcite and Bottleneck.shortcut_parts together
+    name every node of the NanoDet graph exactly once, each with the op it is."""
+    config = Config(activation=activation)
+    graph = build_graph(config)
+    named = []  # (name, op)
+
+    def conv_bn(parts):
+        named.extend([(parts.conv, "conv"), (parts.bn, "batch_norm")] + ([(parts.act, "act")] if parts.act else []))
+
+    conv_bn(STEM)
+    for b in blocks(config):
+        for module, activated in ((b.ghost1, True), (b.ghost2, False)):
+            if module == b.ghost2 and b.se:
+                se = SqueezeExcite(b.se)
+                named.extend([(se.avg_pool, "global_avg_pool"), (se.conv_reduce, "conv"), (se.act, "act"),
+                              (se.conv_expand, "conv"), (se.gate, "hard_sigmoid"), (b.se, "scale")])
+            for parts in ghost_module_parts(module, activated):
+                conv_bn(parts)
+            named.append((module, "concat"))
+            if module == b.ghost1 and b.conv_dw:
+                named.extend([(b.conv_dw, "conv"), (b.bn_dw, "batch_norm")])
+        for parts in b.shortcut_parts or ():
+            conv_bn(parts)
+        named.append((b.name, "add"))
+    conv_bn(FINAL_CONV)
+    assert named == [(n.name, n.op) for n in graph.nodes]
+

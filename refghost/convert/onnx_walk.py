@@ -25,7 +25,7 @@ from collections import Counter
 import numpy as np
 
 from .. import ops
-from ..arch import STAGES, Graph
+from ..arch import FINAL_CONV, NUM_STAGES, STAGES, Graph
 from ..errors import WeightsError
 from .onnx_graph import OnnxGraph, attribute, is_close
 from .onnx_patterns import ACTIVATION_LABELS, classify_activation, classify_gate
@@ -75,9 +75,7 @@ class Walker:
         return best
 
     def out_stages(self) -> tuple[int, ...]:
-        stage_of = {}
-        for name in ("blocks.9.0.act1",):
-            stage_of[self.t(name)] = 9
+        stage_of = {self.t(FINAL_CONV.act): NUM_STAGES - 1}
         for s, rows in enumerate(STAGES):
             stage_of.setdefault(self.t(f"blocks.{s}.{len(rows) - 1}"), s)
         stages = []
@@ -87,7 +85,7 @@ class Walker:
                 layer = next((k for k, v in self.tensor_of.items() if v == t), None)
                 what = f"layer {layer}" if layer else "no GhostNet layer"
                 raise WeightsError(f"{self.g.path}: graph output {out.name!r} is {what}, not a stage output "
-                                   f"(the last block of a stage 0..8, or blocks.9.0.act1)")
+                                   f"(the last block of a stage 0..{len(STAGES) - 1}, or {FINAL_CONV.act})")
             stages.append(stage_of[t])
         if len(set(stages)) != len(stages):
             raise WeightsError(f"{self.g.path}: graph outputs repeat a stage ({stages})")

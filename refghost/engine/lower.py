@@ -31,9 +31,15 @@ _GEMM_TILE_COLUMNS = 512
 _GHOST_BAND_ROWS = 16
 
 
+#: Bytes of a cache line: the arena starts on one (:func:`refghost.engine.plan`'s allocation).
+CACHE_LINE = 64
+#: Buffers and tiles start at multiples of this many elements: one cache line in float32.
+ALIGN_ELEMENTS = CACHE_LINE // 4
+
+
 def aligned(size):
-    """``size`` rounded up to a multiple of 16 elements (64 bytes for float32)."""
-    return (size + 15) // 16 * 16
+    """``size`` rounded up to a multiple of :data:`ALIGN_ELEMENTS`."""
+    return -(-size // ALIGN_ELEMENTS) * ALIGN_ELEMENTS
 
 
 def assign_slots(ops):
@@ -77,7 +83,7 @@ def gemm_tasks(n, m, k, p):
     calls. A conv of fewer than 2^17 multiply-adds is one tile. Above that, planes of at least
     4096 pixels are cut into tiles of 512 columns (the tile stays in
     cache for the activation pass; 1.3-1.5x faster than 4 tiles at 80x80 and 160x160); other
-    large planes are split by columns (multiples of 16), and so are planes of 64 columns per
+    large planes are split by columns (multiples of :data:`ALIGN_ELEMENTS`), and so are planes of 64 columns per
     part or more when there are at least twice as many inputs as outputs (each tile then packs
     only its own columns of the large input; splitting by rows would pack all of it per tile).
     Other small planes are split by output rows (multiples of 8).
@@ -90,7 +96,7 @@ def gemm_tasks(n, m, k, p):
             edges = list(range(0, p, _GEMM_TILE_COLUMNS)) + [p]
             tasks += [(img, 0, m, edges[i], edges[i + 1]) for i in range(len(edges) - 1)]
         elif parts > 1 and (p >= 256 * parts or (2 * m <= k and p >= 64 * parts)):
-            edges = [min(p, ((p * i // parts) + 15) // 16 * 16) for i in range(parts)] + [p]
+            edges = [min(p, aligned(p * i // parts)) for i in range(parts)] + [p]
             tasks += [(img, 0, m, edges[i], edges[i + 1]) for i in range(parts) if edges[i] < edges[i + 1]]
         elif parts > 1 and m >= 8 * parts:
             edges = [min(m, ((m * i // parts) + 7) // 8 * 8) for i in range(parts)] + [m]
@@ -98,8 +104,6 @@ def gemm_tasks(n, m, k, p):
         else:
             tasks.append((img, 0, m, 0, p))
     return np.array(tasks, dtype=np.int64).reshape(-1, col.TASK_COLS)
-
-
 
 
 class Lowering:

@@ -14,7 +14,7 @@ from ..kernels import blas
 from ..kernels._jit import one_launch_at_a_time
 from ..threads import single_threaded_blas
 from . import counters
-from .lower import Lowering, aligned, assign_slots
+from .lower import CACHE_LINE, Lowering, aligned, assign_slots
 from .recognise import EngineUnsupported, Recogniser
 from .run import execute
 
@@ -187,9 +187,10 @@ class ImagePlan:
         return _output_views(out, one._outputs, n)
 
 
-def _aligned_empty(size, dtype, alignment=64):
+def _aligned_empty(size, dtype, alignment=CACHE_LINE):
     """A 1-D array of ``size`` elements whose data starts on an ``alignment``-byte boundary (tiles
-    that split rows at multiples of 16 columns then never share a cache line)."""
+    that split rows at multiples of :data:`~.lower.ALIGN_ELEMENTS` columns then never share a
+    cache line)."""
     dtype = np.dtype(dtype)
     raw = np.empty(size * dtype.itemsize + alignment, dtype=np.uint8)
     start = -raw.ctypes.data % alignment

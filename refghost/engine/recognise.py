@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .. import ops
-from ..arch import FINAL_BLOCK, Bottleneck, Graph, blocks
+from ..arch import FINAL_CONV, STEM, Bottleneck, Graph, SqueezeExcite, blocks, ghost_module_parts
 from ..kernels.epilogue import ACT_LEAKY, ACT_NONE, ACT_RELU, ACT_RELU6
 
 #: Activations with a fused epilogue, by code.
@@ -135,17 +135,16 @@ class Recogniser:
     def ghost(self, name, x: Tensor, residual=None, *, activated):
         """A GhostModule (``activated``: an activation after each half, as in a block's ghost1),
         with the block's residual fused when ``residual`` is given."""
-        p = f"{name}.primary_conv"
-        wp, bp, attrs = self.folded(f"{p}.0", f"{p}.1")
+        primary, cheap = ghost_module_parts(name, activated)
+        wp, bp, attrs = self.folded(primary.conv, primary.bn)
         if attrs["stride"] != 1 or attrs["groups"] != 1 or attrs["padding"] != 0:
-            raise EngineUnsupported(f"{p}.0 is not a 1x1 conv")
+            raise EngineUnsupported(f"{primary.conv} is not a 1x1 conv")
         init = wp.shape[0]
-        act_p = self.activation(f"{p}.2") if activated else None
-        c = f"{name}.cheap_operation"
-        wc, bc, cattrs = self.folded(f"{c}.0", f"{c}.1")
+        act_p = self.activation(primary.act) if primary.act else None
+        wc, bc, cattrs = self.folded(cheap.conv, cheap.bn)
         if wc.shape[0] != init or cattrs["stride"] != 1:
-            raise EngineUnsupported(f"{c}.0 shape")
-        act_c = self.activation(f"{c}.2") if activated else None
+            raise EngineUnsupported(f"{cheap.conv} shape")
+        act_c = self.activation(cheap.act) if cheap.act else None
         concat = self.node(name, "concat")
         if len(concat.inputs) != 2:
             raise EngineUnsupported(f"{name} concat")
@@ -170,11 +169,12 @@ class Recogniser:
         return g
 
     def squeeze_excite(self, name, x: Tensor):
-        self.node(f"{name}.avg_pool", "global_avg_pool")
-        reduce_ = self.node(f"{name}.conv_reduce", "conv")
-        act = self.node(f"{name}.act1", "act")
-        expand = self.node(f"{name}.conv_expand", "conv")
-        self.node(f"{name}.gate", "hard_sigmoid")
+        se = SqueezeExcite(name)
+        self.node(se.avg_pool, "global_avg_pool")
+        reduce_ = self.node(se.conv_reduce, "conv")
+        act = self.node(se.act, "act")
+        expand = self.node(se.conv_expand, "conv")
+        self.node(se.gate, "hard_sigmoid")
         self.node(name, "scale")
         if act.attrs["activation"] != "ReLU":
             raise EngineUnsupported(f"{name}: SE activation {act.attrs['activation']}")
@@ -203,16 +203,16 @@ class Recogniser:
             y = d
         if block.se:
             self.squeeze_excite(block.se, y)
-        if block.shortcut:
-            s = block.shortcut
-            w, b, attrs = self.folded(f"{s}.0", f"{s}.1")
+        if block.shortcut_parts:
+            dw, pw = block.shortcut_parts
+            w, b, attrs = self.folded(dw.conv, dw.bn)
             k, st, pad = w.shape[2], attrs["stride"], attrs["padding"]
-            sd = self.new(x.c, ops.conv_output_size(x.h, k, st, pad), ops.conv_output_size(x.w, k, st, pad), f"{s}.1")
+            sd = self.new(x.c, ops.conv_output_size(x.h, k, st, pad), ops.conv_output_size(x.w, k, st, pad), dw.bn)
             self.depthwise(x, 0, sd, 0, w, b, attrs)
-            w2, b2, attrs2 = self.folded(f"{s}.2", f"{s}.3")
+            w2, b2, attrs2 = self.folded(pw.conv, pw.bn)
             if attrs2["stride"] != 1 or attrs2["groups"] != 1:
-                raise EngineUnsupported(f"{s}.2 is not a 1x1 conv")
-            residual = self.new(w2.shape[0], sd.h, sd.w, f"{s}.3")
+                raise EngineUnsupported(f"{pw.conv} is not a 1x1 conv")
+            residual = self.new(w2.shape[0], sd.h, sd.w, pw.bn)
             self.conv1x1(sd, w2, b2, residual)
         else:
             residual = x
@@ -227,28 +227,27 @@ class Recogniser:
     def build(self, h, w):
         graph = self.graph
         # stem: dense KxK conv as im2col + GEMM
-        ws, bs, attrs = self.folded("conv_stem", "bn1")
+        ws, bs, attrs = self.folded(STEM.conv, STEM.bn)
         if attrs["groups"] != 1:
             raise EngineUnsupported("stem")
         k, s, p = ws.shape[2], attrs["stride"], attrs["padding"]
         ho, wo = ops.conv_output_size(h, k, s, p), ops.conv_output_size(w, k, s, p)
         if ho < 1 or wo < 1:
             raise EngineUnsupported("input smaller than the stem kernel")
-        x = self.new(ws.shape[0], ho, wo, "act1")
+        x = self.new(ws.shape[0], ho, wo, STEM.act)
         wsb = np.concatenate([bs[:, None], ws.reshape(ws.shape[0], -1)], axis=1)
-        act = self.activation("act1")
+        act = self.activation(STEM.act)
         self.emit("stem", [], [x], w=wsb, k=k, s=s, p=p, **act)
-        produced = {"act1": x}
+        produced = {STEM.act: x}
         for block in blocks(graph.config):
             x = self.bottleneck(block, x)
             produced[block.name] = x
-        last = FINAL_BLOCK
-        wl, bl, attrs = self.folded(f"{last}.conv", f"{last}.bn1")
+        wl, bl, attrs = self.folded(FINAL_CONV.conv, FINAL_CONV.bn)
         if attrs["stride"] != 1 or wl.shape[2:] != (1, 1):
             raise EngineUnsupported("final conv")
-        y = self.new(wl.shape[0], x.h, x.w, f"{last}.act1")
-        self.conv1x1(x, wl, bl, y, 0, self.activation(f"{last}.act1"))
-        produced[f"{last}.act1"] = y
+        y = self.new(wl.shape[0], x.h, x.w, FINAL_CONV.act)
+        self.conv1x1(x, wl, bl, y, 0, self.activation(FINAL_CONV.act))
+        produced[FINAL_CONV.act] = y
         outputs = {}
         for out_name, node_name in graph.outputs.items():
             if node_name in produced:

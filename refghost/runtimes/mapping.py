@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..arch import Graph
+from ..arch import Graph, SqueezeExcite
 from ..errors import CompareError
 
 __all__ = ["BY_SCOPE", "BY_STRUCTURE", "BY_WEIGHTS", "FlowOp", "Op", "PATTERNS", "PLUMBING", "MappingError",
@@ -156,7 +156,7 @@ def map_by_scope(ops: list[Op], network: Graph) -> dict[str, str]:
         elif layer.op == "scale":  # the SE: its gate is computed inside the same scope
             gates = [op for op in scope_ops[:-1] if op.kind in _GATE_OPS]
             if gates:
-                mapping[gates[-1].output] = f"{scope}.gate"
+                mapping[gates[-1].output] = SqueezeExcite(scope).gate
         mapping[scope_ops[-1].output] = name
     return mapping
 
