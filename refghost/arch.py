@@ -418,14 +418,12 @@ def build_graph(config: Config) -> Graph:
     b = _Builder(config)
     x = b.conv_bn(STEM.conv, STEM.bn, "input", 3, stem_channels(config), 3, stride=2)
     x = b.activation(STEM.act, x, config.activation)
-    in_chs = stem_channels(config)
     stage_out = {}
     for block in blocks(config):
         x = b.bottleneck(x, block)
-        in_chs = block.out_chs
         stage_out[block.stage] = x
     final_chs = make_divisible(STAGES[-1][-1].mid * config.width)
-    x = b.conv_bn(FINAL_CONV.conv, FINAL_CONV.bn, x, in_chs, final_chs, 1)
+    x = b.conv_bn(FINAL_CONV.conv, FINAL_CONV.bn, x, block.out_chs, final_chs, 1)  # after the last block
     x = b.activation(FINAL_CONV.act, x, config.activation)
     stage_out[len(STAGES)] = x
     graph = b.graph

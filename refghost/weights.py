@@ -102,10 +102,10 @@ class DerivedCache:
     """What is computed from a :class:`Weights` object once and kept with it."""
 
     #: compute dtype -> the tensors in that dtype (:meth:`Weights.params`)
-    params: dict = field(default_factory=dict)
-    #: (dtype name, input shape) -> the engine's plan, or why it cannot run
-    #: (:func:`refghost.engine.get_plan`), least recently used first
-    plans: OrderedDict = field(default_factory=OrderedDict)
+    params: dict[np.dtype, dict[str, np.ndarray]] = field(default_factory=dict)
+    #: (dtype name, input shape) -> the engine's plan, or the ``EngineUnsupported`` saying why it
+    #: cannot run (:func:`refghost.engine.get_plan`), least recently used first
+    plans: OrderedDict[tuple[str, tuple[int, ...]], object] = field(default_factory=OrderedDict)
 
 
 @dataclass(frozen=True)
