@@ -7,7 +7,9 @@ https://arxiv.org/abs/1911.11907); NanoDet's ``nanodet/model/backbone/ghostnet.p
 :func:`build_graph` turns a :class:`Config` into a :class:`Graph`: a flat list of :class:`Node`
 in forward order, each named by the PyTorch module path that produces the same tensor
 (``conv_stem``, ``blocks.3.0.ghost1.primary_conv.1``, ``blocks.3.0.se``, ``blocks.3.0``) and
-naming the state_dict keys it reads. Nothing here computes; :mod:`refghost.forward` executes a
+naming the state_dict keys it reads. Those names have one home: :class:`Bottleneck` (a block's
+parts), :class:`ConvBn` (:data:`STEM`, :data:`FINAL_CONV`, :func:`ghost_module_parts`,
+:attr:`Bottleneck.shortcut_parts`) and :class:`SqueezeExcite`. Nothing here computes; :mod:`refghost.forward` executes a
 graph, :mod:`refghost.weights` checks a weights file against :attr:`Graph.param_shapes`.
 
 Two architectures:
