@@ -40,6 +40,10 @@ DEFAULT_OUT_STAGES = (4, 6, 9)
 HEAD_CHANNELS = 1280
 #: Every channel count in GhostNet is rounded to a multiple of this.
 CHANNEL_DIVISOR = 4
+#: :func:`make_divisible` never rounds a channel count below this fraction of it.
+MIN_ROUNDED_FRACTION = 0.9
+#: Output channels of the stem conv before width scaling (:func:`stem_channels`).
+STEM_CHANNELS = 16
 #: Channel reduction of every squeeze-excite of GhostNet: ``make_divisible(C * SE_RATIO)``.
 SE_RATIO = 0.25
 
@@ -141,7 +145,7 @@ class Bottleneck:
 
 def stem_channels(config: Config) -> int:
     """Output channels of the stem conv."""
-    return make_divisible(16 * config.width)
+    return make_divisible(STEM_CHANNELS * config.width)
 
 
 def blocks(config: Config) -> Iterator[Bottleneck]:
@@ -173,6 +177,21 @@ class ConvBn:
 STEM = ConvBn("conv_stem", "bn1", "act1")
 #: Stage 9: a 1x1 conv to the last row's ``mid`` channels, BN and the backbone's activation.
 FINAL_CONV = ConvBn(f"{FINAL_BLOCK}.conv", f"{FINAL_BLOCK}.bn1", f"{FINAL_BLOCK}.act1")
+
+
+@dataclass(frozen=True)
+class ClassifierHead:
+    """Node names of the ImageNet head (arch ``ghostnet``): global average pool, 1x1 conv with
+    bias, ReLU, linear layer; the graph's one output is named ``classifier`` too."""
+
+    pool: str = "global_pool"
+    conv: str = "conv_head"
+    act: str = "act2"
+    classifier: str = "classifier"
+
+
+#: The head of the ``ghostnet`` classifier.
+HEAD = ClassifierHead()
 
 
 def ghost_module_parts(name: str, activated: bool) -> tuple[ConvBn, ConvBn]:
@@ -220,7 +239,7 @@ def make_divisible(v: float, divisor: int = CHANNEL_DIVISOR, min_value: int | No
     if min_value is None:
         min_value = divisor
     new_v = max(min_value, int(v + divisor / 2) // divisor * divisor)
-    if new_v < 0.9 * v:
+    if new_v < MIN_ROUNDED_FRACTION * v:
         new_v += divisor
     return new_v
 
@@ -401,6 +420,15 @@ class _Builder:
         return self.op(block.name, "add", y, shortcut)  # no activation after the residual add
 
 
+def backbone_activations(config: Config) -> list[str]:
+    """The activation nodes that apply ``config.activation``, in forward order: the stem's, both
+    halves of every ghost1 and the final conv's (the SE's and the head's are always ReLU)."""
+    names = [STEM.act]
+    for block in blocks(config):
+        names += [part.act for part in ghost_module_parts(block.ghost1, activated=True)]
+    return names + [FINAL_CONV.act]
+
+
 def ghost_module_graph(name: str, in_chs: int, out_chs: int, activation: str | None) -> Graph:
     """A standalone GhostModule called ``name`` reading ``"input"`` (``activation`` None: none)."""
     b = _Builder(Config(activation=activation or "ReLU"))
@@ -432,12 +460,13 @@ def build_graph(config: Config) -> Graph:
     if config.arch == "nanodet":
         graph.outputs = {f"blocks.{s}": stage_out[s] for s in config.out_stages}
     else:
-        x = b.op("global_pool", "global_avg_pool", x)
-        x = b.conv("conv_head", x, final_chs, HEAD_CHANNELS, 1, bias=True)
-        x = b.activation("act2", x, "ReLU")
-        x = b._add(Node("classifier", "linear", (x,), {"weight": "classifier.weight", "bias": "classifier.bias"}),
+        x = b.op(HEAD.pool, "global_avg_pool", x)
+        x = b.conv(HEAD.conv, x, final_chs, HEAD_CHANNELS, 1, bias=True)
+        x = b.activation(HEAD.act, x, "ReLU")
+        c = HEAD.classifier
+        x = b._add(Node(c, "linear", (x,), {"weight": f"{c}.weight", "bias": f"{c}.bias"}),
                    {"weight": (config.num_classes, HEAD_CHANNELS), "bias": (config.num_classes,)})
-        graph.outputs = {"classifier": x}
+        graph.outputs = {HEAD.classifier: x}
     return graph
 
 

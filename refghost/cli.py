@@ -224,11 +224,6 @@ def _load_input(image: str):
 
 def save_npz(path: str, arrays: dict) -> None:
     """Write ``arrays`` to ``path`` atomically: a temporary file in the same folder, renamed."""
-    if not path.endswith(".npz"):
-        raise RefghostError(f"--out {path}: outputs are written as .npz; give a path ending in .npz")
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        raise RefghostError(f"--out {path}: folder {folder} does not exist")
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         np.savez(f, **arrays)
 
@@ -312,8 +307,6 @@ def cmd_run(args) -> int:
     from .runner import expand_images, run
     from .weights import load_weights
 
-    if args.out:
-        _check_out(args.out, (".npz",), "outputs")
     t0 = time.perf_counter()
     weights = load_weights(args.weights)
     given = [os.fspath(image) for image in (args.image or [str(SAMPLE_IMAGE)])]
@@ -404,14 +397,16 @@ def _weights_line(path: str, weights) -> str:
     return line
 
 
-def _check_out(path: str, extensions: tuple[str, ...], what: str) -> None:
-    """Refuse an --out path with another extension, or in a missing folder, before any work."""
+#: Command -> (the extensions its --out may have, what it writes); checked before any work.
+OUT_FORMATS = {"run": ((".npz",), "outputs"), "dump": ((".npz",), "dumps"),
+               "golden": ((".h5", ".hdf5"), "golden files"), "export": ((".npz", ".pth", ".pt"), "exported weights")}
+
+
+def _check_out_format(path: str, extensions: tuple[str, ...], what: str) -> None:
+    """Refuse an --out path with another extension (see :data:`OUT_FORMATS`)."""
     if not path.lower().endswith(extensions):
         raise RefghostError(f"--out {path}: {what} are written as {'/'.join(extensions)}; give a path ending in "
                             f"{' or '.join(extensions)}")
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        raise RefghostError(f"--out {path}: folder {folder} does not exist")
 
 
 def _megabytes(n_bytes: int) -> str:
@@ -445,7 +440,6 @@ def cmd_golden(args) -> int:
 
     if args.images:
         return cmd_golden_set(args)
-    _check_out(args.out, (".h5", ".hdf5"), "golden files")
     weights = load_weights(args.weights)
     warp_kernel = None  # recorded only when the input is an image file
     print(_weights_line(args.weights, weights))
@@ -549,6 +543,9 @@ def cmd_compare_set(args) -> int:
         raise RefghostError("give one model file: `compare --images DIR MODEL` or `compare GOLDDIR/ MODEL`")
     if not os.path.isfile(model):
         raise RefghostError(f"{model}: no such model file")
+    from .runtimes import runtime_for
+
+    runtime_for(model, args.runtime)  # a model a runtime runs on each input, not arrays of one input
     candidate = _candidate(args, os.path.abspath(model))
     keep = os.path.abspath(args.keep_failing) if args.keep_failing else None
     if args.images:
@@ -603,11 +600,6 @@ def cmd_dump(args) -> int:
     from .verify.golden import read_golden
     from .runtimes import run_model
 
-    if not args.out.endswith(".npz"):
-        raise RefghostError(f"--out {args.out}: dumps are written as .npz; give a path ending in .npz")
-    folder = os.path.dirname(os.path.abspath(args.out))
-    if not os.path.isdir(folder):
-        raise RefghostError(f"--out {args.out}: folder {folder} does not exist")
     if not os.path.isfile(args.model):
         raise RefghostError(f"{args.model}: no such model file")
     golden = read_golden(args.golden)
@@ -732,9 +724,9 @@ def cmd_export(args) -> int:
     from .weights import load_weights
 
     weights = load_weights(args.weights)
-    if args.out.endswith(".npz"):
+    if args.out.lower().endswith(".npz"):
         save_npz(args.out, weights.tensors)
-    elif args.out.endswith((".pth", ".pt")):
+    else:  # .pth or .pt (check_args)
         try:
             import torch
         except ImportError:
@@ -742,8 +734,6 @@ def cmd_export(args) -> int:
         state_dict = {k: torch.from_numpy(np.array(v)) for k, v in weights.tensors.items()}
         with atomic_path(args.out) as tmp:
             torch.save(state_dict, tmp)
-    else:
-        raise RefghostError(f"--out {args.out}: give a .npz or .pth path")
     print(f"wrote {args.out}: {len(weights.tensors)} tensors")
     return 0
 
@@ -776,11 +766,10 @@ def check_args(args) -> None:
     if command == "compare":
         _finite_non_negative("--atol", args.atol)
         _finite_non_negative("--rtol", args.rtol)
+    if command in ("compare", "dump", "map"):  # the commands that run a runtime
         cpus = os.cpu_count() or 1
         if not 1 <= args.threads <= cpus:
             raise RefghostError(f"--threads must be in 1..{cpus} (this machine's CPUs), got {args.threads}")
-    if command == "run" and args.out is not None and not args.out.endswith(".npz"):
-        raise RefghostError(f"--out {args.out}: outputs are written as .npz; give a path ending in .npz")
     if command == "compare" and (args.html or args.plots):
         from .verify.report_html import require_matplotlib
         require_matplotlib()
@@ -803,6 +792,8 @@ def check_args(args) -> None:
     output = args.json if command == "compare" else getattr(args, "out", None)
     if output is not None:
         check_writable(output, "--json" if command == "compare" else "--out")
+    if command in OUT_FORMATS and args.out is not None:
+        _check_out_format(args.out, *OUT_FORMATS[command])
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -4,8 +4,8 @@ import math
 
 import pytest
 
-from refghost.arch import (FINAL_CONV, SE_RATIO, STEM, Config, SqueezeExcite, blocks, build_graph, ghost_module_parts,
-                           make_divisible, output_shapes)
+from refghost.arch import (FINAL_CONV, HEAD, SE_RATIO, STEM, Config, SqueezeExcite, backbone_activations, blocks,
+                           build_graph, ghost_module_parts, make_divisible, output_shapes)
 from refghost.errors import RefghostError
 
 
@@ -120,6 +120,7 @@ def test_activation_placement(activation):
     backbone = {k for k, v in acts.items() if v == activation}
     assert len(backbone) == 1 + 2 * 16 + 1
     assert all(k == "act1" or k == "blocks.9.0.act1" or ".ghost1." in k for k in backbone)
+    assert backbone_activations(Config(activation=activation)) == [k for k in acts if k in backbone]
     assert all(v == "ReLU" for k, v in acts.items() if ".se." in k)
     assert not any(".ghost2." in k for k in acts)
 
@@ -177,11 +178,10 @@ def test_block_records_name_exactly_the_parts_the_graph_has(width):
             assert b.se_channels == make_divisible(b.mid_chs * SE_RATIO)
 
 
-@pytest.mark.parametrize("activation", ["ReLU", "PReLU"])
-def test_name_records_name_every_node_with_its_op(activation):
-    """STEM, FINAL_CONV, ghost_module_parts, SqueezeExcite and Bottleneck.shortcut_parts together
-    name every node of the NanoDet graph exactly once, each with the op it is."""
-    config = Config(activation=activation)
+@pytest.mark.parametrize("config", [Config(), Config(activation="PReLU"), Config(arch="ghostnet", num_classes=10)])
+def test_name_records_name_every_node_with_its_op(config):
+    """STEM, FINAL_CONV, ghost_module_parts, SqueezeExcite, Bottleneck.shortcut_parts and HEAD
+    together name every node of the graph exactly once, in order, each with the op it is."""
     graph = build_graph(config)
     named = []  # (name, op)
 
@@ -204,5 +204,7 @@ def test_name_records_name_every_node_with_its_op(activation):
             conv_bn(parts)
         named.append((b.name, "add"))
     conv_bn(FINAL_CONV)
+    if config.arch == "ghostnet":
+        named += [(HEAD.pool, "global_avg_pool"), (HEAD.conv, "conv"), (HEAD.act, "act"), (HEAD.classifier, "linear")]
     assert named == [(n.name, n.op) for n in graph.nodes]
 

@@ -8,6 +8,7 @@ import contextlib
 import dataclasses
 import io
 import json
+import math
 from pathlib import Path
 
 import dask
@@ -21,7 +22,7 @@ from browser import assert_renders_offline
 from runtime_bank import export_onnx
 
 from refghost.cli import DEFAULT_WEIGHTS, main
-from refghost.verify.dataset import CRASH_HOOK, Job, Candidate, run_set, summarize
+from refghost.verify.dataset import CRASH_HOOK, Candidate, ImageResult, Job, format_report, run_set, summarize
 from refghost.weights import from_tensors, load_weights, save_weights
 
 SIZE = 96
@@ -155,14 +156,41 @@ def test_exit_2_on_unusable_input(bench, cluster, tmp_path):
         (mixed / name).write_bytes((Path(bench["images"]) / name).read_bytes())
     (mixed / "broken.png").write_bytes(b"not a png")
     status, report = _compare(bench, bench["honest"], tmp_path, "--scheduler", cluster.scheduler_address,
-                              images=str(mixed))
+                              "--html", str(tmp_path / "mixed.html"), images=str(mixed))
     assert status == 2 and report["counts"] == {"pass": 2, "fail": 0, "error": 1}
     assert [e["image"] for e in report["not_judged"]] == ["broken.png"] and report["not_judged"][0]["error"]
+    page = (tmp_path / "mixed.html").read_text()
+    assert "<span class='not-judged'>NOT JUDGED</span>" in page and "FAIL" not in page
     # a bug found beats an image not judged: exit 1
     (mixed / "bright_250.png").write_bytes((Path(bench["images"]) / "bright_250.png").read_bytes())
     status, report = _compare(bench, bench["bug"], tmp_path, "--scheduler", cluster.scheduler_address,
                               images=str(mixed))
     assert status == 1 and [f["image"] for f in report["failing"]] == ["bright_250.png"]
+
+
+def test_exit_2_before_any_work_on_arrays_or_a_bad_scheduler(bench, tmp_path, capsys):
+    """A dump of one input is no model for a set, and a scheduler address distributed cannot
+    parse is a documented error, not a traceback."""
+    np.savez(tmp_path / "dump.npz", x=np.zeros(3))
+    assert _compare(bench, str(tmp_path / "dump.npz"), tmp_path)[0] == 2
+    assert "no runtime runs .npz" in capsys.readouterr().err
+    assert _compare(bench, bench["honest"], tmp_path, "--scheduler", "foo://nowhere:1")[0] == 2
+    assert "--scheduler foo://nowhere:1: no Dask scheduler answers there" in capsys.readouterr().err
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_a_failed_tensor_stays_the_worst_of_its_layer_whatever_the_image_order():
+    """A NaN ratio (wrong shape, or NaN where the oracle is finite) is worse than any number in
+    the per-layer summary, the per-image worst and the text report, in either order of images."""
+    broken = ImageResult("a.png", "fail", "blocks.0.0", layers=[["blocks.0.0", "shape", math.nan, None]])
+    fine = ImageResult("b.png", "fail", "blocks.0.0", layers=[["blocks.0.0", "mismatch", 3.5, 2.0]])
+    for order in ([broken, fine], [fine, broken]):
+        report = summarize("set", "m.onnx", order)
+        (layer,) = report.layers
+        assert math.isnan(layer.worst_accumulated) and layer.worst_accumulated_image == "a.png"
+        assert layer.worst_isolated == 2.0 and layer.failing_images == ["a.png", "b.png"]
+        assert [i["worst_accumulated"] for i in report.to_json()["images"]] == [None, 3.5]
+        assert "worst accumulated error / bound: nan (blocks.0.0, on a.png)" in format_report(report)
 
 
 def test_goldens_per_image_then_compare_the_folder(bench, cluster, local_run, tmp_path):

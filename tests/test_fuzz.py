@@ -394,6 +394,10 @@ def test_onnx_scope_metadata_of_any_type():
     ("compare {golden} {golden} --json {tmp}/missing/r.json", "does not exist"),
     ("run --out {tmp}/r.txt", "ending in .npz"),
     ("export {golden} --out {tmp}", "is a directory"),
+    ("export {golden} --out {tmp}/w.txt", "ending in .npz or .pth or .pt"),
+    ("dump {golden} {golden} --out {tmp}/d.txt", "dumps are written as .npz"),
+    ("dump {golden} {golden} --out {tmp}/d.npz --threads 0", "--threads must be in"),
+    ("map {golden} --threads -3", "--threads must be in"),
 ])
 def test_bad_arguments_exit_2_in_one_line(seeds, tmp_path, capsys, argv, message):
     args = argv.format(tmp=tmp_path, golden=seeds["golden"]).split()

@@ -25,7 +25,7 @@ from collections import Counter
 import numpy as np
 
 from .. import ops
-from ..arch import FINAL_CONV, NUM_STAGES, STAGES, Graph
+from ..arch import FINAL_CONV, NUM_STAGES, STAGES, Graph, backbone_activations
 from ..errors import WeightsError
 from .onnx_graph import OnnxGraph, attribute, is_close
 from .onnx_patterns import ACTIVATION_LABELS, classify_activation, classify_gate
@@ -51,7 +51,7 @@ class Walker:
         self.problems.append(f"layer {layer}: {message}")
 
     def backbone_acts(self) -> list[str]:
-        return [n.name for n in self.unfolded.nodes if n.op == "act" and ".se." not in n.name and n.name != "act2"]
+        return backbone_activations(self.unfolded.config)
 
     def classify(self, layer: str):
         if layer not in self.acts:
@@ -183,8 +183,10 @@ class Walker:
         got, slope, onnx_nodes = found
         if got != name:
             first = self.g.label(onnx_nodes[-1])
-            context = "SE activations are always ReLU" if ".se." in node.name or node.name == "act2" else \
-                f"the rest of the network uses {ACTIVATION_LABELS.get(name, name)}"
+            if node.name in backbone_activations(self.unfolded.config):
+                context = f"the rest of the network uses {ACTIVATION_LABELS.get(name, name)}"
+            else:
+                context = "the squeeze-excites and the head always use ReLU"
             self.problem(node.name, f"ONNX node {first} computes {ACTIVATION_LABELS.get(got, got)}; {context}")
             raise _Skip
         if name == "PReLU":

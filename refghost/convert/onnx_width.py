@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import math
 
-from ..arch import DEFAULT_OUT_STAGES, STAGES, Config, Graph, build_graph, make_divisible
+from ..arch import (CHANNEL_DIVISOR, DEFAULT_OUT_STAGES, MIN_ROUNDED_FRACTION, STAGES, STEM_CHANNELS, Config, Graph,
+                    build_graph, make_divisible)
 from ..errors import WeightsError
 
 #: Multipliers tried first when several widths give the same network (NanoDet, Huawei, timm).
 COMMON_WIDTHS = (1.0, 0.5, 1.5, 1.3, 0.75, 2.0, 0.25, 1.25, 1.75)
 #: Every channel count of the stage table that the width multiplier scales.
-_BASE_CHANNELS = tuple(sorted({16} | {b.mid for s in STAGES for b in s} | {b.out for s in STAGES for b in s}))
+_BASE_CHANNELS = tuple(sorted({STEM_CHANNELS} | {b.mid for s in STAGES for b in s} | {b.out for s in STAGES for b in s}))
 
 
 def _conv_shape_key(width: float) -> tuple[int, ...]:
@@ -28,11 +29,12 @@ def _conv_shape_key(width: float) -> tuple[int, ...]:
 
 def _width_breakpoints(lo: float, hi: float) -> list[float]:
     """Widths in [lo, hi] at which some scaled channel count changes its rounding."""
+    d, f = CHANNEL_DIVISOR, MIN_ROUNDED_FRACTION
     points = {lo, hi}
     for c in _BASE_CHANNELS:
-        # int(c*w + 2) // 4 steps where c*w + 2 = 4m; the 10% rule bumps r where c*w = r / 0.9
-        for m in range(max(1, math.floor((c * lo + 2) / 4)), math.ceil((c * hi + 2) / 4) + 1):
-            for w in ((4 * m - 2) / c, 4 * m / (0.9 * c)):
+        # int(c*w + d/2) // d steps where c*w + d/2 = d*m; the 10% rule bumps d*m where c*w = d*m / f
+        for m in range(max(1, math.floor((c * lo + d / 2) / d)), math.ceil((c * hi + d / 2) / d) + 1):
+            for w in ((d * m - d / 2) / c, d * m / (f * c)):
                 if lo <= w <= hi:
                     points.add(w)
     return sorted(points)
@@ -55,16 +57,18 @@ def recognise_width(shapes, arch: str = "nanodet", num_classes: int = 0, where: 
     if not stems:
         raise WeightsError(f"{where}: not recognised as a GhostNet: no 3x3 conv on 3 input channels (the stem)")
     stem = max(s[0] for s in stems)
-    # make_divisible(16 w) == stem: 16 w rounds to stem (16 w in [stem - 2, stem + 2)) or to stem - 4
-    # and is bumped by the 10% rule (16 w > (stem - 4) / 0.9); unless the rule bumps it further.
-    lo = 1e-3 if stem == 4 else min(stem - 2, (stem - 4) / 0.9) / 16
-    hi = max(stem + 2, stem / 0.9) / 16
+    # make_divisible(c w) == stem (c: STEM_CHANNELS, d: CHANNEL_DIVISOR, f: MIN_ROUNDED_FRACTION):
+    # c w rounds to stem (c w in [stem - d/2, stem + d/2)) or to stem - d and is bumped by the 10%
+    # rule (c w > (stem - d) / f); unless the rule bumps it further.
+    c, d, f = STEM_CHANNELS, CHANNEL_DIVISOR, MIN_ROUNDED_FRACTION
+    lo = 1e-3 if stem == d else min(stem - d / 2, (stem - d) / f) / c
+    hi = max(stem + d / 2, stem / f) / c
     points = _width_breakpoints(lo, hi)
     trials = set(points) | {(a + b) / 2 for a, b in zip(points, points[1:])}
     trials |= {w for w in COMMON_WIDTHS if lo <= w <= hi}
     groups: dict[tuple, list[float]] = {}
     for w in sorted(trials):
-        if make_divisible(16 * w) == stem:
+        if make_divisible(c * w) == stem:
             groups.setdefault(_conv_shape_key(w), []).append(w)
     matches, nearest = [], None
     for key, widths in groups.items():

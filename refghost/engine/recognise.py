@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .. import ops
-from ..arch import FINAL_CONV, STEM, Bottleneck, Graph, SqueezeExcite, blocks, ghost_module_parts
+from ..arch import FINAL_CONV, HEAD, STEM, Bottleneck, Graph, SqueezeExcite, blocks, ghost_module_parts
 from ..kernels.epilogue import ACT_LEAKY, ACT_NONE, ACT_RELU, ACT_RELU6
 
 #: Activations with a fused epilogue, by code.
@@ -252,20 +252,20 @@ class Recogniser:
         for out_name, node_name in graph.outputs.items():
             if node_name in produced:
                 outputs[out_name] = produced[node_name]
-            elif node_name != "classifier":
+            elif node_name != HEAD.classifier:
                 raise EngineUnsupported(f"output {out_name} from {node_name}")
-        if "classifier" in graph.outputs.values():
-            self.node("global_pool", "global_avg_pool")
-            head = self.node("conv_head", "conv")
-            act2 = self.node("act2", "act")
-            cls = self.node("classifier", "linear")
+        if HEAD.classifier in graph.outputs.values():
+            self.node(HEAD.pool, "global_avg_pool")
+            head = self.node(HEAD.conv, "conv")
+            act2 = self.node(HEAD.act, "act")
+            cls = self.node(HEAD.classifier, "linear")
             if act2.attrs["activation"] != "ReLU":
-                raise EngineUnsupported("act2")
+                raise EngineUnsupported(HEAD.act)
             t = self.tensors
             wh = _f64(t, head.params["weight"])
             self.emit("classifier", [y], [], x=y, wh=wh.reshape(wh.shape[0], -1), bh=_f64(t, head.params["bias"]),
                       wc=_f64(t, cls.params["weight"]), bc=_f64(t, cls.params["bias"]),
-                      name=[k for k, v in graph.outputs.items() if v == "classifier"][0])
+                      name=[k for k, v in graph.outputs.items() if v == HEAD.classifier][0])
         for out_name, tensor in outputs.items():
             self.emit("output", [tensor], [], x=tensor, name=out_name)
         unused = set(self.nodes) - self.used

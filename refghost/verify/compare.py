@@ -34,7 +34,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from ..bounds import BOUND_MODEL, DEFAULT_LAMBDA, POLICIES, as_policy, error_bounds, segment_bound
-from ..errors import CompareError, RefghostError
+from ..errors import CompareError
 from ..threads import single_threaded_blas
 from .golden import Golden
 
@@ -101,11 +101,7 @@ class Report:
                 f"first_divergent={self.first_divergent!r})")
 
     def to_json(self) -> dict:
-        def clean(v):
-            if isinstance(v, float) and not math.isfinite(v):
-                return None if math.isnan(v) else ("inf" if v > 0 else "-inf")
-            return v
-
+        clean = json_number
         tensors = [{k: clean(v) for k, v in asdict(t).items()} for t in self.tensors]
         report = {"golden": self.golden, "candidate": self.candidate, "policy": self.policy,
                   "passed": self.passed, "first_divergent": self.first_divergent,
@@ -115,6 +111,14 @@ class Report:
         if self.runtime:
             report["runtime"] = self.runtime
         return report
+
+
+def json_number(v):
+    """``v`` as the JSON reports write it: NaN as null, infinities as ``"inf"``/``"-inf"``, any
+    other value unchanged."""
+    if isinstance(v, float) and not math.isfinite(v):
+        return None if math.isnan(v) else ("inf" if v > 0 else "-inf")
+    return v
 
 
 def _ordered_ints(a: np.ndarray) -> np.ndarray:
@@ -129,7 +133,7 @@ def _ulp_distance(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.abs(_ordered_ints(a).astype(np.float64) - _ordered_ints(b).astype(np.float64))
 
 
-def _ratio(err: np.ndarray, bound: np.ndarray) -> np.ndarray:
+def error_ratio(err: np.ndarray, bound: np.ndarray) -> np.ndarray:
     """err / bound elementwise: 0 where both are 0, inf where only the bound is 0."""
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         return np.where(err == 0, 0.0, err / bound)
@@ -209,10 +213,10 @@ class _Tensor:
     segments: list  # isolated-check chains (empty: no isolated check possible)
 
 
-def _accumulated_bounds(golden: Golden, policy) -> dict[str, np.ndarray]:
+def accumulated_bounds(golden: Golden, policy) -> dict[str, np.ndarray]:
     """The accumulated bound of every golden tensor under ``policy``: the stored ones when they were
-    computed by this bound model for float32, else computed now (cached on the golden)."""
-    cache = golden.__dict__.setdefault("_accumulated_bounds", {})
+    computed by this bound model for float32, else computed now (kept in ``golden.derived_bounds``)."""
+    cache = golden.derived_bounds
     if policy.name in cache:
         return cache[policy.name]
     stored_ok = (policy.name == "float32" and golden.attrs.get("bound_model") == BOUND_MODEL
@@ -237,20 +241,20 @@ def _judge(golden: Golden, tensors: list[_Tensor], by_node: dict, policy, atol, 
     graph = golden.weights.graph
     params = golden.weights.params("float64")
     reference = golden.tensors()
-    bounds = None if explicit else _accumulated_bounds(golden, policy)
+    bounds = None if explicit else accumulated_bounds(golden, policy)
     out = {}
     with single_threaded_blas():
         for t in tensors:
             name = t.result.name
             bound = atol + rtol * np.abs(reference[name]) if explicit else bounds[name]
-            ratio = _ratio(t.error, bound)
+            ratio = error_ratio(t.error, bound)
             worst = np.unravel_index(int(np.argmax(ratio)), ratio.shape) if ratio.size else ()
             iso, iso_segment = None, []
             for segment in t.segments:
                 value, seg_bound = segment_bound(graph, segment, by_node, params, policy=policy, eta=policy.eta)
                 if explicit:
                     seg_bound = atol + rtol * np.abs(value)
-                r = _ratio(np.abs(t.value - value), seg_bound)
+                r = error_ratio(np.abs(t.value - value), seg_bound)
                 if iso is None:
                     iso, iso_segment = r, segment
                 else:  # honest if within the bound of any of the chains

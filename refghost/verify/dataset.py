@@ -292,6 +292,7 @@ def run_set(job: Job, items: list[str], *, workers: int | None = None, scheduler
     cores). ``progress``: a tqdm bar on stderr (sources done, failures so far, rate, time left)."""
     try:
         import distributed
+        import tqdm  # noqa: F401 - the progress bar of _gather, checked before a cluster starts
     except ImportError:
         raise RefghostError('verifying a set needs Dask\'s distributed and tqdm: pip install "refghost[dataset]"') \
             from None
@@ -309,7 +310,7 @@ def run_set(job: Job, items: list[str], *, workers: int | None = None, scheduler
     try:
         try:
             client = distributed.Client(scheduler or cluster, timeout=30)
-        except OSError as exc:
+        except (OSError, ValueError) as exc:  # ValueError: an address distributed cannot parse
             raise RefghostError(f"--scheduler {scheduler}: no Dask scheduler answers there ({exc})") from None
         with client:
             return _gather(client, job, items, progress)
@@ -397,11 +398,13 @@ class DatasetReport:
         """1 if any image fails, else 2 if any could not be judged, else 0."""
         return 1 if self.failing else (2 if self.unjudged else 0)
 
+    @property
+    def verdict(self) -> str:
+        """The headline of the text and HTML reports, from :attr:`exit_status`."""
+        return {0: "PASS", 1: "FAIL", 2: "NOT JUDGED"}[self.exit_status]
+
     def to_json(self) -> dict:
-        def clean(v):
-            if isinstance(v, float) and not math.isfinite(v):
-                return None if math.isnan(v) else ("inf" if v > 0 else "-inf")
-            return v
+        from .compare import json_number as clean
 
         counts = {s: sum(r.status == s for r in self.images) for s in ("pass", "fail", "error", "lost", "written")}
         seconds = {s: sum(r.seconds.get(s, 0.0) for r in self.images) for s in STAGES}
@@ -415,11 +418,18 @@ class DatasetReport:
                 "layers": [{k: clean(v) for k, v in asdict(layer).items()} for layer in self.layers],
                 "images": [{"image": r.name, "source": r.source, "status": r.status,
                             "first_divergent": r.first_divergent, "attempts": r.attempts,
-                            "worst_accumulated": clean(max((a for _, _, a, _ in r.layers), default=math.nan)),
+                            "worst_accumulated": clean(max((a for _, _, a, _ in r.layers), key=severity,
+                                                           default=math.nan)),
                             "worst_isolated": clean(max((i for _, _, _, i in r.layers if i is not None),
                                                         default=math.nan))}
                            for r in self.images],
                 "seconds": seconds}
+
+
+def severity(ratio: float) -> tuple[bool, float]:
+    """Sort key of an error/bound ratio, worst last: NaN (a tensor of the wrong shape, or NaN where
+    the oracle is finite) is worse than any number."""
+    return (math.isnan(ratio), ratio)
 
 
 def summarize(folder: str, candidate: str, results: list[ImageResult]) -> DatasetReport:
@@ -431,7 +441,7 @@ def summarize(folder: str, candidate: str, results: list[ImageResult]) -> Datase
             layer = layers.get(name)
             if layer is None:
                 layer = layers[name] = LayerSummary(name, -math.inf, r.name, None, None, [], [])
-            if not acc <= layer.worst_accumulated:  # NaN (a shape or NaN result) counts as worst
+            if severity(acc) > severity(layer.worst_accumulated):
                 layer.worst_accumulated, layer.worst_accumulated_image = acc, r.name
             if iso is not None and (layer.worst_isolated is None or iso > layer.worst_isolated):
                 layer.worst_isolated, layer.worst_isolated_image = iso, r.name
@@ -442,7 +452,7 @@ def summarize(folder: str, candidate: str, results: list[ImageResult]) -> Datase
     return DatasetReport(folder, candidate, results, list(layers.values()))
 
 
-def _ratio(v) -> str:
+def _fmt_ratio(v) -> str:
     return "-" if v is None else f"{v:.3g}"
 
 
@@ -451,7 +461,7 @@ def format_report(report: DatasetReport, *, verbose: bool = False) -> str:
     that fail somewhere (``verbose``: every layer), what could not be judged, retries."""
     n = len(report.images)
     failing, unjudged = report.failing, report.unjudged
-    verdict = {0: "PASS", 1: "FAIL", 2: "NOT JUDGED"}[report.exit_status]
+    verdict = report.verdict
     lines = [f"{verdict}: {n - len(failing) - len(unjudged)} of {n} images pass, {len(failing)} fail, "
              f"{len(unjudged)} not judged ({report.folder}; candidate {report.candidate})"]
     if failing:
@@ -462,8 +472,7 @@ def format_report(report: DatasetReport, *, verbose: bool = False) -> str:
             lines.append(f"  {r.name:<{width}}  {r.first_divergent}{extra}")
     shown = [layer for layer in report.layers if verbose or layer.failing_images]
     if report.layers:
-        worst = max(report.layers, key=lambda la: -math.inf if math.isnan(la.worst_accumulated)
-                    else la.worst_accumulated)
+        worst = max(report.layers, key=lambda la: severity(la.worst_accumulated))
         lines.append(f"worst accumulated error / bound: {worst.worst_accumulated:.3g} ({worst.name}, on "
                      f"{worst.worst_accumulated_image})")
     if shown:
@@ -471,8 +480,8 @@ def format_report(report: DatasetReport, *, verbose: bool = False) -> str:
         lines.append(f"  {'layer':<{width}}  {'acc/bound':>9}  {'iso/bound':>9}  images outside the bound")
         for layer in shown:
             names = ", ".join(layer.failing_images[:5]) + (" ..." if len(layer.failing_images) > 5 else "")
-            lines.append(f"  {layer.name:<{width}}  {_ratio(layer.worst_accumulated):>9}  "
-                         f"{_ratio(layer.worst_isolated):>9}  {len(layer.failing_images)}: {names or '-'}")
+            lines.append(f"  {layer.name:<{width}}  {_fmt_ratio(layer.worst_accumulated):>9}  "
+                         f"{_fmt_ratio(layer.worst_isolated):>9}  {len(layer.failing_images)}: {names or '-'}")
     for r in unjudged:
         lines.append(f"not judged: {r.name} ({r.status}): {r.error}")
     for r in report.retried:

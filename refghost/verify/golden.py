@@ -36,7 +36,7 @@ import numpy as np
 from .. import __version__
 from ..atomic import atomic_path
 from ..bounds import BOUND_MODEL, DEFAULT_LAMBDA, FLOAT32_U, error_bounds
-from ..errors import GoldenError, RefghostError, WeightsError
+from ..errors import GoldenError, WeightsError
 from ..threads import single_threaded_blas
 from .. import safe_io
 from ..arch import output_shapes
@@ -57,6 +57,8 @@ class Golden:
     bounds: dict[str, np.ndarray]  # every name above -> float32 bound for u = 2^-24
     attrs: dict = field(default_factory=dict)
     path: str | None = None
+    #: policy name -> every tensor's accumulated bound under it (:func:`.compare.accumulated_bounds`)
+    derived_bounds: dict = field(default_factory=dict, repr=False, compare=False)
 
     def __repr__(self) -> str:
         return (f"Golden(path={self.path!r}, input {self.input.shape} {self.input.dtype}, outputs "

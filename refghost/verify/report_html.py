@@ -5,6 +5,8 @@ compared layer's error as a fraction of its bound (network order, log scale, the
 each failing layer where in its feature map the error sits (per channel, and spatially in the
 worst channel), then the full metric table. Figures are drawn by matplotlib (the optional extra
 ``refghost[report]``) and embedded as inline SVG: the page fetches nothing and opens offline.
+The page of a set (:func:`render_dataset_html`) has the same order: the verdict, the failing images
+and where each first diverges, every layer's worst ratio over the images, the per-layer table.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import numpy as np
 
 from ..atomic import atomic_path
 from ..bounds import POLICIES
-from .compare import LEGEND, Report, _accumulated_bounds
+from .compare import LEGEND, Report, accumulated_bounds, error_ratio
 from ..errors import RefghostError
 
 #: At most this many failing layers get their own pictures (the first divergent first).
@@ -47,23 +49,31 @@ def _failing_layers(report: Report) -> list[str]:
     return bad[:MAX_LAYER_FIGURES]
 
 
+#: Where the ratio charts draw an exact result (ratio 0) and an off-scale one (inf: an error where
+#: the bound is 0; a failed tensor: wrong shape or NaN) on their log axis.
+_FLOOR, _TOP = 1e-6, 1e6
+_Y_LABEL = f"max error / bound (exact: {_FLOOR:g}, off the scale: {_TOP:g})"
+
+
+def _plotted(ratios, *, failed_at_top: bool = False) -> np.ndarray:
+    """Ratios as drawn on a log axis: 0 at :data:`_FLOOR`, inf at :data:`_TOP`, None (not
+    checked) missing; NaN (a failed tensor, for accumulated ratios) at the top if
+    ``failed_at_top``, else missing."""
+    v = np.array([np.nan if r is None else r for r in ratios], dtype=np.float64)
+    failed = np.array([r is not None and math.isnan(r) for r in ratios], dtype=bool)
+    return np.where(np.isinf(v) | (failed & failed_at_top), _TOP, np.maximum(v, _FLOOR))  # NaN stays NaN
+
+
 def _ratio_chart(plt, report: Report):
     """Every compared tensor's acc/bound and iso/bound in network order (log y, the bound at 1)."""
     names = [t.name for t in report.tensors]
     x = np.arange(len(names))
-    floor = 1e-6  # a zero ratio (an exact result) drawn at the bottom of the log axis
-
-    def clip(v):
-        v = np.asarray(v, dtype=np.float64)
-        v = np.where(np.isnan(v), np.nan, np.maximum(v, floor))
-        return np.where(np.isinf(v), 1e6, v)
-
-    acc = clip([t.accumulated_ratio for t in report.tensors])
-    iso = clip([np.nan if t.isolated_ratio is None else t.isolated_ratio for t in report.tensors])
+    acc = _plotted([t.accumulated_ratio for t in report.tensors], failed_at_top=True)
+    iso = _plotted([t.isolated_ratio for t in report.tensors])
     fig, ax = plt.subplots(figsize=(11, 4))
     ax.semilogy(x, acc, ".-", lw=0.8, ms=3, label="accumulated: |candidate - oracle| / bound")
     ax.semilogy(x, iso, "x", ms=4, label="isolated: layer from the candidate's own inputs / bound")
-    ax.axhline(floor, color="grey", lw=0.5)
+    ax.axhline(_FLOOR, color="grey", lw=0.5)
     ax.axhline(1.0, color="crimson", lw=1, ls="--", label="bound (pass at <= 1)")
     if report.first_divergent in names:
         i = names.index(report.first_divergent)
@@ -72,7 +82,7 @@ def _ratio_chart(plt, report: Report):
         ax.annotate(f"first divergent: {report.first_divergent}", (i, 1.0), xytext=(5, 10),
                     textcoords="offset points", fontsize=8)
     ax.set_xlabel(f"compared tensor, in network order ({len(names)} in all)")
-    ax.set_ylabel(f"max error / bound (exact: {floor:g})")
+    ax.set_ylabel(_Y_LABEL)
     ax.set_title("Error of every layer as a fraction of an honest backend's bound")
     ax.legend(fontsize=8, loc="lower right")
     ax.grid(True, which="major", alpha=0.3)
@@ -127,7 +137,7 @@ def _figures(report: Report, golden, candidate_tensors: dict):
     figures = [("ratios", "every layer's error / bound", _ratio_chart(plt, report))]
     failing = _failing_layers(report)
     if failing:
-        bounds = _accumulated_bounds(golden, POLICIES[report.policy])
+        bounds = accumulated_bounds(golden, POLICIES[report.policy])
         reference = golden.tensors()
         for name in failing:
             if name not in candidate_tensors or name not in bounds:
@@ -135,9 +145,7 @@ def _figures(report: Report, golden, candidate_tensors: dict):
             cand = np.asarray(candidate_tensors[name], dtype=np.float64)
             if cand.shape != reference[name].shape:
                 continue
-            error = np.abs(cand - reference[name])
-            with np.errstate(divide="ignore", invalid="ignore"):
-                ratio = np.where(error == 0, 0.0, error / bounds[name])
+            ratio = error_ratio(np.abs(cand - reference[name]), bounds[name])
             stem = "layer-" + name.replace("/", "_")
             figures.append((stem, f"where the error of {name} sits", _layer_figure(plt, name, ratio)))
     return plt, figures
@@ -181,6 +189,7 @@ def _fmt(v) -> str:
 
 _STYLE = """body{font-family:sans-serif;margin:2em;max-width:1200px;color:#222}
 .pass{color:#fff;background:#2a7a2a;padding:.2em .6em}.fail{color:#fff;background:#b22222;padding:.2em .6em}
+.not-judged{color:#000;background:#e0a800;padding:.2em .6em}
 table{border-collapse:collapse;font-size:12px}td,th{border:1px solid #ccc;padding:2px 6px;text-align:right}
 td:first-child,th:first-child{text-align:left}tr.bad{background:#fde2e2}tr.first{background:#f8b4b4}
 .legend{font-size:12px;color:#555}svg{max-width:100%;height:auto}"""
@@ -241,14 +250,8 @@ def _dataset_chart(plt, report):
     the bound at 1), with the first divergent layers of the failing images marked."""
     names = [layer.name for layer in report.layers]
     x = np.arange(len(names))
-    floor = 1e-6  # an exact result drawn at the bottom of the log axis
-
-    def clip(values):
-        v = np.array([np.nan if r is None else r for r in values], dtype=np.float64)
-        return np.where(np.isinf(v), 1e6, np.where(np.isnan(v), np.nan, np.maximum(v, floor)))
-
-    acc = clip([layer.worst_accumulated for layer in report.layers])
-    iso = clip([layer.worst_isolated for layer in report.layers])
+    acc = _plotted([layer.worst_accumulated for layer in report.layers], failed_at_top=True)
+    iso = _plotted([layer.worst_isolated for layer in report.layers])
     fig, ax = plt.subplots(figsize=(11, 4))
     ax.semilogy(x, acc, ".-", lw=0.8, ms=3, label="worst accumulated over the images / bound")
     ax.semilogy(x, iso, "x", ms=4, label="worst isolated over the images / bound")
@@ -259,7 +262,7 @@ def _dataset_chart(plt, report):
             ax.annotate(f"first divergent on {len(layer.first_divergent_in)} image(s): {layer.name}", (i, 1.0),
                         xytext=(5, 10), textcoords="offset points", fontsize=8)
     ax.set_xlabel(f"compared tensor, in network order ({len(names)} in all)")
-    ax.set_ylabel(f"max error / bound (exact: {floor:g})")
+    ax.set_ylabel(_Y_LABEL)
     ax.set_title(f"Worst error of every layer over {len(report.images)} images, as a fraction of its bound")
     ax.legend(fontsize=8, loc="lower right")
     ax.grid(True, which="major", alpha=0.3)
@@ -268,7 +271,7 @@ def _dataset_chart(plt, report):
 
 
 def write_dataset_plots(report, folder) -> list[str]:
-    """Write the set's chart as ``layers.png`` in ``folder``; returns its path."""
+    """Write the set's chart as ``layers.png`` in ``folder``; returns ``[its path]``."""
     if not os.path.isdir(folder):
         raise RefghostError(f"--plots {folder}: no such folder")
     plt = require_matplotlib()
@@ -287,10 +290,10 @@ def render_dataset_html(report) -> str:
     plt = require_matplotlib()
     e = html.escape
     n, failing, unjudged = len(report.images), report.failing, report.unjudged
-    verdict = "PASS" if report.exit_status == 0 else "FAIL"
+    verdict = report.verdict
     parts = ["<!DOCTYPE html><html><head><meta charset='utf-8'>",
              f"<title>refghost compare over {n} images: {verdict}</title><style>{_STYLE}</style></head><body>",
-             f"<h1 id='verdict'><span class='{verdict.lower()}'>{verdict}</span> {n - len(failing) - len(unjudged)} "
+             f"<h1 id='verdict'><span class='{verdict.lower().replace(' ', '-')}'>{verdict}</span> {n - len(failing) - len(unjudged)} "
              f"of {n} images pass, {len(failing)} fail, {len(unjudged)} not judged</h1>",
              f"<p>images <code>{e(report.folder)}</code>, candidate <code>{e(report.candidate)}</code></p>"]
     if failing:
