@@ -52,7 +52,7 @@ def _failing_layers(report: Report) -> list[str]:
 #: Where the ratio charts draw an exact result (ratio 0) and an off-scale one (inf: an error where
 #: the bound is 0; a failed tensor: wrong shape or NaN) on their log axis.
 _FLOOR, _TOP = 1e-6, 1e6
-_Y_LABEL = f"max error / bound (exact: {_FLOOR:g}, off the scale: {_TOP:g})"
+_Y_LABEL = f"max error / bound\n(exact: {_FLOOR:g}, off the scale: {_TOP:g})"
 
 
 def _plotted(ratios, *, failed_at_top: bool = False) -> np.ndarray:
@@ -64,30 +64,40 @@ def _plotted(ratios, *, failed_at_top: bool = False) -> np.ndarray:
     return np.where(np.isinf(v) | (failed & failed_at_top), _TOP, np.maximum(v, _FLOOR))  # NaN stays NaN
 
 
-def _ratio_chart(plt, report: Report):
-    """Every compared tensor's acc/bound and iso/bound in network order (log y, the bound at 1)."""
-    names = [t.name for t in report.tensors]
+def _ratios_figure(plt, names, accumulated, isolated, labels, title, marked):
+    """The chart both reports draw: per tensor in network order (log y), the accumulated ratio
+    (a line) and the isolated one (crosses), the exact floor and the bound at 1; ``marked``:
+    {index: annotation} for the tensors to point at (first divergent layers)."""
     x = np.arange(len(names))
-    acc = _plotted([t.accumulated_ratio for t in report.tensors], failed_at_top=True)
-    iso = _plotted([t.isolated_ratio for t in report.tensors])
+    acc = _plotted(accumulated, failed_at_top=True)
     fig, ax = plt.subplots(figsize=(11, 4))
-    ax.semilogy(x, acc, ".-", lw=0.8, ms=3, label="accumulated: |candidate - oracle| / bound")
-    ax.semilogy(x, iso, "x", ms=4, label="isolated: layer from the candidate's own inputs / bound")
+    ax.semilogy(x, acc, ".-", lw=0.8, ms=3, label=labels[0])
+    ax.semilogy(x, _plotted(isolated), "x", ms=4, label=labels[1])
     ax.axhline(_FLOOR, color="grey", lw=0.5)
     ax.axhline(1.0, color="crimson", lw=1, ls="--", label="bound (pass at <= 1)")
-    if report.first_divergent in names:
-        i = names.index(report.first_divergent)
+    for i, text in marked.items():
         ax.axvline(i, color="black", lw=1, ls=":")
         ax.semilogy([i], [acc[i]], "o", mfc="none", mec="crimson", ms=9)
-        ax.annotate(f"first divergent: {report.first_divergent}", (i, 1.0), xytext=(5, 10),
-                    textcoords="offset points", fontsize=8)
+        ax.annotate(text, (i, 1.0), xytext=(5, 10), textcoords="offset points", fontsize=8)
     ax.set_xlabel(f"compared tensor, in network order ({len(names)} in all)")
     ax.set_ylabel(_Y_LABEL)
-    ax.set_title("Error of every layer as a fraction of an honest backend's bound")
+    ax.set_title(title)
     ax.legend(fontsize=8, loc="lower right")
     ax.grid(True, which="major", alpha=0.3)
     fig.tight_layout()
     return fig
+
+
+def _ratio_chart(plt, report: Report):
+    """Every compared tensor's acc/bound and iso/bound in network order, the first divergent marked."""
+    names = [t.name for t in report.tensors]
+    marked = ({names.index(report.first_divergent): f"first divergent: {report.first_divergent}"}
+              if report.first_divergent in names else {})
+    return _ratios_figure(plt, names, [t.accumulated_ratio for t in report.tensors],
+                          [t.isolated_ratio for t in report.tensors],
+                          ("accumulated: |candidate - oracle| / bound",
+                           "isolated: layer from the candidate's own inputs / bound"),
+                          "Error of every layer as a fraction of an honest backend's bound", marked)
 
 
 def _layer_figure(plt, name: str, error_ratio: np.ndarray):
@@ -246,28 +256,16 @@ def write_html(report: Report, golden, candidate_tensors: dict, path) -> None:
 
 # --- a set of images (refghost.verify.dataset) ----------------------------------------------
 def _dataset_chart(plt, report):
-    """Every layer's worst accumulated and isolated ratio over the images, in network order (log y,
-    the bound at 1), with the first divergent layers of the failing images marked."""
-    names = [layer.name for layer in report.layers]
-    x = np.arange(len(names))
-    acc = _plotted([layer.worst_accumulated for layer in report.layers], failed_at_top=True)
-    iso = _plotted([layer.worst_isolated for layer in report.layers])
-    fig, ax = plt.subplots(figsize=(11, 4))
-    ax.semilogy(x, acc, ".-", lw=0.8, ms=3, label="worst accumulated over the images / bound")
-    ax.semilogy(x, iso, "x", ms=4, label="worst isolated over the images / bound")
-    ax.axhline(1.0, color="crimson", lw=1, ls="--", label="bound (pass at <= 1)")
-    for i, layer in enumerate(report.layers):
-        if layer.first_divergent_in:
-            ax.axvline(i, color="black", lw=1, ls=":")
-            ax.annotate(f"first divergent on {len(layer.first_divergent_in)} image(s): {layer.name}", (i, 1.0),
-                        xytext=(5, 10), textcoords="offset points", fontsize=8)
-    ax.set_xlabel(f"compared tensor, in network order ({len(names)} in all)")
-    ax.set_ylabel(_Y_LABEL)
-    ax.set_title(f"Worst error of every layer over {len(report.images)} images, as a fraction of its bound")
-    ax.legend(fontsize=8, loc="lower right")
-    ax.grid(True, which="major", alpha=0.3)
-    fig.tight_layout()
-    return fig
+    """Every layer's worst accumulated and isolated ratio over the images, in network order, with
+    the first divergent layers of the failing images marked."""
+    layers = report.layers
+    marked = {i: f"first divergent on {len(layer.first_divergent_in)} image(s): {layer.name}"
+              for i, layer in enumerate(layers) if layer.first_divergent_in}
+    return _ratios_figure(plt, [layer.name for layer in layers], [layer.worst_accumulated for layer in layers],
+                          [layer.worst_isolated for layer in layers],
+                          ("worst accumulated over the images / bound", "worst isolated over the images / bound"),
+                          f"Worst error of every layer over {len(report.images)} images, as a fraction of its bound",
+                          marked)
 
 
 def write_dataset_plots(report, folder) -> list[str]:
