@@ -86,19 +86,26 @@ def se_means(x, n, c0, c1, pooled, lanes):
 
 
 @jit
+def _columns_dot(v, w_t, k0, k1, acc, zero):
+    """``acc[k - k0] = sum_r w_t[r, k] * v[r]`` for ``k0 <= k < k1``: from ``zero``, summed over r in
+    order, row by row of ``w_t`` (unit stride), in ``acc`` (local to the caller's thread)."""
+    for k in range(k1 - k0):
+        acc[k] = zero
+    for r in range(w_t.shape[0]):
+        vr = v[r]
+        wrow = w_t[r, k0:k1]
+        for k in range(k1 - k0):
+            acc[k] = acc[k] + wrow[k] * vr
+
+
+@jit
 def se_hidden(pooled, wr_t, br, j0, j1, hidden, consts):
     """``hidden[j] = relu(sum_c wr_t[c, j] * pooled[c] + br[j])`` for ``j0 <= j < j1``, summed over
     c in order, in a local accumulator (no cache line shared between the
     threads that write other j)."""
     zero = consts[0]
     hpart = np.empty(j1 - j0, hidden.dtype)
-    for j in range(j1 - j0):
-        hpart[j] = zero
-    for c in range(wr_t.shape[0]):
-        pc = pooled[c]
-        wrow = wr_t[c, j0:j1]
-        for j in range(j1 - j0):
-            hpart[j] = hpart[j] + wrow[j] * pc
+    _columns_dot(pooled, wr_t, j0, j1, hpart, zero)
     for j in range(j0, j1):
         v = hpart[j - j0] + br[j]
         hidden[j] = v if v > zero else zero
@@ -110,13 +117,7 @@ def se_scale(x, n, hidden, we_t, be, c0, c1, consts):
     order) and the scaling of the plane in place."""
     zero, three, six = consts[0], consts[1], consts[2]
     gate = np.empty(c1 - c0, x.dtype)
-    for c in range(c1 - c0):
-        gate[c] = zero
-    for j in range(we_t.shape[0]):
-        hj = hidden[j]
-        wrow = we_t[j, c0:c1]
-        for c in range(c1 - c0):
-            gate[c] = gate[c] + wrow[c] * hj
+    _columns_dot(hidden, we_t, c0, c1, gate, zero)
     for c in range(c0, c1):
         v = gate[c - c0] + be[c] + three
         v = v if v > zero else zero

@@ -9,8 +9,12 @@ numerical contract is stated once:
 - ``error_model="numpy"``: division by zero gives Inf/NaN as in NumPy instead of raising, which also
   lets LLVM drop the per-division checks.
 - ``nogil=True``: kernels release the GIL.
-- ``cache=True``: compiled code is cached next to the sources (``__pycache__``), so only the first
-  process pays the compile time.
+- ``cache=True``: compiled code is cached on disk, so only the first process pays the compile time,
+  in one folder per version of the kernels' sources (:data:`CACHE_DIR`). Numba checks only the
+  file that defines a kernel, not the kernels it calls in other files nor the constants it reads
+  from them: after an edit of ``engine/squeeze_excite.py`` alone, the cached ``run_program`` would
+  still run the old squeeze-excite. A folder named by a digest of every source a kernel can
+  depend on (:data:`KERNEL_SOURCES`) cannot hold such stale code.
 
 Thread-pool note (docs/performance.md, "One thread pool"): Numba's ``omp`` workers and OpenBLAS's
 pthreads both spin-wait, so two busy pools on the same cores slow each other down. Kernels
@@ -21,7 +25,11 @@ held at one thread (:func:`refghost.threads.single_threaded_blas`); never NumPy 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import os
+import shutil
 import threading
+from pathlib import Path
 
 import numba
 import numpy as np
@@ -33,6 +41,59 @@ _OPTIONS = dict(cache=True, fastmath=False, error_model="numpy", nogil=True)
 _FIXED = frozenset(_OPTIONS) - {"cache", "nogil"}
 
 
+#: What compiled kernels can depend on, relative to the ``refghost`` package: every module of these
+#: packages (kernels call each other across modules) and these modules (constants kernels read).
+KERNEL_SOURCES = ("kernels", "engine", "threads.py", "ops.py")
+#: Cache folders of other source versions kept beside the current one (the most recently used).
+KEPT_OLD_CACHES = 3
+_CACHE_PREFIX = "refghost-numba-"
+
+
+def sources_digest(root: Path = Path(__file__).resolve().parents[1]) -> str:
+    """A digest of the :data:`KERNEL_SOURCES` files under ``root`` (their paths and bytes)."""
+    digest = hashlib.sha256()
+    for part in KERNEL_SOURCES:
+        path = root / part
+        for file in sorted(path.glob("*.py")) if path.is_dir() else [path]:
+            digest.update(file.relative_to(root).as_posix().encode() + b"\0" + file.read_bytes() + b"\0")
+    return digest.hexdigest()[:16]
+
+
+def _cache_dir() -> str:
+    """The cache folder of this version of the sources: under ``NUMBA_CACHE_DIR`` if the user set
+    it, else in the package's ``__pycache__``; marked as just used, and all but the
+    :data:`KEPT_OLD_CACHES` most recently used folders of other versions removed (a process still
+    running an old version recompiles what it needs, as Numba recreates a missing folder)."""
+    base = Path(numba.config.CACHE_DIR or Path(__file__).resolve().parents[1] / "__pycache__")
+    current = base / f"{_CACHE_PREFIX}{sources_digest()}"
+    try:
+        current.mkdir(parents=True, exist_ok=True)
+        os.utime(current)
+        others = sorted((p for p in base.glob(f"{_CACHE_PREFIX}*") if p != current),
+                        key=lambda p: p.stat().st_mtime, reverse=True)
+        for old in others[KEPT_OLD_CACHES:]:
+            shutil.rmtree(old, ignore_errors=True)
+    except OSError:  # not writable: Numba falls back to its own locations
+        pass
+    return str(current)
+
+
+#: Where refghost's kernels are cached (see the module docstring).
+CACHE_DIR = _cache_dir()
+
+
+@contextlib.contextmanager
+def _caching_in(folder: str):
+    """Numba's cache folder set to ``folder`` while refghost's kernels are declared (Numba picks a
+    kernel's cache location then); other code's Numba functions keep theirs."""
+    saved = numba.config.CACHE_DIR
+    numba.config.CACHE_DIR = folder
+    try:
+        yield
+    finally:
+        numba.config.CACHE_DIR = saved
+
+
 def _merge(kwargs, **extra):
     bad = _FIXED & set(kwargs)
     if bad:
@@ -41,20 +102,22 @@ def _merge(kwargs, **extra):
     return {**_OPTIONS, **extra, **kwargs}
 
 
+def _njit(func, options):
+    """``numba.njit(**options)`` applied to ``func``, or the decorator if ``func`` is None."""
+    def declare(f):
+        with _caching_in(CACHE_DIR):
+            return numba.njit(**options)(f)
+    return declare if func is None else declare(func)
+
+
 def jit(func=None, **kwargs):
-    """``numba.njit`` with refghost's flags; use as ``@jit`` or ``@jit(signature_or_options)``."""
-    options = _merge(kwargs)
-    if func is None:
-        return numba.njit(**options)
-    return numba.njit(**options)(func)
+    """``numba.njit`` with refghost's flags; use as ``@jit`` or ``@jit(**options)``."""
+    return _njit(func, _merge(kwargs))
 
 
 def parallel_jit(func=None, **kwargs):
     """Like :func:`jit` but with ``parallel=True`` so ``numba.prange`` loops run on Numba's pool."""
-    options = _merge(kwargs, parallel=True)
-    if func is None:
-        return numba.njit(**options)
-    return numba.njit(**options)(func)
+    return _njit(func, _merge(kwargs, parallel=True))
 
 
 def vectorize(signatures, **kwargs):
@@ -68,7 +131,12 @@ def vectorize(signatures, **kwargs):
     options.pop("nogil", None)
     options.pop("error_model", None)
     options.setdefault("target", "cpu")
-    return numba.vectorize(signatures, **options)
+    decorator = numba.vectorize(signatures, **options)
+
+    def declare(f):
+        with _caching_in(CACHE_DIR):
+            return decorator(f)
+    return declare
 
 
 #: Held around parallel launches when Numba's threading layer is "workqueue" (see below).
