@@ -20,7 +20,8 @@ from ..errors import WeightsError
 #: Multipliers tried first when several widths give the same network (NanoDet, Huawei, timm).
 COMMON_WIDTHS = (1.0, 0.5, 1.5, 1.3, 0.75, 2.0, 0.25, 1.25, 1.75)
 #: Every channel count of the stage table that the width multiplier scales.
-_BASE_CHANNELS = tuple(sorted({STEM_CHANNELS} | {b.mid for s in STAGES for b in s} | {b.out for s in STAGES for b in s}))
+_BASE_CHANNELS = tuple(sorted({STEM_CHANNELS} | {b.mid for s in STAGES for b in s}
+                              | {b.out for s in STAGES for b in s}))
 
 
 def _conv_shape_key(width: float) -> tuple[int, ...]:

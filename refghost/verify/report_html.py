@@ -291,7 +291,8 @@ def render_dataset_html(report) -> str:
     verdict = report.verdict
     parts = ["<!DOCTYPE html><html><head><meta charset='utf-8'>",
              f"<title>refghost compare over {n} images: {verdict}</title><style>{_STYLE}</style></head><body>",
-             f"<h1 id='verdict'><span class='{verdict.lower().replace(' ', '-')}'>{verdict}</span> {n - len(failing) - len(unjudged)} "
+             f"<h1 id='verdict'><span class='{verdict.lower().replace(' ', '-')}'>{verdict}</span> "
+             f"{n - len(failing) - len(unjudged)} "
              f"of {n} images pass, {len(failing)} fail, {len(unjudged)} not judged</h1>",
              f"<p>images <code>{e(report.folder)}</code>, candidate <code>{e(report.candidate)}</code></p>"]
     if failing:
