@@ -166,7 +166,7 @@ def se_op(r, arena, params, nimg, nthreads, consts, sync, q, shared):
     while u < units:
         n, chunk = u // chunks, u % chunks
         se_means(xb, n, chunk * nch // chunks, (chunk + 1) * nch // chunks, pooled_all[n * nch:(n + 1) * nch],
-                  lanes)
+                 lanes)
         finish(sync, q)
         u = claim(sync, q)
     wait_done(sync, q, units)
@@ -175,7 +175,7 @@ def se_op(r, arena, params, nimg, nthreads, consts, sync, q, shared):
     while u < units:
         n, chunk = u // hchunks, u % hchunks
         se_hidden(pooled_all[n * nch:(n + 1) * nch], wr_t, br, chunk * nr // hchunks, (chunk + 1) * nr // hchunks,
-                   hidden_all[n * nr:(n + 1) * nr], consts)
+                  hidden_all[n * nr:(n + 1) * nr], consts)
         finish(sync, q + 1)
         u = claim(sync, q + 1)
     wait_done(sync, q + 1, units)
@@ -184,7 +184,7 @@ def se_op(r, arena, params, nimg, nthreads, consts, sync, q, shared):
     while u < units:
         n, chunk = u // chunks, u % chunks
         se_scale(xb, n, hidden_all[n * nr:(n + 1) * nr], we_t, be, chunk * nch // chunks,
-                  (chunk + 1) * nch // chunks, consts)
+                 (chunk + 1) * nch // chunks, consts)
         finish(sync, q + 2)
         u = claim(sync, q + 2)
     wait_done(sync, q + 2, units)
