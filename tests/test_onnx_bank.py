@@ -346,7 +346,11 @@ def test_ort_outputs_intermediates(bank, final_outputs, oracle):
     non_const = [o for n in proto.graph.node if n.op_type != "Constant" for o in n.output]
     assert list(everything) == non_const  # forward order, every node output
     for k in bank.output_names:
-        np.testing.assert_array_equal(everything[k], final_outputs["ts_folded"][k])
+        # Exposing every intermediate changes which fusions ORT makes, and so its summation order
+        # on some CPUs (AVX2: 774 of 1920 values differed by up to 9.5e-7): two honest float32
+        # runs, each within the oracle's accumulated bound, so within twice it of each other.
+        node = oracle.graph.outputs[k]
+        assert (np.abs(everything[k] - final_outputs["ts_folded"][k]) <= 2 * oracle.bounds[node]).all(), k
     producers = ob.tensor_producers(entry.path)
     p = producers["/blocks.3/blocks.3.0/se/Div_output_0"]
     assert (p.node_name, p.op_type) == ("/blocks.3/blocks.3.0/se/Div", "Div")
