@@ -299,6 +299,13 @@ class Node:
     (``"input"`` is the network input). ``params`` maps a parameter role (``weight``, ``bias``,
     ``running_mean``, ``running_var``) to its state_dict key; ``attrs`` holds the rest
     (``stride``, ``padding``, ``groups``, ``activation``, ``eps``).
+
+    The whole detector (:mod:`refghost.detector.graph`) adds, computed by
+    :mod:`refghost.detector.ops`: ``max_pool`` (attrs ``kernel``, ``stride``, ``padding``),
+    ``channel_shuffle`` (``groups``), ``slice`` (channels ``start``:``stop``), ``upsample``
+    (``scale_factor``; bilinear, align_corners False), ``flatten_levels`` (its inputs, one
+    (N, C, Hi, Wi) map per level, as (N, sum Hi*Wi, C)) and ``sigmoid_classes`` (``num_classes``:
+    sigmoid on that many leading entries of the last axis).
     """
 
     name: str
@@ -485,6 +492,18 @@ def output_shapes(graph: Graph, n: int, height: int, width: int) -> dict[str, tu
             shapes[node.name] = (src[0], src[1], 1, 1)
         elif node.op == "linear":
             shapes[node.name] = (src[0], graph.param_shapes[node.params["weight"]][0])
+        elif node.op == "max_pool":
+            k, s, p = node.attrs["kernel"], node.attrs["stride"], node.attrs["padding"]
+            shapes[node.name] = (src[0], src[1], conv_output_size(src[2], k, s, p), conv_output_size(src[3], k, s, p))
+        elif node.op == "slice":
+            shapes[node.name] = (src[0], node.attrs["stop"] - node.attrs["start"], src[2], src[3])
+        elif node.op == "upsample":
+            from .detector.ops import upsample_output_size
+
+            f = node.attrs["scale_factor"]
+            shapes[node.name] = (src[0], src[1], upsample_output_size(src[2], f), upsample_output_size(src[3], f))
+        elif node.op == "flatten_levels":
+            shapes[node.name] = (src[0], sum(shapes[i][2] * shapes[i][3] for i in node.inputs), src[1])
         else:
             shapes[node.name] = src
     return shapes

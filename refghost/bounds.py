@@ -10,11 +10,19 @@ Higham's, *Accuracy and Stability of Numerical Algorithms* (2nd ed.), ch. 3:
   ``gamma_n = n u / (1 - n u)``; the error already in the inputs is carried by ``|W| * err_x``;
 * BatchNorm ``y = x*alpha + beta``: alpha and beta each carry a few roundings (sqrt, add,
   divide, multiply): ``|err| <= |alpha| err_x + 7u (|alpha x| + |bias| + |mean alpha|)``;
-* activations: Lipschitz constant ``L`` times the input error, plus their own rounding
-  (``ACTIVATION_ERROR``; exp/erf assumed within 4 ulp, the usual float32 libm accuracy);
+* activations: Lipschitz constant ``L`` times the input error (in the probabilistic model the
+  Lipschitz constant of the interval the error can reach, :func:`slope_sup`), plus their own
+  rounding (``ACTIVATION_ERROR``; exp/erf assumed within 4 ulp, the usual float32 libm accuracy);
 * hard-sigmoid: slope 1/6 times the input error, plus the add and the divide;
 * residual add, SE scaling: one rounding plus the propagated errors of both operands;
-* global average pool over ``m`` values: ``gamma_m`` on the sum, plus the divide.
+* global average pool over ``m`` values: ``gamma_m`` on the sum, plus the divide;
+* the detector's ops: exact re-layouts (channel shuffle, slice, the head's flatten) and
+  max-pool carry their inputs' errors (the window's largest); a bilinear resize by 2 or 1/2
+  ``sum w_k e_k`` plus ``gamma_4`` on its 4-term sum; a sigmoid its slope over the interval plus
+  ``u (10|y| + 4)``.
+
+:func:`decode_bounds` carries a bound on the head's output through NanoDet's decode (softmax over
+the bins, the integral, the stride, the clamped boxes).
 
 Terms of second order in ``u`` are dropped. The bounds are rigorous in that model and
 pessimistic in practice: an honest float32 backend typically uses a small fraction of them
@@ -34,6 +42,7 @@ import numpy as np
 
 from . import ops
 from .arch import Graph
+from .errors import RefghostError
 from .forward import evaluate
 
 FLOAT32_U = 2.0 ** -24
@@ -49,6 +58,12 @@ UNDERFLOW = {"float64": 2.0 ** -1075, "float32": 2.0 ** -150, "float16": 2.0 ** 
 #: float32 (truncation); measured: OpenVINO's bf16 depthwise convs used 0.94 of the round-to-nearest
 #: bound at 416x416.
 STORAGE_ROUNDOFF = {"float64": FLOAT64_U, "float32": FLOAT32_U, "float16": 2.0 ** -11, "bfloat16": 2.0 ** -7}
+#: Relative error of a weight a converter stored in each format: a whole ulp for float16 too, as
+#: converters may truncate where runtimes' tensor conversions (F16C, NEON) round to nearest.
+#: Measured: MNN's ``--fp16`` rounds every float16 weight toward zero (relative errors up to 0.999
+#: ulp, 1.998 x 2^-11), which failed the half-ulp bound by 1.1-1.2x at depthwise convs, whose 9
+#: terms can all err the same way.
+WEIGHT_ROUNDOFF = {**STORAGE_ROUNDOFF, "float16": 2.0 ** -10}
 #: The smallest normal number of each format: converters that store weights or tensors in a narrow
 #: format may flush what is below it to zero (pnnx's float16 weights do), an absolute error of up
 #: to this much (Higham, ch. 2.1, with flush-to-zero instead of gradual underflow).
@@ -81,7 +96,7 @@ class Policy:
     @property
     def u_weights(self) -> float:
         """Relative error of a stored weight beyond float32's (0 when weights are float32)."""
-        return 0.0 if self.weights == "float32" else STORAGE_ROUNDOFF[self.weights]
+        return 0.0 if self.weights == "float32" else WEIGHT_ROUNDOFF[self.weights]
 
     @property
     def u_activations(self) -> float:
@@ -113,12 +128,11 @@ class Policy:
 #: Every one is an honest way to run a float32 model; the names say what is rounded to what.
 POLICIES = {p.name: p for p in (
     Policy("float32", "float32", "float32", "float32", "float32 arithmetic and storage"),
-    Policy("float16-weights", "float32", "float16", "float32",
-           "weights stored in float16, float32 arithmetic (pnnx's default .bin)"),
+    Policy("float16-weights", "float32", "float16", "float32", "weights stored in float16, float32 arithmetic"),
     Policy("float16-storage", "float32", "float16", "float16",
-           "weights and tensors stored in float16, float32 arithmetic (ncnn's fp16 storage)"),
+           "weights and tensors stored in float16, float32 arithmetic"),
     Policy("bfloat16-storage", "float32", "bfloat16", "bfloat16",
-           "weights and tensors stored in bfloat16, float32 accumulation (OpenVINO's bf16 inference precision)"),
+           "weights and tensors stored in bfloat16, float32 accumulation"),
     Policy("float16", "float16", "float16", "float16", "float16 arithmetic and storage"),
     Policy("bfloat16", "bfloat16", "bfloat16", "bfloat16", "bfloat16 arithmetic and storage"),
 )}
@@ -131,6 +145,23 @@ def as_policy(policy) -> Policy:
     if policy not in POLICIES:
         raise ValueError(f"policy must be one of {tuple(POLICIES)}, got {policy!r}")
     return POLICIES[policy]
+
+
+def policy_for(arithmetic: str, weights: str, activations: str) -> Policy:
+    """The policy of :data:`POLICIES` that bounds a backend with this arithmetic and these stored
+    formats (``"float32"``, ``"float16"``, ``"bfloat16"``): the one with the same three, else the
+    looser one that covers them. Narrow arithmetic gives that format's arithmetic policy (a
+    runtime does not say whether it accumulates in float32, so the looser model is taken); narrow
+    tensors with float32 arithmetic give that format's storage policy; bfloat16 weights with
+    float32 tensors are bounded as bfloat16 storage."""
+    for policy in POLICIES.values():
+        if (policy.arithmetic, policy.weights, policy.activations) == (arithmetic, weights, activations):
+            return policy
+    if arithmetic != "float32":
+        return as_policy(arithmetic)
+    if activations != "float32":
+        return as_policy(f"{activations}-storage")
+    return as_policy(f"{weights}-storage")
 
 
 class _Roundoff(NamedTuple):
@@ -188,6 +219,88 @@ ACTIVATION_ERROR = {
 }
 
 
+def _silu_slope(x):
+    return _sigmoid(x) * (1.0 + x * (1.0 - _sigmoid(x)))
+
+
+def _bisect(g, lo: float, hi: float) -> float:
+    """The root of ``g`` in ``[lo, hi]`` (``g(lo)``, ``g(hi)`` of opposite signs), to the last bit."""
+    for _ in range(200):
+        mid = 0.5 * (lo + hi)
+        if mid in (lo, hi):
+            break
+        lo, hi = (mid, hi) if (g(mid) > 0) == (g(lo) > 0) else (lo, mid)
+    return lo
+
+
+#: SiLU's slope is largest at c = 2.3994 (where f'' = 0, i.e. c tanh(c/2) = 2): 1.0998; and, as
+#: f'(x) + f'(-x) = 1, most negative at -c: -0.0998. GELU's (f'' = phi(x)(2 - x^2)) at +-sqrt(2):
+#: 1.1289 and -0.1289.
+_SILU_PEAK = _bisect(lambda t: t * np.tanh(0.5 * t) - 2.0, 2.0, 3.0)
+_GELU_PEAK = float(np.sqrt(2.0))
+
+
+def _symmetric_peaks(slope, c: float):
+    """The points +-c with |f'| there, for a slope with f'(x) + f'(-x) = 1 (SiLU, GELU)."""
+    top = float(slope(np.array([c]))[0])
+    return (-c, abs(1.0 - top)), (c, top)
+
+#: Slopes of the functions whose error :func:`slope_sup` bounds over an interval: every activation
+#: (LeakyReLU and PReLU for a negative slope given per node), ``"HardSigmoid"`` (the SE gate
+#: relu6(x + 3)/6) and ``"Sigmoid"``. Per function: (f', points), ``points`` the places where
+#: |f'| has a local supremum that the ends of an interval need not show, with that supremum:
+#: every knee with the larger of its one-sided slopes, and every interior maximum of |f'|.
+#: Between two consecutive points |f'| has no interior maximum (it is monotone, or falls to a
+#: zero of f' and rises again), so its supremum over [a, b] is the largest of |f'(a)|, |f'(b)|
+#: and the values of the points inside [a, b] (docs/tolerances.md).
+SLOPES = {
+    **{name: (ACTIVATION_ERROR[name][0], ()) for name in ("Identity",)},
+    "ReLU": (ACTIVATION_ERROR["ReLU"][0], ((0.0, 1.0),)),
+    "ReLU6": (ACTIVATION_ERROR["ReLU6"][0], ((0.0, 1.0), (6.0, 1.0))),
+    "ELU": (ACTIVATION_ERROR["ELU"][0], ((0.0, max(1.0, ops.ELU_ALPHA)),)),  # alpha e^x below 0, 1 above
+    "SELU": (ACTIVATION_ERROR["SELU"][0], ((0.0, ops.SELU_SCALE * max(1.0, ops.SELU_ALPHA)),)),
+    "SiLU": (_silu_slope, _symmetric_peaks(_silu_slope, _SILU_PEAK)),
+    "GELU": (_gelu_slope, _symmetric_peaks(_gelu_slope, _GELU_PEAK)),
+    "HardSwish": (ACTIVATION_ERROR["HardSwish"][0], ((-3.0, 0.5), (3.0, 1.5))),  # (2x+3)/6 on [-3, 3]
+    "HardSigmoid": (lambda x: ((x > -3) & (x < 3)) / 6.0, ((-3.0, 1.0 / 6.0), (3.0, 1.0 / 6.0))),
+    "Sigmoid": (lambda x: _sigmoid(x) * _sigmoid(-x), ((0.0, 0.25),)),  # sigma(1 - sigma), largest at 0
+}
+
+
+def slope_sup(name: str, lo, hi, negative_slope: float | None = None):
+    """The supremum of ``|f'|`` over ``[lo, hi]`` (one-sided slopes at knees included), elementwise:
+    the Lipschitz constant of ``f`` on that interval, so ``|f(x + d) - f(x)| <= slope_sup(name,
+    x - r, x + r) * |d|`` for every ``|d| <= r``.
+
+    ``name``: a key of :data:`SLOPES`, or ``"LeakyReLU"`` / ``"PReLU"`` with their
+    ``negative_slope`` (LeakyReLU's default :data:`refghost.ops.LEAKY_RELU_SLOPE`). ``lo <= hi``:
+    float64 arrays (or numbers) of one shape. Exact, not sampled: a knee or a peak of the slope
+    inside the interval counts even when both ends sit where ``f`` is flat.
+    """
+    lo, hi = np.asarray(lo, dtype=np.float64), np.asarray(hi, dtype=np.float64)
+    if name in ("LeakyReLU", "PReLU"):
+        if negative_slope is None:
+            if name == "PReLU":
+                raise RefghostError("slope_sup: PReLU needs its negative_slope (the node's learnt weight)")
+            negative_slope = ops.LEAKY_RELU_SLOPE
+        a = abs(float(negative_slope))
+
+        def slope(t):
+            return np.where(t > 0, 1.0, a)
+
+        points = ((0.0, max(1.0, a)),)
+    elif name in SLOPES:
+        slope, points = SLOPES[name]
+    else:
+        raise RefghostError(f"slope_sup: no slope known for {name!r}; known: {sorted(SLOPES) + ['LeakyReLU', 'PReLU']}")
+    if lo.shape != hi.shape or np.any(lo > hi):
+        raise RefghostError(f"slope_sup: need lo <= hi of one shape, got shapes {lo.shape} and {hi.shape}")
+    sup = np.maximum(np.abs(slope(lo)), np.abs(slope(hi)))
+    for point, peak in points:
+        sup = np.where((lo <= point) & (point <= hi), np.maximum(sup, peak), sup)
+    return sup
+
+
 def gamma(n, u):
     """Higham's gamma_n = n u / (1 - n u): the relative error bound of an n-term sum."""
     n = np.asarray(n, dtype=np.float64)
@@ -200,7 +313,10 @@ MODELS = ("worst", "probabilistic")
 #: 2: errors correlated across the positions of a channel in the global pool and its partial sums
 #: of one sign, storage formats of weights and tensors (rounded, or flushed to zero below the
 #: smallest normal), every form of the hard-sigmoid.
-BOUND_MODEL = 2
+#: 3: an activation's slope is its supremum over the whole interval an input error can reach
+#: (knees and peaks of the slope inside it, not samples at its ends); float16 weights within a
+#: whole ulp (converters may truncate); the detector's ops.
+BOUND_MODEL = 3
 #: Default lambda of the probabilistic model: a bound of lambda standard deviations fails with
 #: probability about exp(-lambda^2/2) per element (1e-14 at lambda = 8).
 DEFAULT_LAMBDA = 8.0
@@ -289,6 +405,33 @@ def node_bound(node, inputs, params, *, u: float = FLOAT32_U, model: str = "wors
     return y, lam * np.sqrt(state + _roundings(node, p) * eta * eta)
 
 
+def carried_bound(node, inputs, input_bounds, params, *, u: float = FLOAT32_U, model: str = "worst",
+                  lam: float = DEFAULT_LAMBDA, policy=None):
+    """One step of :func:`error_bounds`: the float64 value of ``node`` on ``inputs`` and the bound
+    on how far an honest backend's output may be from it when each input is itself within
+    ``input_bounds`` (same shapes) of ``inputs``: the inputs' errors carried through the node, plus
+    its own rounding at ``u`` (or the formats of ``policy``).
+
+    ``model="worst"``: the bounds are rigorous bounds; ``"probabilistic"``: they are ``lam``
+    standard deviations (the variances ``(bound/lam)^2`` are propagated). Returns ``(value, bound)``.
+    """
+    if model not in MODELS:
+        raise RefghostError(f"model must be one of {MODELS}, got {model!r}")
+    if len(inputs) != len(input_bounds) or len(inputs) != len(node.inputs):
+        raise RefghostError(f"node {node.name} takes {len(node.inputs)} inputs, got {len(inputs)} values and "
+                            f"{len(input_bounds)} bounds")
+    worst = model == "worst"
+    ins = [np.asarray(a, dtype=np.float64) for a in inputs]
+    bnds = [np.broadcast_to(np.asarray(b, dtype=np.float64), a.shape) for a, b in zip(ins, input_bounds)]
+    if any(np.any(b < 0) for b in bnds):
+        raise RefghostError(f"input bounds of node {node.name} must be >= 0")
+    y = evaluate(node, ins, params)
+    p = {role: params[key] for role, key in node.params.items()}
+    errs = bnds if worst else [(b / lam) ** 2 for b in bnds]
+    state = _node_error(node, ins, errs, y, p, _roundoff(policy, u), worst, lam)
+    return y, state if worst else lam * np.sqrt(state)
+
+
 def _roundings(node, p) -> int:
     """A count k of roundings per output element of ``node``, for the underflow term ``k*eta``:
     a dot product's products and partial sums (``2n + 1``), BN's few operations (8), an
@@ -299,7 +442,8 @@ def _roundings(node, p) -> int:
     if node.op == "linear":
         return 2 * (p["weight"].shape[1] + 1) + 2
     return 1 + {"concat": 0, "add": 1, "scale": 1, "hard_sigmoid": 3, "global_avg_pool": 2, "batch_norm": 8,
-                "act": 24}[node.op]
+                "act": 24, "channel_shuffle": 0, "slice": 0, "flatten_levels": 0, "max_pool": 0, "upsample": 8,
+                "sigmoid": 24, "sigmoid_classes": 24}[node.op]
 
 
 #: Relative rounding of the hard-sigmoid gate, per term: an honest backend may compute
@@ -358,18 +502,19 @@ def _node_error(node, ins, errs, y, p, r: _Roundoff, worst, lam):
         return a * a * e + (7 * u * u + uw * uw) * (a * np.abs(x) + const) ** 2 + stored
     if op == "act":
         name = node.attrs["activation"]
-        slope_fn, lip, c_x, c_y, c_abs = ACTIVATION_ERROR[name]
+        _, lip, c_x, c_y, c_abs = ACTIVATION_ERROR[name]
+        slope = None
         if name in ("LeakyReLU", "PReLU"):
             slope = ops.LEAKY_RELU_SLOPE if name == "LeakyReLU" else float(p["weight"].reshape(()))
             lip = max(1.0, abs(slope))
-            slope_fn = lambda t: np.where(t > 0, 1.0, abs(slope))  # noqa: E731
         c_w = 1.0 if name == "PReLU" else 0.0  # PReLU's slope is a stored weight
         own = u * (c_x * np.abs(x) + c_y * np.abs(y) + c_abs) + c_w * uw * np.abs(y)
         if worst:
             return lip * e + own + stored
-        # First order: the local slope, its largest over x -/+ lam*sigma (an error may cross a kink).
+        # The input is within reach = lam*sigma of x: the output moves by at most the largest slope
+        # over [x - reach, x + reach] (knees and peaks of the slope inside included) times reach.
         reach = lam * np.sqrt(e)
-        local = np.maximum(np.abs(slope_fn(x)), np.maximum(np.abs(slope_fn(x - reach)), np.abs(slope_fn(x + reach))))
+        local = slope_sup(name, x - reach, x + reach, slope)
         return local * local * e + own ** 2 + stored
     if op == "concat":
         return np.concatenate(errs, axis=1)
@@ -398,7 +543,63 @@ def _node_error(node, ins, errs, y, p, r: _Roundoff, worst, lam):
         if worst:
             return np.abs(g) * e + (np.abs(x) + e) * e_g + u * np.abs(y) + stored
         return g * g * e + x * x * e_g + e * e_g + (u * y) ** 2 + stored  # e*e_g: both errors at once
+    if op in ("channel_shuffle", "slice", "flatten_levels"):
+        # Exact re-layouts: each output is one input element, moved with its error and not rounded.
+        return evaluate(node, errs, {})
+    if op == "max_pool":
+        # |max(a) - max(b)| <= max |a_i - b_i|: the largest error (or variance) over the window.
+        # No rounding: the output is one of the inputs, already stored.
+        return evaluate(node, [e], {})
+    if op == "upsample":
+        return _upsample_error(node, x, e, r, worst, lam) + stored
+    if op in ("sigmoid", "sigmoid_classes"):
+        k = x.shape[-1] if op == "sigmoid" else node.attrs["num_classes"]
+        xs, es, ys = x[..., :k], e[..., :k], y[..., :k]
+        reach = es if worst else lam * np.sqrt(es)
+        local = slope_sup("Sigmoid", xs - reach, xs + reach)
+        own = u * (SIGMOID_ERROR[0] * np.abs(ys) + SIGMOID_ERROR[1])
+        if worst:
+            scores = local * es + own + us * np.abs(ys) + ts
+        else:
+            scores = local * local * es + own ** 2 + (us * ys) ** 2 + ts * ts
+        return np.concatenate([scores, e[..., k:]], axis=-1)  # the box logits: copied, exact
     raise ValueError(f"no error rule for op {op!r} (node {node.name})")
+
+
+#: Relative rounding of a sigmoid ``1/(1 + exp(-x))`` as ``(c_y, c_abs)``: the error is within
+#: ``u (c_y |y| + c_abs)``. PyTorch's form: exp within 4 ulp (8u) scaled by ``t/(1+t) = 1 - y <= 1``
+#: in the reciprocal, the add and the reciprocal: ``(8(1 - y) + 2) u |y| <= 10 u |y|``. Other
+#: backends evaluate a rational approximation around 0.5 (ONNX Runtime's MLAS, input clamped to
+#: [-18, 18]) or ``0.5 tanh(x/2) + 0.5``, whose error is absolute, a few ulp of 0.5: measured, ONNX
+#: Runtime 1.32 up to 2.76u absolute (1,428u relative where y ~ 1e-3); ``c_abs = 4`` covers it
+#: (ORT used 0.56 of the bound), and ``exp(-x)`` overflowing to 1/inf = 0 where y < 3e-39.
+SIGMOID_ERROR = (10.0, 4.0)
+
+
+def _upsample_error(node, x, e, r: _Roundoff, worst, lam):
+    """Bilinear resize (align_corners False): each output is ``sum_k w_k x_k`` over at most 4 taps
+    with ``w_k >= 0``, ``sum w_k = 1``. For a power-of-two scale factor the source coordinates
+    ``(d + 1/2)/s - 1/2`` and the weights (products of 0, 1/4, 1/2, 3/4, 1 for s = 2 and 1/2) are
+    exact in float32 (and in any format of 8 bits or more for the weights), so the float result
+    differs by the 4-term sum only: ``gamma_4 sum w_k |x_k|`` in any order (FMA or separable
+    row-then-column blends included). Carried: ``sum w_k e_k`` (worst); the standard deviation of a
+    convex combination of errors correlated in any way is at most ``sum w_k sigma_k`` (Minkowski,
+    as the global pool), and the own rounding is taken at its worst case as ``lam`` sigma."""
+    s = float(node.attrs["scale_factor"])
+    k = np.log2(s) if s > 0 else np.nan
+    if not (np.isfinite(k) and k == round(k) and abs(k) <= 3):
+        raise ValueError(f"no error rule for upsample by {s:g} (node {node.name}): the bound assumes a power-of-two "
+                         f"scale factor from 1/8 to 8, whose coordinates and weights are exact")
+    u = r.u
+
+    def blend(t):  # sum_k w_k t_k, the same taps (w_k >= 0): the op itself on a non-negative array
+        return evaluate(node, [t], {})
+
+    own = gamma(4, u) * blend(np.abs(x))
+    if worst:
+        return blend(e) + own
+    return blend(np.sqrt(e)) ** 2 + (own / lam) ** 2
+
 
 
 def segment_bound(graph: Graph, names: list[str], leaves: dict, params: dict, *, u: float = FLOAT32_U,
@@ -522,3 +723,133 @@ def folding_bound(graph: Graph, params: dict[str, np.ndarray], x: np.ndarray, *,
     # u = 0: both networks are evaluated exactly; only the rounded weights move the output.
     return error_bounds(graph, params, np.asarray(x, dtype=np.float64), u=0.0, model=model, lam=lam,
                         extra=rounded_weights)
+
+
+# --------------------------------------------------------------------------------------------
+# The detector's decode: head output -> distances, boxes, scores
+# --------------------------------------------------------------------------------------------
+
+
+class DecodeBounds(NamedTuple):
+    """Oracle values of :func:`refghost.detector.decode.decode` (float64) and elementwise bounds.
+
+    scores, score_bound : (N, P, C) the class probabilities (the head output's first C entries)
+    distances, distance_bound : (N, P, 4) the side distances in pixels (integral times stride)
+    boxes, box_bound : (N, P, 4) the clamped boxes (x1, y1, x2, y2)
+    """
+
+    scores: np.ndarray
+    score_bound: np.ndarray
+    distances: np.ndarray
+    distance_bound: np.ndarray
+    boxes: np.ndarray
+    box_bound: np.ndarray
+
+
+def integral_bounds(reg_logits, logit_bound, reg_max: int, *, u: float = FLOAT32_U,
+                    tiny: float = SMALLEST_NORMAL["float32"]):
+    """GFL's integral ``D = sum_k k softmax(z)_k`` (in bins, before the stride) of each side, and a
+    bound on how far a backend's ``D`` may be from it when each logit is within ``logit_bound``
+    of ``z`` and the softmax and the sum are computed at unit roundoff ``u``, values below ``tiny``
+    (the format's smallest normal) possibly flushed to zero.
+
+    reg_logits, logit_bound : (..., 4*(reg_max+1)) the oracle's logits (float64) and a bound per
+    logit; returns ``(D, bound)``, both (..., 4). The derivation is in docs/tolerances.md:
+
+    * carried: with ``d`` the logits' error (``|d_k| <= b_k``, ``B = max_k b_k``), along the path
+      ``z + t d`` the softmax moves by ``dp/dt = p (d - <p, d>)``, so ``||p' - p||_1 <= min(2B,
+      2 e^{2B} sum_k p_k b_k)`` (each ``p_k`` grows by at most ``e^{2B}`` on the way); as
+      ``sum_k (p'_k - p_k) = 0``, ``|D' - D| = |sum_k (k - R/2)(p'_k - p_k)| <= (R/2) ||p' - p||_1``,
+      and never more than ``R``;
+    * own rounding: ``z_k - max z`` (``u |s_k|``), exp within 4 ulp (8u), so each ``e_k`` is off by
+      ``theta_k = u |s_k| + 8u`` relatively; their sum by ``gamma_R + sum_j p_j theta_j``; the
+      divide (or a reciprocal and a multiply) ``2u``: ``p_k`` within ``rel_k = theta_k + sum_j p_j
+      theta_j + gamma_R + 2u``; the sum of ``R + 1`` products ``k p_k`` in any order adds
+      ``gamma_{R+1} D``: ``sum_k k p_k rel_k + gamma_{R+1} D``. First order in u (products of u
+      and the logits' error dropped, as everywhere in this module);
+    * underflow: an ``e_k`` (the sum is >= 1), a ``p_k`` and a product ``k p_k`` below ``tiny`` may
+      be flushed to zero (float32 ``exp(-104)`` is): ``(R + 1)^2 tiny`` in all.
+    """
+    from .detector.decode import integral, softmax
+
+    reg_max = _nonnegative_int(reg_max, "reg_max")
+    bins = reg_max + 1
+    z = np.asarray(reg_logits, dtype=np.float64)
+    if z.ndim == 0 or z.shape[-1] != 4 * bins:
+        raise RefghostError(f"regression logits need 4*(reg_max+1) = {4 * bins} entries in the last axis, "
+                            f"got shape {z.shape}")
+    b = _bound_like(logit_bound, z, "logit_bound")
+    value = integral(z, reg_max)  # the oracle's, bit for bit
+    z, b = z.reshape(*z.shape[:-1], 4, bins), b.reshape(*z.shape[:-1], 4, bins)
+    p = softmax(z, axis=-1)
+    k = np.arange(bins, dtype=np.float64)
+    big_b = b.max(axis=-1)
+    weighted = np.sum(p * b, axis=-1)
+    with np.errstate(over="ignore", invalid="ignore"):
+        grown = np.where(weighted > 0, 2.0 * np.exp(2.0 * big_b) * weighted, 0.0)
+    carried = np.minimum(reg_max, 0.5 * reg_max * np.minimum(2.0 * big_b, grown))
+    theta = u * np.abs(z - z.max(axis=-1, keepdims=True)) + 8.0 * u
+    rel = theta + np.sum(p * theta, axis=-1, keepdims=True) + gamma(reg_max, u) + 2.0 * u
+    own = (p * rel) @ k + gamma(bins, u) * value + bins * bins * tiny
+    return value, carried + own
+
+
+def decode_bounds(output, output_bound, num_classes: int, reg_max: int, level_sizes, strides, prior_offset: float,
+                  input_size, *, u: float = FLOAT32_U, tiny: float = SMALLEST_NORMAL["float32"]) -> DecodeBounds:
+    """The oracle's scores, distances and boxes from the head output (as
+    :func:`refghost.detector.decode.decode`), with bounds on how far a backend's may be when each
+    output element is within ``output_bound`` of ``output`` (e.g. the bound :func:`error_bounds`
+    gives the graph's output) and the decode is computed at unit roundoff ``u`` (values below
+    ``tiny`` possibly flushed to zero).
+
+    output, output_bound : (N, P, num_classes + 4*(reg_max+1)), the oracle's output (float64) and a
+    bound per element; the other arguments as :func:`refghost.detector.decode.decode`'s.
+
+    * scores: the output's class part itself, so its bound;
+    * distances ``D * stride``: :func:`integral_bounds` times the stride, plus the multiply's ``u``
+      (0 for a power-of-two stride, kept for any);
+    * boxes ``clamp(c -/+ d, 0, W or H)``: the prior centre ``(j + offset) * stride`` is exact in
+      float32 (a small multiple of 1/2), the add or subtract adds ``u |c -/+ d|``, and a clamp is
+      1-Lipschitz: ``distance_bound + u |c -/+ d|``.
+    """
+    from .detector import decode as detector_decode
+
+    num_classes = _nonnegative_int(num_classes, "num_classes")
+    reg_max = _nonnegative_int(reg_max, "reg_max")
+    out = np.asarray(output, dtype=np.float64)
+    channels = num_classes + 4 * (reg_max + 1)
+    if out.ndim != 3 or out.shape[2] != channels or num_classes < 1:
+        raise RefghostError(f"output must be (N, P, num_classes + 4*(reg_max+1) = {channels}) with num_classes >= 1, "
+                            f"got shape {out.shape}")
+    bound = _bound_like(output_bound, out, "output_bound")
+    centers, prior_strides = detector_decode.center_priors(level_sizes, strides, prior_offset, dtype=np.float64)
+    if centers.shape[0] != out.shape[1]:
+        raise RefghostError(f"output has {out.shape[1]} priors, the levels {[tuple(s) for s in level_sizes]} with "
+                            f"strides {tuple(strides)} have {centers.shape[0]}")
+    bins, bins_bound = integral_bounds(out[..., num_classes:], bound[..., num_classes:], reg_max, u=u, tiny=tiny)
+    stride = prior_strides[:, None]
+    distances = bins * stride
+    distance_bound = bins_bound * stride + u * distances
+    boxes = detector_decode.distance2bbox(centers, distances, input_size)
+    x, y = centers[:, 0], centers[:, 1]
+    unclamped = np.stack([x - distances[..., 0], y - distances[..., 1], x + distances[..., 2],
+                          y + distances[..., 3]], axis=-1)
+    box_bound = distance_bound + u * np.abs(unclamped)
+    return DecodeBounds(out[..., :num_classes], bound[..., :num_classes], distances, distance_bound, boxes, box_bound)
+
+
+def _nonnegative_int(value, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+        raise RefghostError(f"{name} must be an integer >= 0, got {value!r}")
+    return int(value)
+
+
+def _bound_like(bound, value: np.ndarray, name: str) -> np.ndarray:
+    """``bound`` as a float64 array of ``value``'s shape (broadcast), checked to be >= 0."""
+    try:
+        b = np.broadcast_to(np.asarray(bound, dtype=np.float64), value.shape)
+    except (TypeError, ValueError):
+        raise RefghostError(f"{name} must be a number or an array of shape {value.shape}") from None
+    if not np.all(b >= 0):
+        raise RefghostError(f"{name} must be >= 0 everywhere (and not NaN)")
+    return b

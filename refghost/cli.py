@@ -17,7 +17,7 @@
     refghost compare GOLDDIR/ MODEL           # a set: one task per image or golden (refghost[dataset]),
                      [--workers N | --scheduler tcp://HOST:8786]   # local processes or a Dask cluster
     refghost dump golden.h5 MODEL --out dump.npz  # the runtime's tensors on the golden input, by module path
-    refghost map MODEL [--golden golden.h5] [--json]  # runtime tensor -> module path, and how matched
+    refghost map MODEL [--golden golden.h5 | --weights W.h5] [--json]  # runtime tensor -> module path, how matched
     refghost info W.h5|golden.h5 [--json]
     refghost export W.h5 --out state_dict.npz|state_dict.pth
 
@@ -40,7 +40,7 @@ import numpy as np
 from . import __version__
 from .atomic import atomic_path
 from .bounds import POLICIES
-from .convert import DEFAULTS as CONVERT_DEFAULTS, convert
+from .convert import DEFAULTS as CONVERT_DEFAULTS
 from .errors import RefghostError
 
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -57,7 +57,7 @@ def make_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run GhostNet on an image (or several: one batch) and print a summary of its "
-                                     "outputs")
+                                     "outputs; with a detector's weights, its detections")
     run.add_argument("image", nargs="*",
                      help="image files or folders of images (one batch, in the order given, a folder's "
                           "images by name; each resized to the weights' input size), or one .npy float "
@@ -75,14 +75,35 @@ def make_parser() -> argparse.ArgumentParser:
                           "--intermediates; interpreter: layer by layer with BLAS/Numba ops, BN unfolded; "
                           "plain: layer by layer with the NumPy definitions of refghost/ops.py")
     _add_warp_kernel_option(run)
+    from .detector.decode import DEFAULT_IOU_THRESHOLD, DEFAULT_MAX_DETECTIONS, DEFAULT_SCORE_THRESHOLD
+
+    det = run.add_argument_group("detector weights only")
+    det.add_argument("--json", help="write the detections to this JSON file: a list of {image, box, score, label, "
+                                    "class}, box [x1, y1, x2, y2] in original-image pixels")
+    det.add_argument("--draw", metavar="OUT.png", help="draw the detections on the image (one image file) and write it")
+    det.add_argument("--score-threshold", type=float, help=f"keep scores above this (default {DEFAULT_SCORE_THRESHOLD}, "
+                                                          f"NanoDet's; its C++ demos use 0.4)")
+    det.add_argument("--iou-threshold", type=float, help=f"NMS suppresses a box overlapping a kept one of its class "
+                                                        f"by more than this IoU (default {DEFAULT_IOU_THRESHOLD}; "
+                                                        f"the demos: 0.5)")
+    det.add_argument("--max-detections", type=int, help=f"keep at most this many per image "
+                                                       f"(default {DEFAULT_MAX_DETECTIONS})")
 
     conv = sub.add_parser("convert", help="convert a PyTorch checkpoint, .npz state_dict or ONNX model to a "
                                           "weights file")
     conv.add_argument("src", help=".pth/.pt/.ckpt checkpoint (read without PyTorch; no code in it is run), "
                                   ".npz of state_dict arrays, or .onnx model (architecture read from the graph)")
     conv.add_argument("--out", required=True, help="weights file to write (.h5)")
-    conv.add_argument("--arch", choices=("nanodet", "ghostnet"),
-                      help=f"default {CONVERT_DEFAULTS['arch']} (.onnx: read from the graph, and checked if given)")
+    conv.add_argument("--arch", choices=("nanodet", "ghostnet", "detector"),
+                      help=f"nanodet: NanoDet's GhostNet backbone (of a whole detector's checkpoint too: its neck "
+                           f"and head are left out, and named); ghostnet: the ImageNet classifier; detector: the "
+                           f"whole NanoDet detector (backbone, neck, head). Default: detector for a checkpoint "
+                           f"with fpn/head keys, else {CONVERT_DEFAULTS['arch']} (.onnx: read from the graph, and "
+                           f"checked if given)")
+    conv.add_argument("--config", metavar="NANODET.yml",
+                      help="NanoDet's own YAML config of the model (implies --arch detector): the architecture, "
+                           "input size, keep_ratio, mean/std and class names are read from it (needs PyYAML: "
+                           "pip install refghost[config])")
     conv.add_argument("--width", type=float,
                       help=f"width multiplier (default {CONVERT_DEFAULTS['width']}; .onnx: from the graph)")
     conv.add_argument("--activation",
@@ -153,8 +174,10 @@ def make_parser() -> argparse.ArgumentParser:
     _runtime_arguments(dump)
     mapc = sub.add_parser("map", help="show which runtime tensor holds which layer, and how it was matched")
     mapc.add_argument("model", help="model file: .onnx .xml .mnn .param .tflite")
-    mapc.add_argument("--golden", help="golden file giving the network and the input shape (needed unless "
-                                       "the model is .onnx, whose weights and input shape are read from it)")
+    mapc.add_argument("--golden", help="golden file giving the network and the input shape (default: the network "
+                                       "of --weights on a seeded input of the model's input shape)")
+    mapc.add_argument("--weights", help="weights file of the network the model was made from (default: an .onnx "
+                                        "model's own weights, else the shipped weights)")
     mapc.add_argument("--json", action="store_true", help="print JSON instead of text")
     _runtime_arguments(mapc)
     info = sub.add_parser("info", help="describe and validate a weights or golden file")
@@ -305,7 +328,7 @@ def _input_lines(items, weights) -> list[str]:
 
 def cmd_run(args) -> int:
     from .runner import expand_images, run
-    from .weights import load_weights
+    from .weights import is_detector, load_weights
 
     t0 = time.perf_counter()
     weights = load_weights(args.weights)
@@ -315,6 +338,12 @@ def cmd_run(args) -> int:
     items = expand_images(given)
     if len(items) == 1:
         items = [_load_input(items[0])]
+    if is_detector(weights.config):
+        return _run_detector(args, weights, items, t0)
+    detector_only = [f"--{name.replace('_', '-')}" for name in DETECTOR_RUN_OPTIONS if getattr(args, name) is not None]
+    if detector_only:
+        raise RefghostError(f"{', '.join(detector_only)}: for a detector's weights; {args.weights} is a GhostNet "
+                            f"backbone ({_plural(len(weights.graph.outputs), 'output')})")
     t1 = time.perf_counter()
     from .runner import prepare_input
 
@@ -353,6 +382,50 @@ def cmd_run(args) -> int:
     return 0
 
 
+#: The options of `run` that only a detector has (argparse dests).
+DETECTOR_RUN_OPTIONS = ("json", "draw", "score_threshold", "iou_threshold", "max_detections")
+
+
+def _run_detector(args, weights, items: list, t0: float) -> int:
+    """`run` with a whole detector's weights: the network, then its detections, printed and
+    written (``--out``, ``--json``, ``--draw``)."""
+    from .detector.draw import detection_records, draw_detections, write_json
+    from .detector.run import NmsSettings, prepare_batch, run_detector
+
+    if args.impl == "engine":
+        raise RefghostError("--impl engine runs GhostNet backbones only; a detector runs on the interpreter")
+    if args.draw and (len(items) != 1 or not isinstance(items[0], str)):
+        raise RefghostError("--draw draws on one image file; give exactly one image")
+    nms = NmsSettings(**{name: getattr(args, name) for name in ("score_threshold", "iou_threshold", "max_detections")
+                         if getattr(args, name) is not None})
+    t1 = time.perf_counter()
+    batch = prepare_batch(items, weights, args.dtype, args.warp_kernel, progress=_progress("read image"))
+    t2 = time.perf_counter()
+    _announce_compile(_kernels_to_compile(True, "interpreter", args.dtype), args.dtype)
+    out = run_detector(batch, weights, dtype=args.dtype, intermediates=args.intermediates,
+                       impl="plain" if args.impl == "plain" else "kernels", nms=nms)
+    t3 = time.perf_counter()
+    print(_weights_line(args.weights, weights))
+    lines = _input_lines(items, weights)
+    print(f"input    {tuple(batch.x.shape)}{' (keep_ratio)' if weights.preprocessing.keep_ratio else ''}: "
+          + ("\n         ".join([""] + lines) if len(lines) > 1 else lines[0]))
+    records = detection_records(out, weights.class_names, weights.config.num_classes)
+    print(f"network  output {tuple(out['output'].shape)} ({args.dtype}; load {1e3 * (t1 - t0):.0f} ms, preprocess "
+          f"{1e3 * (t2 - t1):.0f} ms, network and post-processing {1e3 * (t3 - t2):.0f} ms)")
+    print(f"detected {_plural(len(records), 'object')} (score > {nms.score_threshold:g}, NMS IoU "
+          f"{nms.iou_threshold:g}, at most {nms.max_detections} per image; boxes [x1, y1, x2, y2] in image pixels):")
+    for r in records:
+        prefix = f"[{r['image']}] " if len(batch.original_sizes) > 1 else ""
+        box = ", ".join(f"{v:7.1f}" for v in r["box"])
+        print(f"  {prefix}{r['class']:<16} {r['score']:.3f}  [{box}]")
+    for path, write in ((args.out, lambda p: save_npz(p, out)), (args.json, lambda p: write_json(p, records)),
+                        (args.draw, lambda p: draw_detections(items[0], records, p))):
+        if path:
+            write(path)
+            print(f"wrote    {path}")
+    return 0
+
+
 def cmd_convert(args) -> int:
     stages = None
     if args.out_stages is not None:
@@ -368,11 +441,28 @@ def cmd_convert(args) -> int:
                 stats[name] = tuple(float(v) for v in text.split(","))
             except ValueError:
                 raise RefghostError(f"--{name} must be three comma-separated numbers, got {text!r}") from None
-    weights = convert(args.src, args.out, arch=args.arch, width=args.width, activation=args.activation,
-                      out_stages=stages, channel_order=args.channel_order, **stats)
+    from .convert import convert_checkpoint
+    from .weights import describe_config, is_detector
+
+    if (args.config or args.arch == "detector") and any(
+            v is not None for v in (args.width, args.activation, args.out_stages)):
+        raise RefghostError("--width, --activation, --out-stages describe a GhostNet backbone; a detector's "
+                            "architecture comes from --config or from the checkpoint's shapes")
+    converted = convert_checkpoint(args.src, args.out, arch=args.arch, width=args.width, activation=args.activation,
+                                   out_stages=stages, channel_order=args.channel_order, config_file=args.config,
+                                   **stats)
+    weights = converted.weights
     n_params = sum(a.size for a in weights.tensors.values())
-    print(f"wrote {args.out}: {weights.config.arch}, width {weights.config.width:g}, "
-          f"{len(weights.tensors)} tensors, {n_params:,} values")
+    what = (describe_config(weights.config) if is_detector(weights.config)
+            else f"{weights.config.arch}, width {weights.config.width:g}")
+    print(f"wrote {args.out}: {what}, {len(weights.tensors)} tensors, {n_params:,} values")
+    for note in converted.notes:
+        print(f"  {note}")
+    if is_detector(weights.config):
+        pre = weights.preprocessing
+        print(f"  preprocessing {pre.channel_order}, mean {_floats(pre.mean)}, std {_floats(pre.std)}, input size "
+              f"{pre.input_size[0]}x{pre.input_size[1]}, keep_ratio {pre.keep_ratio}")
+        return 0
     pre = weights.preprocessing
     given = {"channel_order": args.channel_order, **stats}
     assumed = [f"--{name.replace('_', '-')}" for name in ("channel_order", "mean", "std") if given.get(name) is None]
@@ -387,9 +477,11 @@ def cmd_convert(args) -> int:
 
 def _weights_line(path: str, weights) -> str:
     """``weights  PATH (arch, ...)`` and, for the shipped file, that it is the synthetic default."""
+    from .weights import describe_config, is_detector
+
     cfg = weights.config
-    line = (f"weights  {path} ({cfg.arch}, width {cfg.width:g}, {cfg.activation}, sha256 "
-            f"{weights.sha256[:12]})")
+    what = describe_config(cfg) if is_detector(cfg) else f"{cfg.arch}, width {cfg.width:g}, {cfg.activation}"
+    line = f"weights  {path} ({what}, sha256 {weights.sha256[:12]})"
     if os.path.abspath(path) == str(DEFAULT_WEIGHTS):
         line += "\n         the shipped synthetic weights: the default when --weights is not given"
     if "description" in weights.provenance:
@@ -413,28 +505,8 @@ def _megabytes(n_bytes: int) -> str:
     return f"{n_bytes / 1e9:.2f} GB" if n_bytes >= 1e9 else f"{n_bytes / 1e6:.1f} MB"
 
 
-#: Bytes of HDF5 metadata per dataset of a golden file (measured: 400-420 with h5py 3.16).
-HDF5_DATASET_OVERHEAD = 410
-
-
-def golden_file_size(weights, shape: tuple[int, ...], intermediates: bool) -> int:
-    """The bytes of a golden file (within about 0.1 %): the float32 input, float64 oracle and
-    float32 bound of every stored tensor (refghost.verify.golden), the weights, and HDF5's metadata."""
-    from .arch import output_shapes
-
-    graph = weights.graph
-    shapes = output_shapes(graph, *shape[:1], *shape[2:])
-    stored = [shapes[node] for node in graph.outputs.values()]
-    if intermediates:
-        stored += [shapes[node.name] for node in graph.nodes]
-    tensors = sum(int(np.prod(s)) for s in stored) * (8 + 4)
-    datasets = 1 + 2 * len(stored) + len(weights.tensors)
-    return (4 * int(np.prod(shape)) + tensors + sum(a.nbytes for a in weights.tensors.values())
-            + HDF5_DATASET_OVERHEAD * datasets)
-
-
 def cmd_golden(args) -> int:
-    from .verify.golden import make_golden, write_golden
+    from .verify.golden import golden_file_size, make_golden, write_golden
     from .runner import prepare_input
     from .weights import MAX_INPUT_PIXELS, load_weights
 
@@ -481,7 +553,7 @@ def cmd_golden(args) -> int:
 
 def _candidate(args, path: str):
     """The candidate model or dump of `compare` and the options it is run and judged with."""
-    from .verify.dataset import Candidate
+    from .verify.judge import Candidate
 
     maps = {}
     for item in args.map:
@@ -499,6 +571,7 @@ def cmd_compare(args) -> int:
 
     from .verify.compare import format_report
     from .verify.golden import read_golden
+    from .verify.judge import judge
 
     if args.images or os.path.isdir(args.golden or ""):
         return cmd_compare_set(args)
@@ -507,7 +580,8 @@ def cmd_compare(args) -> int:
     candidate = _candidate(args, args.candidate)
     golden = read_golden(args.golden)
     _announce_compile(_kernels_to_compile(True, "interpreter", "float64"), "float64")  # the isolated check
-    report, tensors = candidate.judge(golden)
+    judgement = judge(candidate, golden)
+    report, tensors = judgement.report, judgement.tensors
     print(format_report(report, verbose=args.verbose))
     if args.json:
         with atomic_path(args.json) as tmp, open(tmp, "w") as f:
@@ -548,6 +622,8 @@ def cmd_compare_set(args) -> int:
     runtime_for(model, args.runtime)  # a model a runtime runs on each input, not arrays of one input
     candidate = _candidate(args, os.path.abspath(model))
     keep = os.path.abspath(args.keep_failing) if args.keep_failing else None
+    if keep:
+        os.makedirs(keep, exist_ok=True)
     if args.images:
         from .weights import load_weights
 
@@ -622,8 +698,14 @@ def cmd_map(args) -> int:
     if not os.path.isfile(args.model):
         raise RefghostError(f"{args.model}: no such model file")
     golden = _golden_for_map(args)
-    run = run_model(args.model, golden, runtime=args.runtime, precise=args.precise,
-                    options=_runtime_options(args), threads=args.threads)
+    try:
+        run = run_model(args.model, golden, runtime=args.runtime, precise=args.precise,
+                        options=_runtime_options(args), threads=args.threads)
+    except RefghostError as exc:
+        if args.golden or args.weights or args.model.lower().endswith(".onnx"):
+            raise
+        raise RefghostError(f"{exc} (the network was the shipped weights' {golden.weights.config.width}x; give "
+                            f"--weights W.h5 of the network the model was made from)") from None
     if args.json:
         print(json.dumps(run.summary(), indent=1))
         return 0
@@ -636,57 +718,36 @@ def cmd_map(args) -> int:
 
 
 def _golden_for_map(args):
-    """The golden a map runs on: ``--golden``, else one made from an ONNX model's own weights on a
-    seeded input of its input shape (outputs only)."""
+    """The golden a map runs on: ``--golden``; else the network of ``--weights`` (an ``.onnx``
+    model's own weights when not given, else the shipped weights) on a seeded input of the shape
+    the model declares (or the weights' input size), outputs only."""
+    from .runtimes import input_shape
     from .verify.golden import make_golden, read_golden
+    from .weights import load_weights
 
     if args.golden:
         return read_golden(args.golden)
-    if not args.model.lower().endswith(".onnx"):
-        raise RefghostError(f"{args.model}: give --golden golden.h5 (the network and the input shape); only an "
-                            f".onnx model carries what refghost needs to make one")
-    from .convert.onnx_import import import_onnx, read_onnx
+    onnx_weights = args.weights is None and args.model.lower().endswith(".onnx")
+    if onnx_weights:
+        from .convert.onnx_import import import_onnx
 
-    shape = read_onnx(args.model).input_shape
-    if shape is None or any(d is None for d in shape):
-        raise RefghostError(f"{args.model}: its input shape is not fixed ({shape}); give --golden golden.h5")
-    weights = import_onnx(args.model)
+        weights = import_onnx(args.model)
+    else:
+        weights = load_weights(args.weights or str(DEFAULT_WEIGHTS))
+    shape = input_shape(args.model, args.runtime)
+    if shape is None:
+        if onnx_weights:
+            raise RefghostError(f"{args.model}: its input shape is not fixed; give --golden golden.h5")
+        width, height = weights.preprocessing.input_size
+        shape = (1, 3, height, width)
     x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
     return make_golden(weights, x)
 
 
-def describe(path: str) -> dict:
-    """What a weights or golden file holds, validated (raises RefghostError if it is unusable)."""
-    from .safe_io import attribute, open_hdf5
-
-    with open_hdf5(path, RefghostError, "weights or golden") as f:
-        fmt = attribute(f, "format", path, RefghostError, "str", default="")
-    if fmt == "refghost-golden":
-        from .verify.golden import read_golden
-
-        golden = read_golden(path)
-        weights, extra = golden.weights, {
-            "kind": "golden", "input_shape": list(golden.input.shape), "outputs": list(golden.outputs),
-            "intermediates": len(golden.intermediates),
-            "attributes": {k: (v.item() if hasattr(v, "item") else v) for k, v in golden.attrs.items()}}
-    else:
-        from .weights import load_weights
-
-        weights = load_weights(path)
-        extra = {"kind": "weights", "sha256": weights.sha256}
-    cfg, pre = weights.config, weights.preprocessing
-    trainable = sum(a.size for k, a in weights.tensors.items() if not k.endswith(("running_mean", "running_var")))
-    return {"file": path, "valid": True, **extra,
-            "config": {"arch": cfg.arch, "width": cfg.width, "activation": cfg.activation,
-                       "out_stages": list(cfg.out_stages), "num_classes": cfg.num_classes, "folded": cfg.folded},
-            "preprocessing": {"mean": list(pre.mean), "std": list(pre.std), "channel_order": pre.channel_order,
-                              "input_size": list(pre.input_size)},
-            "provenance": dict(weights.provenance), "tensors": len(weights.tensors),
-            "parameters": int(trainable), "values": int(sum(a.size for a in weights.tensors.values()))}
-
-
 def cmd_info(args) -> int:
     import json
+
+    from .info import describe
 
     if args.json:
         try:
@@ -749,6 +810,39 @@ def _finite_non_negative(name: str, value):
         raise RefghostError(f"{name} must be a finite number >= 0, got {value}")
 
 
+def _check_folder(folder: str, what: str, probe: str) -> None:
+    """Raise RefghostError unless files can be written in ``folder``, or it can be created there
+    (it is made when the first file is written: a refused command leaves no empty folder)."""
+    from .atomic import check_writable
+
+    if os.path.isdir(folder):
+        check_writable(os.path.join(folder, probe), what)
+        return
+    if os.path.exists(folder):
+        raise RefghostError(f"{what} {folder}: exists and is not a folder")
+    parent = os.path.dirname(os.path.abspath(folder))
+    while not os.path.isdir(parent):
+        if os.path.exists(parent):
+            raise RefghostError(f"{what} {folder}: {parent} is not a folder")
+        parent = os.path.dirname(parent)
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise RefghostError(f"{what} {folder}: cannot create it in {parent} (not writable)")
+
+
+def _check_detector_run_args(args) -> None:
+    """`run`'s post-processing options in range, its --json/--draw writable (RefghostError)."""
+    from .atomic import check_writable
+
+    if args.score_threshold is not None and not 0 <= args.score_threshold < 1:
+        raise RefghostError(f"--score-threshold must be in [0, 1) (scores are sigmoids), got {args.score_threshold}")
+    if args.iou_threshold is not None and not 0 < args.iou_threshold <= 1:
+        raise RefghostError(f"--iou-threshold must be in (0, 1], got {args.iou_threshold}")
+    _at_least("--max-detections", args.max_detections, 1)
+    for flag, path in (("--json", args.json), ("--draw", args.draw)):
+        if path is not None:
+            check_writable(path, flag)
+
+
 def check_args(args) -> None:
     """Refuse out-of-range numbers and unwritable output paths before any work (RefghostError)."""
     from .atomic import check_writable
@@ -763,6 +857,8 @@ def check_args(args) -> None:
     if command == "convert" and args.width is not None and not (math.isfinite(args.width)
                                                                and 0 < args.width <= MAX_WIDTH):
         raise RefghostError(f"--width must be a multiplier in (0, {MAX_WIDTH:g}], got {args.width}")
+    if command == "run":
+        _check_detector_run_args(args)
     if command == "compare":
         _finite_non_negative("--atol", args.atol)
         _finite_non_negative("--rtol", args.rtol)
@@ -775,14 +871,12 @@ def check_args(args) -> None:
         require_matplotlib()
         if args.html:
             check_writable(args.html, "--html")
-        if args.plots and not os.path.isdir(args.plots):
-            raise RefghostError(f"--plots {args.plots}: no such folder")
         if args.plots:
-            check_writable(os.path.join(args.plots, "ratios.png"), "--plots")
+            _check_folder(args.plots, "--plots", "ratios.png")
     if command in ("compare", "golden"):
         _at_least("--workers", args.workers, 1)
-    if command == "compare" and args.keep_failing and not os.path.isdir(args.keep_failing):
-        raise RefghostError(f"--keep-failing {args.keep_failing}: no such folder")
+    if command == "compare" and args.keep_failing:
+        _check_folder(args.keep_failing, "--keep-failing", "image.json")
     if command == "golden" and args.images:
         if os.path.exists(args.out) and not os.path.isdir(args.out):
             raise RefghostError(f"--out {args.out}: with --images, --out is the folder the goldens are written to")

@@ -68,7 +68,30 @@ def evaluate(node: Node, inputs: list[np.ndarray], params: dict[str, np.ndarray]
         return inputs[0] * inputs[1]  # (N, C, H, W) * (N, C, 1, 1)
     if node.op == "linear":
         return ops.linear(x.reshape(x.shape[0], -1), p["weight"], p.get("bias"))
+    if node.op in _DETECTOR_OPS:
+        return _evaluate_detector_op(node, inputs)
     raise ValueError(f"unknown op {node.op!r} in node {node.name}")
+
+
+#: The ops the whole detector adds (refghost.detector.graph); all are plain NumPy in either impl.
+_DETECTOR_OPS = ("max_pool", "channel_shuffle", "slice", "upsample", "flatten_levels", "sigmoid_classes")
+
+
+def _evaluate_detector_op(node: Node, inputs: list[np.ndarray]):
+    from .detector import ops as detector_ops
+
+    x, a = inputs[0], node.attrs
+    if node.op == "max_pool":
+        return detector_ops.max_pool2d(x, a["kernel"], a["stride"], a["padding"])
+    if node.op == "channel_shuffle":
+        return detector_ops.channel_shuffle(x, a["groups"])
+    if node.op == "slice":
+        return np.ascontiguousarray(x[:, a["start"]:a["stop"]])  # NanoDet's chunk(2) along channels
+    if node.op == "upsample":
+        return detector_ops.upsample_bilinear(x, a["scale_factor"])
+    if node.op == "flatten_levels":
+        return detector_ops.flatten_levels(inputs)
+    return detector_ops.sigmoid_classes(x, a["num_classes"])
 
 
 def execute(graph: Graph, params: dict[str, np.ndarray], x: np.ndarray, *, intermediates=False,

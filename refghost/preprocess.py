@@ -13,6 +13,15 @@ keep_ratio=False)``) does, for an input size ``(w, h)``:
 
 This module reproduces those steps with NumPy and Pillow only (refghost never imports OpenCV).
 
+NanoDet's keep_ratio path (legacy v0.x and custom-dataset configs, ``keep_ratio: True``) is
+:func:`prepare_image_and_matrix` with ``keep_ratio=True``: ``ShapeTransform`` resizes to
+:func:`minimum_dst_shape` (the aspect-preserving size, truncated) with the matrix of
+:func:`resize_matrix` (scale ``r`` plus a translation that is a sub-pixel offset, rounding noise
+of a few 1e-14, or 0), :func:`warp_image` warps with it, and ``stack_batch_img`` zero-pads the
+normalised tensor at the bottom and right to multiples of 32 (:func:`pad_to_multiple`). The
+matrix maps original pixels to network-input pixels; its inverse brings detections back
+(:func:`refghost.detector.decode.warp_boxes`).
+
 Bit-exactness of :func:`warp_resize`
 ------------------------------------
 ``cv2.warpPerspective`` for 8-bit 1/3/4-channel images with INTER_LINEAR changed twice: OpenCV
@@ -86,6 +95,13 @@ DIR ...``; "exact" is max abs difference 0 on the three images of the cells and 
     random images of 480x320, 640x320, 333x320, 320x480 -> 320x320, 500x416 -> 416x416 differed.
     Untested: other CPUs (IPP picks its code by CPU; measured on AVX-512).
 
+Translated matrices (keep_ratio, :func:`warp_image`): ``"ipp_float32_fma"``, ``"float32_fma"``
+and ``"float32"`` are bit-exact against OpenCV 5.1 (x86-64 wheel; IPP on, IPP off, optimisations
+off) on 600 random keep_ratio resizes except the upscale family above (whole source coordinates
+on the last row/column); see :func:`_float32_translated_coords` and
+:func:`_ipp_translated_coords` for what a translation changes. ``"fixed_point"`` raises for a
+translated matrix: OpenCV 4.x's arithmetic for it was not checked against a real OpenCV 4.x.
+
 OpenCV 5's ``ALGO_HINT_APPROX`` kernels (not the pip wheels' default, which is
 ``ALGO_HINT_ACCURATE``) are not reproduced. Pick the kernel that matches the OpenCV you compare
 against: ``kernel_for_opencv(cv2.__version__, fma=..., ipp=cv2.ipp.useIPP())``.
@@ -106,7 +122,7 @@ import numbers
 import os
 import re
 import warnings
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -117,11 +133,17 @@ __all__ = [
     "DEFAULT_WARP_KERNEL",
     "IMAGENET_PREPROCESSING",
     "NANODET_PREPROCESSING",
+    "PAD_DIVISOR",
     "WARP_KERNELS",
     "kernel_for_opencv",
+    "minimum_dst_shape",
     "normalize",
+    "pad_to_multiple",
     "prepare_image",
+    "prepare_image_and_matrix",
     "read_image",
+    "resize_matrix",
+    "warp_image",
     "warp_resize",
 ]
 
@@ -167,6 +189,15 @@ _INTER_BITS = 5
 _INTER_TAB_SIZE = 1 << _INTER_BITS  # 32 sub-pixel positions per pixel
 _BLOCK_SZ = 32  # OpenCV's WarpPerspectiveInvoker tile: bh0 = min(16, H), bw0 = min(1024 // bh0, W)
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+# OpenCV 5's warp kernel handles 2 x 8 float32 lanes per SIMD step (AVX2 dispatch, x86-64 wheels).
+_FLOAT32_SIMD_COLUMNS = 16
+# IPP counts a source column this many destination pixels before 0 as inside (measured; rows: 0).
+_IPP_EDGE_TOLERANCE_X = 1e-13
+_IPP_EDGE_TOLERANCE_Y = 0.0
+
+#: NanoDet's ``stack_batch_img(divisible=32)`` (``demo/demo.py``): the batch is zero-padded at the
+#: bottom and right to multiples of this.
+PAD_DIVISOR = 32
 
 
 # --------------------------------------------------------------------------------------------
@@ -347,6 +378,74 @@ def _inverse_diagonal(src_w: int, src_h: int, dst_w: int, dst_h: int) -> tuple[f
     return b * d, a * d, (a * b) * d
 
 
+class _Inverse(NamedTuple):
+    """The entries of ``cv::invert(M)`` a scale + translation warp uses: ``x_src = (m0*x + m2)/m8``,
+    ``y_src = (m4*y + m5)/m8`` (the other entries are zero)."""
+
+    m0: float
+    m2: float
+    m4: float
+    m5: float
+    m8: float
+
+
+def _inverse_scale_translate(matrix: np.ndarray) -> _Inverse:
+    """cv::invert's 3x3 adjugate formula for ``M = [[a, 0, tx], [0, b, ty], [0, 0, 1]]``, in double.
+
+    ``det = a*b`` (the other terms of the cofactor expansion are exact zeros), ``d = 1/det``,
+    ``inv[0,0] = b*d``, ``inv[0,2] = (0*ty - tx*b)*d``, ``inv[1,1] = a*d``,
+    ``inv[1,2] = (tx*0 - a*ty)*d``, ``inv[2,2] = (a*b)*d``; for ``tx = ty = 0`` these are the
+    entries of :func:`_inverse_diagonal`.
+    """
+    a, tx, b, ty = float(matrix[0, 0]), float(matrix[0, 2]), float(matrix[1, 1]), float(matrix[1, 2])
+    d = 1.0 / (a * b)
+    return _Inverse(b * d, (0.0 * ty - tx * b) * d, a * d, (tx * 0.0 - a * ty) * d, (a * b) * d)
+
+
+def _float32_translated_coords(
+    inverse: _Inverse, dst_w: int, dst_h: int, fused: bool
+) -> tuple[np.ndarray, np.ndarray]:
+    """Source coordinates (float32) of OpenCV 5's own warpPerspective kernel for a translated matrix.
+
+    OpenCV 5 (``imgproc/src/warp_kernels.simd.hpp``) rounds the inverse matrix to float32. Per
+    row it forms ``M_y = y*m4 + m5`` in float32 (separate multiply and add), and along the row
+    ``x_src = fma(m0, x, m2)``, both divided by ``m8``. The fused ``fma`` happens in its SIMD body,
+    which covers ``floor(dst_w / 16) * 16`` columns (two AVX2 vectors of 8 floats per step, the
+    x86-64 wheels' dispatch); the remaining columns go through its scalar code
+    ``x*m0 + y*m1 + m2`` with separate roundings, as does everything without FMA
+    (``fused=False``). Measured against OpenCV 5.1 with IPP off (FMA) and with optimisations off.
+    """
+    m0, m2, m4, m5, m8 = (np.float32(v) for v in inverse)
+    x = np.arange(dst_w, dtype=np.float32)
+    sx = x * m0 + m2
+    if fused:
+        body = dst_w // _FLOAT32_SIMD_COLUMNS * _FLOAT32_SIMD_COLUMNS
+        sx[:body] = _fma32(x[:body], np.full(body, m0), np.full(body, m2))
+    sy = np.arange(dst_h, dtype=np.float32) * m4 + m5
+    return sx / m8, sy / m8
+
+
+def _ipp_translated_coords(n_dst: int, n_src: int, m: float, t: float, m8: float, edge_tolerance: float):
+    """:func:`_ipp_coords` for a translated matrix: ``s = (i*m + t)/m8`` in double.
+
+    Measured difference from the untranslated case: a source *column* a hair left of 0
+    (NanoDet's keep_ratio matrices give offsets of a few 1e-14 from rounding) still counts as
+    inside the image when it lies less than ``edge_tolerance = 1e-13`` destination pixels before
+    source column 0 (:data:`_IPP_EDGE_TOLERANCE_X`; the threshold measured on three images lies
+    within 2.5e-4 of 1e-13); its fraction then rounds to 1 and the first column is read. Rows
+    have no such tolerance (:data:`_IPP_EDGE_TOLERANCE_Y` = 0): measured on 400 random up- and
+    downscales with offsets of 1e-16 .. 6e-14 on one axis.
+    """
+    s64 = (np.arange(n_dst, dtype=np.float64) * m + t) / m8
+    s32 = s64.astype(np.float32)
+    index = np.floor(s32).astype(np.int64)
+    frac_inner = s32 - index.astype(np.float32)
+    frac_border = (s64 - index).astype(np.float32)
+    starts_inside = (index >= 0) | (s64 >= -edge_tolerance * m / m8)
+    inside = starts_inside & ((index + 1 < n_src) | ((index == n_src - 1) & (frac_inner == 0)))
+    return index, frac_inner, frac_border, inside
+
+
 def _border_index(idx: np.ndarray, n: int) -> np.ndarray:
     """Map source indices to rows/cols of a 1-pixel zero-padded array; out-of-range -> 0 (zero)."""
     return np.where((idx >= 0) & (idx < n), idx + 1, 0)
@@ -382,9 +481,19 @@ def _fixed_point_coords(n_dst: int, m: float, w: float, block: int) -> tuple[np.
     return q >> _INTER_BITS, q & (_INTER_TAB_SIZE - 1)
 
 
-def _warp_fixed_point(img: np.ndarray, dst_w: int, dst_h: int) -> np.ndarray:
+def _warp_fixed_point(img: np.ndarray, dst_w: int, dst_h: int, inverse: _Inverse | None = None) -> np.ndarray:
     src_h, src_w = img.shape[:2]
-    m0, m4, m8 = _inverse_diagonal(src_w, src_h, dst_w, dst_h)
+    if inverse is None:
+        m0, m4, m8 = _inverse_diagonal(src_w, src_h, dst_w, dst_h)
+    else:
+        if inverse.m2 != 0 or inverse.m5 != 0:
+            raise RefghostError(
+                "warp_kernel 'fixed_point' (OpenCV 4.x) is reproduced for scale-only matrices; this "
+                f"keep_ratio matrix also translates (inverse offsets {inverse.m2!r}, {inverse.m5!r}), and "
+                "OpenCV 4.x's arithmetic for a translation was not checked against a real OpenCV 4.x; "
+                "use an OpenCV 5 kernel (float32_fma, float32, ipp_float32_fma) or keep_ratio=False"
+            )
+        m0, m4, m8 = inverse.m0, inverse.m4, inverse.m8
     bh0 = min(_BLOCK_SZ // 2, dst_h)
     bw0 = min(_BLOCK_SZ * _BLOCK_SZ // bh0, dst_w)
     ix, fx = _fixed_point_coords(dst_w, m0, m8, bw0)
@@ -432,11 +541,19 @@ def _fma32(a: np.ndarray, b: np.ndarray, c: np.ndarray) -> np.ndarray:
     return np.where(go, toward, r)
 
 
-def _warp_float32(img: np.ndarray, dst_w: int, dst_h: int, fused: bool) -> np.ndarray:
+def _warp_float32(
+    img: np.ndarray, dst_w: int, dst_h: int, fused: bool, inverse: _Inverse | None = None
+) -> np.ndarray:
     src_h, src_w = img.shape[:2]
-    m0, m4, m8 = (np.float32(v) for v in _inverse_diagonal(src_w, src_h, dst_w, dst_h))
-    sx = (np.arange(dst_w, dtype=np.float32) * m0) / m8
-    sy = (np.arange(dst_h, dtype=np.float32) * m4) / m8
+    if inverse is None or (inverse.m2 == 0 and inverse.m5 == 0):
+        if inverse is None:
+            m0, m4, m8 = (np.float32(v) for v in _inverse_diagonal(src_w, src_h, dst_w, dst_h))
+        else:
+            m0, m4, m8 = np.float32(inverse.m0), np.float32(inverse.m4), np.float32(inverse.m8)
+        sx = (np.arange(dst_w, dtype=np.float32) * m0) / m8
+        sy = (np.arange(dst_h, dtype=np.float32) * m4) / m8
+    else:
+        sx, sy = _float32_translated_coords(inverse, dst_w, dst_h, fused)
     ix = np.floor(sx).astype(np.int64)
     iy = np.floor(sy).astype(np.int64)
     fx = (sx - ix.astype(np.float32))[None, :, None]
@@ -475,15 +592,24 @@ def _ipp_coords(n_dst: int, n_src: int, m: float, m8: float) -> tuple[np.ndarray
     return index, frac_inner, frac_border, inside
 
 
-def _warp_ipp(img: np.ndarray, dst_w: int, dst_h: int) -> np.ndarray:
+def _warp_ipp(img: np.ndarray, dst_w: int, dst_h: int, inverse: _Inverse | None = None) -> np.ndarray:
     src_h, src_w = img.shape[:2]
     if src_w <= 1 or src_h <= 1:
         # OpenCV's IPP wrapper (hal/ipp/src/warp_ipp.cpp) declines such images; OpenCV's own
         # float32 kernel then runs.
-        return _warp_float32(img, dst_w, dst_h, fused=True)
-    m0, m4, m8 = _inverse_diagonal(src_w, src_h, dst_w, dst_h)
-    ix, fx_in, fx_out, x_inside = _ipp_coords(dst_w, src_w, m0, m8)
-    iy, fy_in, fy_out, y_inside = _ipp_coords(dst_h, src_h, m4, m8)
+        return _warp_float32(img, dst_w, dst_h, fused=True, inverse=inverse)
+    if inverse is None or (inverse.m2 == 0 and inverse.m5 == 0):
+        if inverse is None:
+            m0, m4, m8 = _inverse_diagonal(src_w, src_h, dst_w, dst_h)
+        else:
+            m0, m4, m8 = inverse.m0, inverse.m4, inverse.m8
+        ix, fx_in, fx_out, x_inside = _ipp_coords(dst_w, src_w, m0, m8)
+        iy, fy_in, fy_out, y_inside = _ipp_coords(dst_h, src_h, m4, m8)
+    else:
+        ix, fx_in, fx_out, x_inside = _ipp_translated_coords(
+            dst_w, src_w, inverse.m0, inverse.m2, inverse.m8, _IPP_EDGE_TOLERANCE_X)
+        iy, fy_in, fy_out, y_inside = _ipp_translated_coords(
+            dst_h, src_h, inverse.m4, inverse.m5, inverse.m8, _IPP_EDGE_TOLERANCE_Y)
     inner = y_inside[:, None] & x_inside[None, :]
     fx = np.where(inner, fx_in[None, :], fx_out[None, :])[:, :, None]
     fy = np.where(inner, fy_in[:, None], fy_out[:, None])[:, :, None]
@@ -555,6 +681,146 @@ def warp_resize(
     if warp_kernel == "ipp_float32_fma":
         return _warp_ipp(img, dst_w, dst_h)
     return _warp_float32(img, dst_w, dst_h, fused=(warp_kernel == "float32_fma"))
+
+
+def minimum_dst_shape(src_w: int, src_h: int, dst_w: int, dst_h: int, divisible: int = 0) -> tuple[int, int]:
+    """NanoDet's ``get_minimum_dst_shape``: the aspect-preserving size that fits ``(dst_w, dst_h)``.
+
+    ``ratio = dst_h/src_h`` if ``src_w/src_h < dst_w/dst_h`` else ``dst_w/src_w``; the size is
+    ``(int(ratio*src_w), int(ratio*src_h))`` (truncated), then, when ``divisible > 0``, each side
+    is rounded up to a multiple of ``divisible`` (at least ``divisible``). NanoDet's validation
+    pipeline passes ``divisible=0`` (no config sets it); the batch is padded afterwards
+    (:data:`PAD_DIVISOR`).
+
+    Returns
+    -------
+    (w, h) : ints
+
+    Raises
+    ------
+    RefghostError
+        A size is not a positive integer, ``divisible`` is negative, or a side truncates to 0
+        (an image far more elongated than the input, on which NanoDet's warp fails).
+    """
+    src_w, src_h = _check_size((src_w, src_h), "source size")
+    dst_w, dst_h = _check_size((dst_w, dst_h), "destination size")
+    if not isinstance(divisible, numbers.Integral) or isinstance(divisible, bool) or divisible < 0:
+        raise RefghostError(f"divisible must be an integer >= 0, got {divisible!r}")
+    ratio = dst_h / src_h if src_w / src_h < dst_w / dst_h else dst_w / src_w
+    w, h = int(ratio * src_w), int(ratio * src_h)
+    if divisible > 0:
+        w = max(divisible, (w + divisible - 1) // divisible * divisible)
+        h = max(divisible, (h + divisible - 1) // divisible * divisible)
+    if w < 1 or h < 1:
+        raise RefghostError(
+            f"keep_ratio resize of a {src_w}x{src_h} image into {dst_w}x{dst_h} gives an empty side ({w}x{h})"
+        )
+    return w, h
+
+
+def resize_matrix(src_w: int, src_h: int, dst_w: int, dst_h: int, keep_ratio: bool) -> np.ndarray:
+    """The 3x3 matrix ``M`` NanoDet's validation pipeline warps with (``meta["warp_matrix"]``).
+
+    ``ShapeTransform`` builds ``M = ResizeM @ T @ F @ Sh @ R @ Str @ Scl @ P @ C``; at validation
+    every factor but ``C`` (centre: translate by ``(-W/2, -H/2)``) and ``T`` (translate by
+    ``(0.5*W, 0.5*H)``) is the identity, and ``T @ C`` is exactly the identity, so ``M`` is
+    ``get_resize_matrix((W, H), (dst_w, dst_h), keep_ratio)``:
+
+    * ``keep_ratio=False``: ``diag(dst_w/W, dst_h/H, 1)`` (a stretch);
+    * ``keep_ratio=True``: ``T(0.5*dst) @ diag(r, r, 1) @ C(-0.5*src)`` with
+      ``r = dst_h/H`` if ``W/H < dst_w/dst_h`` else ``dst_w/W``, i.e. scale ``r`` and
+      translation ``(r*(-W/2) + 0.5*dst_w, r*(-H/2) + 0.5*dst_h)`` in that order of rounding.
+      Pass the size from :func:`minimum_dst_shape`, as ``ShapeTransform`` does: the ratio is
+      recomputed from it, so the translation is a sub-pixel offset, or rounding noise of a few
+      1e-14, or 0.
+
+    Returns
+    -------
+    M : (3, 3) float64, mapping original-image pixels to network-input pixels (invert it for
+        :func:`refghost.detector.decode.warp_boxes`)
+    """
+    src_w, src_h = _check_size((src_w, src_h), "source size")
+    dst_w, dst_h = _check_size((dst_w, dst_h), "destination size")
+    matrix = np.eye(3)
+    if keep_ratio:
+        ratio = dst_h / src_h if src_w / src_h < dst_w / dst_h else dst_w / src_w
+        matrix[0, 0] = matrix[1, 1] = ratio
+        matrix[0, 2] = ratio * (-src_w / 2) + 0.5 * dst_w
+        matrix[1, 2] = ratio * (-src_h / 2) + 0.5 * dst_h
+    else:
+        matrix[0, 0] = dst_w / src_w
+        matrix[1, 1] = dst_h / src_h
+    return matrix
+
+
+def warp_image(
+    img: np.ndarray, matrix: np.ndarray, size: Sequence[int], *, warp_kernel: str = DEFAULT_WARP_KERNEL
+) -> np.ndarray:
+    """``cv2.warpPerspective(img, matrix, size)`` for a scale + translation ``matrix``.
+
+    The generalisation of :func:`warp_resize` to NanoDet's keep_ratio matrices
+    (:func:`resize_matrix`): ``matrix = [[a, 0, tx], [0, b, ty], [0, 0, 1]]`` with ``a, b > 0``.
+    OpenCV inverts it (:func:`_inverse_scale_translate`) and samples the source at
+    ``((x*m0 + m2)/m8, (y*m4 + m5)/m8)``. Bit-exact, measured against OpenCV 5.1 (x86-64 wheel)
+    on random images for:
+
+    * ``"ipp_float32_fma"``: as in :func:`warp_resize`, the coordinate computed in double; one
+      more rule for translated matrices (:func:`_ipp_translated_coords`);
+    * ``"float32_fma"`` and ``"float32"``: the coordinate computed in float32 as OpenCV 5's own
+      kernel does (:func:`_float32_translated_coords`);
+    * ``"fixed_point"`` (OpenCV 4.x): only without translation (``tx = ty = 0``); a translated
+      matrix raises, since that arithmetic could not be checked against an OpenCV 4.x here.
+
+    With ``tx = ty = 0`` every kernel computes exactly what :func:`warp_resize` computes for the
+    same inverse entries.
+
+    Returns
+    -------
+    out : (size[1], size[0], 3) uint8
+
+    Raises
+    ------
+    ImageError
+        ``img`` is not a uint8 (H, W, 3) array.
+    RefghostError
+        ``matrix`` is not a finite scale + translation with positive scales; bad size or kernel;
+        ``"fixed_point"`` with a translation.
+    """
+    img = _check_image(img)
+    dst_w, dst_h = _check_size(size, "size")
+    warp_kernel = _check_kernel(warp_kernel, "warp_kernel")
+    m = np.asarray(matrix, dtype=np.float64)
+    if (
+        m.shape != (3, 3)
+        or not np.all(np.isfinite(m))
+        or m[0, 1] != 0 or m[1, 0] != 0 or m[2, 0] != 0 or m[2, 1] != 0 or m[2, 2] != 1
+        or not (m[0, 0] > 0 and m[1, 1] > 0)
+    ):
+        raise RefghostError(
+            "matrix must be a 3x3 scale + translation [[a, 0, tx], [0, b, ty], [0, 0, 1]] with a, b > 0, "
+            f"got {np.asarray(matrix).tolist() if np.size(matrix) <= 16 else np.shape(matrix)}"
+        )
+    inverse = _inverse_scale_translate(m)
+    if warp_kernel == "fixed_point":
+        return _warp_fixed_point(img, dst_w, dst_h, inverse)
+    if warp_kernel == "ipp_float32_fma":
+        return _warp_ipp(img, dst_w, dst_h, inverse)
+    return _warp_float32(img, dst_w, dst_h, fused=(warp_kernel == "float32_fma"), inverse=inverse)
+
+
+def pad_to_multiple(batch: np.ndarray, divisor: int = PAD_DIVISOR) -> np.ndarray:
+    """NanoDet's ``stack_batch_img``: zero-pad (N, C, H, W) at the bottom and right so that H and
+    W are multiples of ``divisor``. The pad value is 0 in the *normalised* tensor (NanoDet pads
+    after normalisation), not a black pixel."""
+    if not isinstance(divisor, numbers.Integral) or isinstance(divisor, bool) or divisor < 1:
+        raise RefghostError(f"divisor must be an integer >= 1, got {divisor!r}")
+    if not isinstance(batch, np.ndarray) or batch.ndim != 4:
+        raise RefghostError(f"batch must be an (N, C, H, W) array, got {_describe(batch)}")
+    h, w = batch.shape[2:]
+    pad_h, pad_w = -h % divisor, -w % divisor
+    if pad_h == 0 and pad_w == 0:
+        return batch
+    return np.pad(batch, ((0, 0), (0, 0), (0, pad_h), (0, pad_w)))
 
 
 def kernel_for_opencv(version: str, *, fma: bool = True, ipp: bool = True) -> str:
@@ -638,11 +904,14 @@ def prepare_image(
     input_size: Sequence[int],
     resize: str = "warp_perspective",
     warp_kernel: str = DEFAULT_WARP_KERNEL,
+    keep_ratio: bool = False,
 ) -> np.ndarray:
     """Image file or array -> network input batch, as NanoDet's val pipeline builds it.
 
     ``prepare_image(path, **NANODET_PREPROCESSING)`` reproduces NanoDet; the ``resize`` key of
-    the preset dictionaries is accepted for that reason.
+    the preset dictionaries is accepted for that reason. The batch of
+    :func:`prepare_image_and_matrix`, which also returns the warp matrix (needed to bring
+    detections back to the image).
 
     Parameters
     ----------
@@ -654,16 +923,20 @@ def prepare_image(
     channel_order : {"BGR", "RGB"}
         Channel order the network expects (NanoDet: BGR).
     input_size : (w, h)
-        Network input width and height.
+        Network input width and height (with keep_ratio, the box the image is fitted into).
     resize : {"warp_perspective"}
-        The only supported resize, NanoDet's ``warpPerspective`` with keep_ratio False.
+        The only supported resize, NanoDet's ``warpPerspective``.
     warp_kernel : one of :data:`WARP_KERNELS`
         Which OpenCV implementation of the warp to reproduce; see :func:`warp_resize` and
         :func:`kernel_for_opencv`.
+    keep_ratio : bool
+        False (NanoDet-Plus configs): stretch to ``input_size``. True (legacy and custom
+        configs): fit the aspect-preserving size, then zero-pad to multiples of 32; see
+        :func:`prepare_image_and_matrix`.
 
     Returns
     -------
-    batch : (1, 3, h, w) float32, C-contiguous
+    batch : (1, 3, h, w) float32, C-contiguous (keep_ratio: h, w are the padded sides)
 
     Raises
     ------
@@ -671,13 +944,52 @@ def prepare_image(
         The file cannot be read, or the array is not uint8 with shape (H, W, 3), H, W >= 1;
         the message names what was found.
     RefghostError
-        Bad mean/std/channel_order/input_size/resize/warp_kernel.
+        Bad mean/std/channel_order/input_size/resize/warp_kernel; keep_ratio with
+        ``"fixed_point"`` when the matrix translates (:func:`warp_image`).
+    """
+    return prepare_image_and_matrix(
+        image, mean=mean, std=std, channel_order=channel_order, input_size=input_size, resize=resize,
+        warp_kernel=warp_kernel, keep_ratio=keep_ratio,
+    )[0]
+
+
+def prepare_image_and_matrix(
+    image: str | os.PathLike | np.ndarray,
+    *,
+    mean: Sequence[float],
+    std: Sequence[float],
+    channel_order: str,
+    input_size: Sequence[int],
+    resize: str = "warp_perspective",
+    warp_kernel: str = DEFAULT_WARP_KERNEL,
+    keep_ratio: bool = False,
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`prepare_image` plus NanoDet's ``warp_matrix`` (original pixels -> input pixels).
+
+    keep_ratio=False: ``M = diag(w/W, h/H, 1)``, the image is stretched to ``input_size`` with
+    :func:`warp_resize` and normalised; no padding (NanoDet's input sizes are multiples of 32,
+    where ``stack_batch_img`` pads nothing).
+
+    keep_ratio=True, NanoDet's ``ShapeTransform`` then ``stack_batch_img(divisible=32)``
+    (``demo/demo.py``): the size becomes ``minimum_dst_shape(W, H, w, h)`` (aspect kept,
+    truncated, ``divisible=0`` as in every NanoDet config), ``M = resize_matrix(W, H, size,
+    keep_ratio=True)``, the image is warped with :func:`warp_image`, normalised, and the tensor
+    is zero-padded at the bottom and right to multiples of :data:`PAD_DIVISOR`
+    (:func:`pad_to_multiple`; the padding is 0 after normalisation). The padded size is the
+    network input size (``decode``'s ``input_size``).
+
+    Returns
+    -------
+    batch : (1, 3, h, w) float32, C-contiguous
+    matrix : (3, 3) float64, ``M``
     """
     order = _check_channel_order(channel_order)
     dst_w, dst_h = _check_size(input_size, "input_size")
     if resize not in _RESIZE_METHODS:
         raise RefghostError(f"resize must be one of {', '.join(_RESIZE_METHODS)}; got {resize!r}")
     warp_kernel = _check_kernel(warp_kernel, "warp_kernel")
+    if not isinstance(keep_ratio, (bool, np.bool_)):
+        raise RefghostError(f"keep_ratio must be True or False, got {keep_ratio!r}")
     mean_arr = _check_stats(mean, "mean")
     std_arr = _check_stats(std, "std")
 
@@ -685,7 +997,16 @@ def prepare_image(
         img = read_image(image, order)
     else:
         img = _check_image(image)
-    if img.shape[:2] != (dst_h, dst_w):
-        # With equal sizes the identity warp is exact for every kernel, so skipping it is safe.
-        img = warp_resize(img, (dst_w, dst_h), warp_kernel=warp_kernel)
-    return normalize(img, mean_arr, std_arr)[None]
+    src_h, src_w = img.shape[:2]
+    if not keep_ratio:
+        matrix = resize_matrix(src_w, src_h, dst_w, dst_h, keep_ratio=False)
+        if img.shape[:2] != (dst_h, dst_w):
+            # With equal sizes the identity warp is exact for every kernel, so skipping it is safe.
+            img = warp_resize(img, (dst_w, dst_h), warp_kernel=warp_kernel)
+        return normalize(img, mean_arr, std_arr)[None], matrix
+    fit_w, fit_h = minimum_dst_shape(src_w, src_h, dst_w, dst_h)
+    matrix = resize_matrix(src_w, src_h, fit_w, fit_h, keep_ratio=True)
+    if not np.array_equal(matrix, np.eye(3)):
+        img = warp_image(img, matrix, (fit_w, fit_h), warp_kernel=warp_kernel)
+    batch = pad_to_multiple(normalize(img, mean_arr, std_arr)[None], PAD_DIVISOR)
+    return np.ascontiguousarray(batch), matrix

@@ -1,4 +1,5 @@
-"""``refghost.run``: one call from an image and a weights file to GhostNet's outputs."""
+"""``refghost.run``: one call from an image and a weights file to GhostNet's outputs, or a detector's
+detections."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import numpy as np
 from .errors import ImageError, RefghostError
 from .forward import execute
 from .threads import single_threaded_blas
-from .weights import Weights, load_weights
+from .weights import Weights, is_detector, load_weights
 
 DTYPES = ("float32", "float64")
 #: ``impl`` values of :func:`run`: "fast" (the fastest path: the engine, or the interpreter on
@@ -164,8 +165,10 @@ def _prepare_one(image, weights: Weights, dtype, warp_kernel: str | None = None)
 
 
 def run(image, weights, *, dtype="float32", intermediates=False, impl="fast",
-        warp_kernel: str | None = None) -> dict[str, np.ndarray]:
-    """Run GhostNet on ``image`` with ``weights`` and return ``{module path: array}``.
+        warp_kernel: str | None = None, score_threshold: float | None = None, iou_threshold: float | None = None,
+        max_detections: int | None = None) -> dict[str, np.ndarray]:
+    """Run GhostNet, or a whole NanoDet detector, on ``image`` with ``weights`` and return
+    ``{module path: array}``.
 
     Parameters
     ----------
@@ -186,12 +189,15 @@ def run(image, weights, *, dtype="float32", intermediates=False, impl="fast",
     warp_kernel : which OpenCV's ``warpPerspective`` the resize of a uint8 image or image file
         reproduces (:data:`refghost.preprocess.WARP_KERNELS`; default "fixed_point", OpenCV 4.x;
         :func:`refghost.preprocess.kernel_for_opencv` names the one of an OpenCV version)
+    score_threshold, iou_threshold, max_detections : a detector's post-processing (default
+        NanoDet's 0.05, 0.6, 100: :class:`refghost.detector.run.NmsSettings`); detectors only
 
     Returns
     -------
     dict in forward order: ``blocks.4``, ``blocks.6``, ``blocks.9`` (N, C, H/s, W/s) for the
     NanoDet backbone's out_stages, or ``classifier`` (N, num_classes) for the classifier; with
     ``intermediates=True`` also ``conv_stem``, ``bn1``, ``act1``, ..., ``blocks.3.0.se``, ...
+    A detector gives ``output`` and its detections (:mod:`refghost.detector.run`).
     """
     if str(dtype) not in DTYPES:
         raise RefghostError(f"dtype must be one of {DTYPES}, got {dtype!r}")
@@ -201,6 +207,12 @@ def run(image, weights, *, dtype="float32", intermediates=False, impl="fast",
         raise RefghostError("impl='engine' folds BatchNorm into the convolutions, so it has no per-module "
                             "intermediates; use impl='fast' or 'interpreter'")
     w = as_weights(weights)
+    nms = {k: v for k, v in (("score_threshold", score_threshold), ("iou_threshold", iou_threshold),
+                             ("max_detections", max_detections)) if v is not None}
+    if is_detector(w.config):
+        return _run_detector(image, w, dtype, intermediates, impl, warp_kernel, nms)
+    if nms:
+        raise RefghostError(f"{', '.join(nms)}: a detector's post-processing; these weights are a GhostNet backbone")
     x = prepare_input(image, w, dtype, warp_kernel)
     if impl in ("fast", "engine") and not intermediates:
         # The compiled plan (refghost.engine): cached in w.cache per dtype and input shape; it
@@ -221,3 +233,15 @@ def run(image, weights, *, dtype="float32", intermediates=False, impl="fast",
     with single_threaded_blas():
         return execute(w.graph, w.params(dtype), x, intermediates=intermediates,
                        impl="plain" if impl == "plain" else "kernels")
+
+
+def _run_detector(image, weights: Weights, dtype, intermediates, impl, warp_kernel, nms: dict):
+    """:func:`run` of a whole detector (:func:`refghost.detector.run.run_detector`)."""
+    from .detector.run import NmsSettings, prepare_batch, run_detector
+
+    if impl == "engine":
+        raise RefghostError("impl='engine' runs GhostNet backbones only; a detector runs on the interpreter "
+                            "(impl 'fast', 'interpreter' or 'plain')")
+    batch = prepare_batch(expand_images(image), weights, dtype, warp_kernel)
+    return run_detector(batch, weights, dtype=dtype, intermediates=intermediates,
+                        impl="plain" if impl == "plain" else "kernels", nms=NmsSettings(**nms))

@@ -5,15 +5,19 @@ state_dict key, at the root, named exactly as the key (BatchNorm unfolded: ``wei
 ``running_mean``, ``running_var``); float32 or float64; root attributes for the format, the
 architecture and its config, the preprocessing and the provenance.
 
-Loading is strict, by name and shape, against :func:`refghost.arch.build_graph` of the recorded
-config: a missing, unexpected or mis-shaped key, a non-float or non-finite tensor, a wrong
+Two kinds of network: a GhostNet (``arch`` "nanodet" or "ghostnet", :class:`refghost.arch.Config`)
+and a whole NanoDet detector (``arch`` "detector", :class:`refghost.detector.spec.DetectorConfig`
+stored as JSON in the root attribute ``detector``). Loading is strict, by name and shape, against
+the graph of the recorded config (:func:`network_graph`): a missing, unexpected or mis-shaped key, a non-float or non-finite tensor, a wrong
 format name or schema version is a :class:`~refghost.errors.WeightsError` naming the problem.
 ``num_batches_tracked`` keys (BatchNorm's training counter) are accepted and ignored.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import json
 import math
 import os
 from collections import OrderedDict
@@ -32,11 +36,14 @@ SCHEMA_VERSION = 1
 #: BatchNorm's step counter: in PyTorch's state_dict, never read in eval mode.
 IGNORED_SUFFIX = ".num_batches_tracked"
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+#: The ``arch`` of a whole NanoDet detector (backbone, neck, head): its architecture is the JSON
+#: attribute ``detector`` instead of :data:`GHOSTNET_ATTRS`.
+DETECTOR_ARCH = "detector"
 #: Root attributes every weights file must have: name -> what it holds.
 REQUIRED_ATTRS = {
     "format": f'"{FORMAT}"',
     "schema_version": f"integer {SCHEMA_VERSION}",
-    "arch": '"nanodet" or "ghostnet"',
+    "arch": f'"nanodet", "ghostnet" or "{DETECTOR_ARCH}"',
     "width": "width multiplier, float",
     "activation": "activation name (NanoDet spelling)",
     "out_stages": "int array, subset of 0..9 (nanodet); empty for ghostnet",
@@ -45,10 +52,17 @@ REQUIRED_ATTRS = {
     "input_std": "3 floats, as input_mean",
     "channel_order": '"BGR" or "RGB"',
     "input_size": "2 ints, [width, height]",
+    "detector": f"JSON object of DetectorConfig's fields (arch {DETECTOR_ARCH!r} only)",
 }
+#: The attributes of REQUIRED_ATTRS that only a GhostNet has, and the one only a detector has.
+GHOSTNET_ATTRS = ("width", "activation", "out_stages", "num_classes")
+DETECTOR_ATTRS = ("detector",)
 #: Optional root attributes with their default: ``folded`` = 1 when BatchNorm is folded into the
-#: convolutions (``<conv>.weight`` + ``<conv>.bias``, no BN keys), as in weights imported from ONNX.
-OPTIONAL_ATTRS = {"folded": 0}
+#: convolutions (``<conv>.weight`` + ``<conv>.bias``, no BN keys), as in weights imported from ONNX
+#: (GhostNet only: a detector's ``folded`` is a field of its config); ``keep_ratio`` = 1 when the
+#: image is resized keeping its aspect ratio (NanoDet's ``keep_ratio: True``); ``class_names``, a
+#: JSON list of strings, one per class of a detector (empty: unnamed).
+OPTIONAL_ATTRS = {"folded": 0, "keep_ratio": 0, "class_names": "[]"}
 #: Largest width multiplier read or converted: GhostNet is published at 0.5 to 2.0; 8 already
 #: means 64x the parameters of 1.0x (about 250 M), and the cap keeps declared shapes finite.
 MAX_WIDTH = 8.0
@@ -63,12 +77,14 @@ PROVENANCE_ATTRS = ("source_file", "source_sha256", "converter", "description")
 
 @dataclass(frozen=True)
 class Preprocessing:
-    """How an image becomes the network input: channel order, mean/std (0..255), size (w, h)."""
+    """How an image becomes the network input: channel order, mean/std (0..255), size (w, h), and
+    whether the resize keeps the aspect ratio (NanoDet's ``keep_ratio``; default: a stretch)."""
 
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     channel_order: str
     input_size: tuple[int, int]
+    keep_ratio: bool = False
 
     def __post_init__(self):
         if self.channel_order not in ("BGR", "RGB"):
@@ -94,7 +110,78 @@ IMAGENET_PREPROCESSING = Preprocessing.from_preset(preprocess.IMAGENET_PREPROCES
 
 
 def default_preprocessing(arch: str) -> Preprocessing:
-    return NANODET_PREPROCESSING if arch == "nanodet" else IMAGENET_PREPROCESSING
+    return IMAGENET_PREPROCESSING if arch == "ghostnet" else NANODET_PREPROCESSING
+
+
+def is_detector(config) -> bool:
+    """True for a whole NanoDet detector's config, False for a GhostNet's."""
+    from .detector.spec import DetectorConfig
+
+    return isinstance(config, DetectorConfig)
+
+
+def network_graph(config) -> Graph:
+    """The layer graph of a GhostNet :class:`~refghost.arch.Config` or a detector's
+    :class:`~refghost.detector.spec.DetectorConfig`."""
+    if is_detector(config):
+        from .detector.graph import build_detector_graph
+
+        return build_detector_graph(config)
+    return build_graph(config)
+
+
+def config_arch(config) -> str:
+    """The ``arch`` root attribute of a config: "nanodet", "ghostnet" or "detector"."""
+    return DETECTOR_ARCH if is_detector(config) else config.arch
+
+
+def describe_config(config) -> str:
+    """One line naming the network, e.g. ``nanodet width 1 activation ReLU`` or
+    ``detector shufflenetv2 1.0x + ghost_pan 96 + nanodet_plus head, 80 classes``."""
+    if is_detector(config):
+        return (f"{DETECTOR_ARCH} {config.backbone} {config.backbone_width:g}x + {config.neck} {config.neck_channels}"
+                f" + {config.head} head, {config.num_classes} classes{' (BN folded)' if config.folded else ''}")
+    return (f"{config.arch} width {config.width:g} activation {config.activation}"
+            f"{' (BN folded)' if config.folded else ''}")
+
+
+def detector_config_json(config) -> str:
+    """A detector's config as the JSON object stored in the ``detector`` attribute."""
+    return json.dumps(dataclasses.asdict(config), sort_keys=True)
+
+
+def detector_config_from_json(text: str):
+    """The :class:`~refghost.detector.spec.DetectorConfig` a ``detector`` attribute describes.
+    Raises RefghostError naming a malformed document, an unknown field or a bad value."""
+    from .detector.spec import DetectorConfig
+
+    try:
+        fields = json.loads(text)
+    except ValueError as exc:
+        raise RefghostError(f"attribute 'detector' is not JSON: {exc}") from None
+    if not isinstance(fields, dict):
+        raise RefghostError(f"attribute 'detector' must be a JSON object, got {type(fields).__name__}")
+    known = {f.name for f in dataclasses.fields(DetectorConfig)}
+    unknown = sorted(set(fields) - known)
+    if unknown:
+        raise RefghostError(f"attribute 'detector' has unknown field(s) {unknown}; known: {sorted(known)}")
+    for name, value in fields.items():  # JSON arrays are lists; the config's sequences are tuples
+        if isinstance(value, list):
+            fields[name] = tuple(value)
+    return DetectorConfig(**fields)
+
+
+def class_names_from_json(text: str, num_classes: int) -> tuple[str, ...]:
+    """The ``class_names`` attribute: a JSON list of ``num_classes`` strings, or empty."""
+    try:
+        names = json.loads(text)
+    except ValueError as exc:
+        raise RefghostError(f"attribute 'class_names' is not JSON: {exc}") from None
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise RefghostError("attribute 'class_names' must be a JSON list of strings")
+    if names and len(names) != num_classes:
+        raise RefghostError(f"attribute 'class_names' names {len(names)} classes, the network has {num_classes}")
+    return tuple(names)
 
 
 @dataclass
@@ -116,18 +203,23 @@ class Weights:
     the file's dtype. Build one with :func:`load_weights` or :func:`from_tensors`.
     """
 
-    config: Config
+    config: Config  # or a detector's DetectorConfig
     preprocessing: Preprocessing
     tensors: dict[str, np.ndarray]
     provenance: dict[str, str] = field(default_factory=dict)
     path: str | None = None
     sha256: str | None = None
+    #: a detector's class names, one per class, or empty (unnamed classes)
+    class_names: tuple[str, ...] = ()
     graph: Graph = field(init=False, repr=False, compare=False)
     cache: DerivedCache = field(init=False, repr=False, compare=False)
 
     def __post_init__(self):
-        object.__setattr__(self, "graph", build_graph(self.config))
+        object.__setattr__(self, "graph", network_graph(self.config))
         object.__setattr__(self, "cache", DerivedCache())
+        if self.class_names and len(self.class_names) != getattr(self.config, "num_classes", -1):
+            raise WeightsError(f"{len(self.class_names)} class names for a network of "
+                               f"{getattr(self.config, 'num_classes', 0)} classes")
         _check_tensors(self.tensors, self.graph, self.path or self.provenance.get("source_file", "<in memory>"))
 
     def __repr__(self) -> str:
@@ -148,8 +240,9 @@ class Weights:
 
 
 def from_tensors(tensors: dict, config: Config, preprocessing: Preprocessing | None = None,
-                 provenance: dict | None = None) -> Weights:
-    """Validate a state_dict-like mapping (``num_batches_tracked`` dropped) as :class:`Weights`."""
+                 provenance: dict | None = None, class_names=()) -> Weights:
+    """Validate a state_dict-like mapping (``num_batches_tracked`` dropped) as :class:`Weights`
+    (``config``: a GhostNet's :class:`~refghost.arch.Config` or a detector's ``DetectorConfig``)."""
     kept = {}
     for key, value in tensors.items():
         if key.endswith(IGNORED_SUFFIX):
@@ -157,15 +250,15 @@ def from_tensors(tensors: dict, config: Config, preprocessing: Preprocessing | N
         array = np.array(value)  # a private copy
         array.flags.writeable = False
         kept[key] = array
-    return Weights(config, preprocessing or default_preprocessing(config.arch), kept, dict(provenance or {}))
+    return Weights(config, preprocessing or default_preprocessing(config_arch(config)), kept,
+                   dict(provenance or {}), class_names=tuple(class_names))
 
 
 def _check_tensors(tensors: dict, graph: Graph, where: str) -> None:
     expected = graph.param_shapes
     missing = [k for k in expected if k not in tensors]
     unexpected = [k for k in tensors if k not in expected]
-    cfg = graph.config
-    what = f"{cfg.arch} width {cfg.width:g} activation {cfg.activation}{' (BN folded)' if cfg.folded else ''}"
+    what = describe_config(graph.config)
     if missing:
         raise WeightsError(f"{where}: missing {len(missing)} key(s) that {what} needs, first "
                            f"{missing[0]!r} with shape {list(expected[missing[0]])}" + _more(missing))
@@ -231,28 +324,29 @@ def read_weights_group(group, where: str) -> Weights:
     version = attr("schema_version", "int")
     if version != SCHEMA_VERSION:
         raise WeightsError(f"{where}: schema version {version}, this refghost reads version {SCHEMA_VERSION}")
-    arch, width, activation = attr("arch", "str"), attr("width", "float"), attr("activation", "str")
-    out_stages, num_classes = attr("out_stages", "ints"), attr("num_classes", "int")
-    folded = attr("folded", "int", default=OPTIONAL_ATTRS["folded"])
+    arch = attr("arch", "str")
     mean, std = attr("input_mean", "floats", length=3), attr("input_std", "floats", length=3)
     order, size = attr("channel_order", "str"), attr("input_size", "ints", length=2)
-    if not (math.isfinite(width) and 0 < width <= MAX_WIDTH):
-        raise WeightsError(f"{where}: width is {width!r}, expected a multiplier in (0, {MAX_WIDTH:g}]")
-    if folded not in (0, 1):
-        raise WeightsError(f"{where}: attribute 'folded' is {folded}, expected 0 or 1")
-    if len(out_stages) > NUM_STAGES:
-        raise WeightsError(f"{where}: out_stages has {len(out_stages)} entries, at most {NUM_STAGES}")
+    keep_ratio = attr("keep_ratio", "int", default=OPTIONAL_ATTRS["keep_ratio"])
+    if keep_ratio not in (0, 1):
+        raise WeightsError(f"{where}: attribute 'keep_ratio' is {keep_ratio}, expected 0 or 1")
     try:
-        config = Config(arch=arch, width=width, activation=activation, out_stages=out_stages,
-                        num_classes=num_classes, folded=bool(folded))
-        pre = Preprocessing(mean, std, order, size)
-        graph = build_graph(config)
+        if arch == DETECTOR_ARCH:
+            config = detector_config_from_json(attr("detector", "str"))
+            if config.backbone == "ghostnet" and not 0 < config.backbone_width <= MAX_WIDTH:
+                raise RefghostError(f"backbone_width is {config.backbone_width!r}, expected (0, {MAX_WIDTH:g}]")
+            class_names = class_names_from_json(attr("class_names", "str", default=OPTIONAL_ATTRS["class_names"]),
+                                                config.num_classes)
+        else:
+            config, class_names = _ghostnet_config(attr, where), ()
+        pre = Preprocessing(mean, std, order, size, bool(keep_ratio))
+        graph = network_graph(config)
     except RefghostError as exc:
         raise WeightsError(f"{where}: bad root attributes: {exc}") from None
     provenance = {k: attr(k, "str") for k in PROVENANCE_ATTRS
                   if safe_io.guarded(err, where, "cannot read attributes", lambda: k in group.attrs)}
     expected = graph.param_shapes
-    what = f"{config.arch} width {config.width:g} activation {config.activation}{' (BN folded)' if config.folded else ''}"
+    what = describe_config(config)
     # at most one num_batches_tracked counter per BatchNorm (two per key set is generous)
     listed = safe_io.members(group, where, err, max_members=2 * len(expected) + 8)
     found = {}
@@ -272,7 +366,22 @@ def read_weights_group(group, where: str) -> Weights:
         raise WeightsError(f"{where}: missing {len(missing)} key(s) that {what} needs, first "
                            f"{missing[0]!r} with shape {list(expected[missing[0]])}" + _more(missing))
     tensors = {key: safe_io.read_dataset(found[key], f"{where}: key {key!r}", err) for key in expected}
-    return Weights(config, pre, tensors, provenance, path=where)
+    return Weights(config, pre, tensors, provenance, path=where, class_names=class_names)
+
+
+def _ghostnet_config(attr, where: str) -> Config:
+    """The GhostNet config of a weights file's root attributes (:data:`GHOSTNET_ATTRS`, ``folded``)."""
+    arch, width, activation = attr("arch", "str"), attr("width", "float"), attr("activation", "str")
+    out_stages, num_classes = attr("out_stages", "ints"), attr("num_classes", "int")
+    folded = attr("folded", "int", default=OPTIONAL_ATTRS["folded"])
+    if not (math.isfinite(width) and 0 < width <= MAX_WIDTH):
+        raise WeightsError(f"{where}: width is {width!r}, expected a multiplier in (0, {MAX_WIDTH:g}]")
+    if folded not in (0, 1):
+        raise WeightsError(f"{where}: attribute 'folded' is {folded}, expected 0 or 1")
+    if len(out_stages) > NUM_STAGES:
+        raise WeightsError(f"{where}: out_stages has {len(out_stages)} entries, at most {NUM_STAGES}")
+    return Config(arch=arch, width=width, activation=activation, out_stages=out_stages,
+                  num_classes=num_classes, folded=bool(folded))
 
 
 def save_weights(path, weights: Weights) -> None:
@@ -292,17 +401,24 @@ def write_weights_group(group, weights: Weights) -> None:
     cfg, pre = weights.config, weights.preprocessing
     group.attrs["format"] = FORMAT
     group.attrs["schema_version"] = SCHEMA_VERSION
-    group.attrs["arch"] = cfg.arch
-    group.attrs["width"] = cfg.width
-    group.attrs["activation"] = cfg.activation
-    group.attrs["out_stages"] = np.array(cfg.out_stages, dtype=np.int64)
-    group.attrs["num_classes"] = cfg.num_classes
-    if cfg.folded:
-        group.attrs["folded"] = 1
+    group.attrs["arch"] = config_arch(cfg)
+    if is_detector(cfg):
+        group.attrs["detector"] = detector_config_json(cfg)
+        if weights.class_names:
+            group.attrs["class_names"] = json.dumps(list(weights.class_names))
+    else:
+        group.attrs["width"] = cfg.width
+        group.attrs["activation"] = cfg.activation
+        group.attrs["out_stages"] = np.array(cfg.out_stages, dtype=np.int64)
+        group.attrs["num_classes"] = cfg.num_classes
+        if cfg.folded:
+            group.attrs["folded"] = 1
     group.attrs["input_mean"] = np.array(pre.mean, dtype=np.float64)
     group.attrs["input_std"] = np.array(pre.std, dtype=np.float64)
     group.attrs["channel_order"] = pre.channel_order
     group.attrs["input_size"] = np.array(pre.input_size, dtype=np.int64)
+    if pre.keep_ratio:
+        group.attrs["keep_ratio"] = 1
     for key in PROVENANCE_ATTRS:
         if key in weights.provenance:
             group.attrs[key] = str(weights.provenance[key])

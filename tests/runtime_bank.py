@@ -9,8 +9,8 @@ installs here within CI's means; ReLU networks only). The broken variant has one
 of :data:`BUG_MODULE` times 1.01 in the ONNX file before conversion (in the ``.tflite`` as it is
 written), so every runtime carries the same bug.
 
-:func:`judge` runs a model file in its runtime on a golden's input and compares under the
-precision the runtime reports, as ``refghost compare MODEL`` does by default.
+:func:`judge` runs a model file in its runtime on a golden's input and judges it through
+:func:`refghost.verify.judge.judge`, the path of ``refghost compare MODEL``.
 
 This module is a helper for tests and tools, not a test file.
 """
@@ -178,17 +178,14 @@ def build_port(weights, size: int, folder: Path, *, bug: bool = False, runtimes=
 
 
 def judge(golden, port: Port, runtime: str, key: str, precise: bool, *, threads: int = 1):
-    """Run one model file of ``port`` in ``runtime`` on ``golden``'s input and compare it under the
-    policy of the precision the runtime reports. Returns ``(report, run)``."""
-    from refghost.verify.compare import compare
-    from refghost.runtimes import run_model
+    """Run one model file of ``port`` in ``runtime`` on ``golden``'s input and judge it as
+    ``refghost compare MODEL`` does (:func:`refghost.verify.judge.judge`, policy ``auto``: the
+    precision the runtime reports). Returns ``(report, run)``."""
+    from refghost.verify.judge import Candidate, judge as judge_candidate
 
-    run = run_model(str(port.files[key]), golden, runtime=runtime, precise=precise, threads=threads)
-    summary = run.summary()
-    summary["policy"] = run.precision.policy
-    report = compare(golden, run.tensors, policy=run.precision.policy, candidate_name=run.describe(),
-                     runtime=summary, separate_outputs=True)
-    return report, run
+    judgement = judge_candidate(Candidate(str(port.files[key]), runtime=runtime, precise=precise, threads=threads),
+                                golden)
+    return judgement.report, judgement.run
 
 
 def blames_bug(report) -> bool:

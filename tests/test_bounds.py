@@ -5,7 +5,8 @@ from itertools import product
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import HealthCheck, Phase, example, given, settings
+from hypothesis import strategies as st
 
 from conftest import random_weights
 from refghost import bounds, ops
@@ -143,7 +144,8 @@ def test_as_policy():
         bounds.as_policy("float8")
     f32 = POLICIES["float32"]
     assert f32.u_weights == f32.u_activations == f32.tiny_weights == f32.tiny_activations == 0
-    assert POLICIES["float16-weights"].u_weights == 2.0 ** -11 and POLICIES["float16-weights"].u_activations == 0
+    # a whole ulp: converters may truncate (MNN's --fp16 does); tensors are converted to nearest
+    assert POLICIES["float16-weights"].u_weights == 2.0 ** -10 and POLICIES["float16-weights"].u_activations == 0
     assert POLICIES["float16-storage"].u_activations == 2.0 ** -11
     assert POLICIES["bfloat16-storage"].u_weights == 2.0 ** -7  # a whole ulp: truncation
     assert POLICIES["float16"].u_activations == 0  # stored as computed
@@ -233,3 +235,111 @@ def test_bound_rejects_wrong_constants():
     act = ActivationCase(x, "LeakyReLU")
     with pytest.raises(AssertionError, match=r"16 of 32 elements|elements outside"):
         assert_matches_reference("LeakyReLU", act, ops.leaky_relu(x, 0.01))
+
+
+# --- piecewise activations: the slope over the whole reach -------------------------------------
+
+#: Where each function's slope jumps or peaks (bounds.SLOPES): the places an interval must cross.
+KNEES = {"Identity": (0.0,), "ReLU": (0.0,), "ReLU6": (0.0, 6.0), "LeakyReLU": (0.0,), "PReLU": (0.0,),
+         "ELU": (0.0,), "SELU": (0.0,), "HardSwish": (-3.0, 3.0), "SiLU": (-2.4, 2.4), "GELU": (-1.41, 1.41),
+         "hard_sigmoid": (-3.0, 3.0)}
+assert set(KNEES) == set(ops.ACTIVATIONS) | {"hard_sigmoid"}
+
+
+def _act_node(name, src="input"):
+    if name == "hard_sigmoid":
+        return Node("f", "hard_sigmoid", (src,))
+    return Node("f", "act", (src,), {"weight": "f.weight"} if name == "PReLU" else {}, {"activation": name})
+
+
+def _f64(name, x, prelu_slope):
+    """The function itself in float64."""
+    if name == "hard_sigmoid":
+        return ops.hard_sigmoid(x)
+    return ops.activation(name, x, np.array([prelu_slope]) if name == "PReLU" else None)
+
+
+def _carried_through(name, x, reach, model, prelu_slope):
+    """The bound of f on x when its input is within ``reach`` (rigorous, or lam sigma) of x, with
+    no rounding (u = 0): the input error alone, carried by error_bounds' rule for f."""
+    graph = _chain([Node("a", "act", ("input",), attrs={"activation": "Identity"}), _act_node(name, "a")])
+    seeded = reach if model == "worst" else (reach / bounds.DEFAULT_LAMBDA) ** 2
+
+    def input_error(node, ins, p):
+        return seeded if node.name == "a" else None
+
+    params = {"f.weight": np.array([prelu_slope])}
+    _, b = error_bounds(graph, params, x, u=0.0, model=model, extra=input_error)
+    return b["f"]
+
+
+_REACHES = st.one_of(st.just(0.0), st.floats(1e-6, 8.0))  # (the variance of a subnormal reach underflows)
+_FRACTIONS = st.one_of(st.sampled_from([-1.0, 1.0]), st.floats(-1.0, 1.0))  # d / reach, the ends included
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+@given(name=st.sampled_from(sorted(KNEES)), data=st.data(), prelu_slope=st.floats(-2.0, 2.0),
+       points=st.lists(st.tuples(st.floats(-7.0, 7.0), _REACHES, _FRACTIONS), min_size=1, max_size=8))
+@example(name="ReLU6", data=None, prelu_slope=0.0, points=[(-6.5, 7.0, 0.5006)])  # -0.5 -> 0.0006 across [0, 6]
+@example(name="HardSwish", data=None, prelu_slope=0.0, points=[(0.01, 0.5, -1.0)])  # 3.01 -> 2.51, slope 1.5 at 3-
+@example(name="SELU", data=None, prelu_slope=0.0, points=[(0.01, 1.0, -1.0)])  # slope scale*alpha at 0-
+def test_activation_bound_holds_over_the_whole_reach(name, data, prelu_slope, points):
+    """For every activation and the hard-sigmoid, x near a knee (or a peak of the slope), a reach
+    that may span one or both knees, and any input error |d| <= reach: |f(x + d) - f(x)| in float64
+    is within the bound carried by the node's rule (worst-case and probabilistic models)."""
+    knee = KNEES[name][-1] if data is None else data.draw(st.sampled_from(KNEES[name]), label="knee")
+    offsets, reach, fraction = (np.array(v).reshape(1, 1, 1, -1) for v in zip(*points))
+    x = knee + offsets
+    moved = x + fraction * reach
+    change = np.abs(_f64(name, moved, prelu_slope) - _f64(name, x, prelu_slope))
+    slack = 16 * FLOAT64_U * (np.abs(_f64(name, moved, prelu_slope)) + np.abs(_f64(name, x, prelu_slope)) + reach)
+    for model in bounds.MODELS:
+        bound = _carried_through(name, x, reach, model, prelu_slope)
+        assert (change <= bound * (1 + 1e-12) + slack).all(), (model, x, moved, change, bound)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+@given(name=st.sampled_from(sorted(set(bounds.SLOPES) | {"LeakyReLU"})),
+       knee=st.sampled_from([-3.0, -1.41, 0.0, 2.4, 3.0, 6.0]), x_offset=st.floats(-4.0, 4.0),
+       other_offset=st.floats(-8.0, 8.0))
+def test_slope_sup_is_a_lipschitz_constant_of_the_interval(name, knee, x_offset, other_offset):
+    """slope_sup(lo, hi) bounds |f(b) - f(a)| / |b - a| for any a, b in [lo, hi]: the change of f
+    between x and any point within reach of it, knees and peaks of the slope in between."""
+    functions = {**{n: (lambda t, n=n: ops.activation(n, t)) for n in ops.ACTIVATIONS if n != "PReLU"},
+                 "HardSigmoid": ops.hard_sigmoid, "Sigmoid": lambda t: 1.0 / (1.0 + np.exp(-t))}
+    f = functions[name]
+    a, b = np.array([knee + x_offset]), np.array([knee + x_offset + other_offset])
+    lo, hi = np.minimum(a, b), np.maximum(a, b)
+    lip = bounds.slope_sup(name, lo, hi)
+    change = np.abs(f(b) - f(a))
+    assert change <= lip * np.abs(b - a) * (1 + 1e-12) + 16 * FLOAT64_U * (np.abs(f(a)) + np.abs(f(b))), (lo, hi, lip)
+    # and every chord of a grid over [lo, hi]: the supremum holds inside the interval, not only at its ends
+    grid = np.linspace(lo[0], hi[0], 401)
+    values = f(grid)
+    steps = np.diff(grid)
+    chords = np.abs(np.diff(values))[steps > 1e-6] / steps[steps > 1e-6]
+    assert (chords <= lip[0] * (1 + 1e-6)).all(), (lo, hi, lip, chords.max())
+
+
+def test_relu6_error_across_the_linear_part_regression():
+    """Issue 24: an honest ReLU6 output of 0.00058 where the oracle is 0. The oracle's input is -0.5,
+    and the input's error may reach 7 (a low-precision backend deep in the network): the interval
+    [-7.5, 6.5] crosses the whole linear part while its ends and its centre sit in the flat parts,
+    so a slope sampled at x and x -/+ reach is 0 everywhere and gave the bound 0."""
+    x = np.full((1, 1, 1, 1), -0.5)
+    candidate_input = np.float32(0.00058)  # within 7 of -0.5
+    candidate = ops.relu6(np.array([candidate_input]))[0]
+    for model in bounds.MODELS:
+        bound = _carried_through("ReLU6", x, np.full(x.shape, 7.0), model, 0.0)
+        assert ops.relu6(x)[0, 0, 0, 0] == 0 and candidate == np.float32(0.00058)
+        assert abs(float(candidate) - 0.0) <= bound[0, 0, 0, 0], model
+        np.testing.assert_allclose(bound, 7.0, rtol=1e-12)  # slope 1 over the whole reach
+
+
+def test_slope_sup_rejects_bad_input():
+    with pytest.raises(bounds.RefghostError, match="no slope known"):
+        bounds.slope_sup("Swish", 0.0, 1.0)
+    with pytest.raises(bounds.RefghostError, match="lo <= hi"):
+        bounds.slope_sup("ReLU", 1.0, 0.0)
+    with pytest.raises(bounds.RefghostError, match="PReLU needs"):
+        bounds.slope_sup("PReLU", 0.0, 1.0)

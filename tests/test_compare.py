@@ -14,7 +14,7 @@ import torch_ghostnet as tg
 import refghost
 from refghost.arch import Config
 from refghost.cli import main
-from refghost.verify.compare import CompareError, compare
+from refghost.verify.compare import CompareError, compare, format_report
 from refghost.forward import evaluate, execute
 from refghost.verify.golden import make_golden, read_golden, write_golden
 from refghost.weights import from_tensors
@@ -67,6 +67,8 @@ def test_outputs_only_cannot_localize(env):
     report = compare(env["golden"], out)
     assert report.passed and [t.name for t in report.tensors] == ["blocks.4", "blocks.6", "blocks.9"]
     assert any("no isolated check" in n for n in report.notes)
+    text = format_report(report)
+    assert "no isolated check was possible)" in text and "iso/bound 0" not in text
 
 
 def _scale_one_weight(key, index, factor):

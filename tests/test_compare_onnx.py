@@ -26,8 +26,9 @@ def bank(request, tmp_path_factory):
 
 def _compare(golden_path, path, **kw):
     golden = read_golden(golden_path)
-    tensors, description, notes = load_candidate(path, golden, **kw)
-    return compare(golden, tensors, candidate_name=description, notes=notes)
+    loaded = load_candidate(path, golden, **kw)
+    return compare(golden, loaded.tensors, candidate_name=loaded.description, notes=loaded.notes,
+                   runtime=loaded.run.summary() if loaded.run else None)
 
 
 @pytest.mark.parametrize("optimization, threads", [("all", 1), ("none", 1), ("all", 2)])
@@ -40,7 +41,8 @@ def test_honest_exports_pass(bank, optimization, threads):
         assert report.passed, (entry.name, bad[:3])
         assert len(report.tensors) > 150, entry.name  # the intermediates were mapped and compared
         mapped = "by structure" if entry.name in ("ts_nonames", "ts_anonymous") else "by exporter scope names"
-        assert any(mapped in n for n in report.notes), (entry.name, report.notes)
+        hows = {m["how"] for m in report.runtime["mapping"].values()}
+        assert len(hows) == 1 and hows.pop().startswith(mapped), entry.name
 
 
 def test_pytorch_outputs_pass(bank, tmp_path):

@@ -22,7 +22,7 @@ from browser import assert_renders_offline
 from runtime_bank import export_onnx
 
 from refghost.cli import DEFAULT_WEIGHTS, main
-from refghost.verify.dataset import CRASH_HOOK, Candidate, ImageResult, Job, format_report, run_set, summarize
+from refghost.verify.dataset import Candidate, ImageResult, Job, format_report, run_set, summarize
 from refghost.weights import from_tensors, load_weights, save_weights
 
 SIZE = 96
@@ -209,17 +209,48 @@ def test_goldens_per_image_then_compare_the_folder(bench, cluster, local_run, tm
         [layer["worst_accumulated"] for layer in local_run[1]["layers"]]
 
 
-def test_a_worker_that_dies_is_retried_or_reported_lost(bench, tmp_path, monkeypatch):
+def _crash_on(crashes: dict[str, str]):
+    """A Dask worker plugin that makes each worker's task of a source named in ``crashes`` end its
+    worker process (``os._exit``): the first time only when the value is a marker file's path
+    (which it then creates), every time when it is ``always``. It wraps
+    ``refghost.verify.dataset.run_task`` in the worker (``client.map`` sends the function by name),
+    at each worker's start, restarted workers included; refghost itself has no test hook."""
+    class CrashOn(distributed.WorkerPlugin):
+        name = "crash-on"
+
+        def setup(self, worker):
+            import os
+
+            from refghost.verify import dataset
+
+            run_task = dataset.run_task
+
+            def crashing(job, source):
+                marker = crashes.get(os.path.basename(source))
+                if marker == "always" or (marker is not None and not os.path.exists(marker)):
+                    if marker != "always":
+                        open(marker, "w").close()
+                    os._exit(13)
+                return run_task(job, source)
+
+            dataset.run_task = crashing
+
+    return CrashOn()
+
+
+def test_a_worker_that_dies_is_retried_or_reported_lost(bench, tmp_path):
     """dark_040's first attempt kills its worker (retried: passes on the second); bright_250 kills
     every worker it runs on (lost after Dask's allowed failures); the other images are judged."""
-    monkeypatch.setenv(CRASH_HOOK, f"dark_040.png:{tmp_path / 'died-once'},bright_250.png:always")
     images = sorted(str(p) for p in Path(bench["images"]).iterdir())
     job = Job(weights=bench["weights"], warp_kernel="fixed_point", candidate=Candidate(bench["honest"]))
     with dask.config.set({"distributed.scheduler.allowed-failures": 1,
                           "distributed.scheduler.worker-saturation": 1.0}):
         with distributed.LocalCluster(n_workers=2, processes=True, threads_per_worker=1,
-                                      dashboard_address=":0") as c:
+                                      dashboard_address=":0") as c, distributed.Client(c) as client:
+            client.register_plugin(_crash_on({"dark_040.png": str(tmp_path / "died-once"),
+                                              "bright_250.png": "always"}))
             results = run_set(job, images, cluster=c, progress=False)
+    assert (tmp_path / "died-once").exists()
     report = summarize(bench["images"], bench["honest"], results)
     by_name = {r.name: r for r in report.images}
     assert by_name["dark_040.png"].status == "pass" and by_name["dark_040.png"].attempts == 2

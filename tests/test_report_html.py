@@ -72,8 +72,12 @@ def test_passing_report_and_errors(env, tmp_path, capsys):
     assert "<span class='pass'>PASS</span>" in page and page.count("<svg") == 1  # no failing layer to draw
     _no_external_reference(page)
     capsys.readouterr()
-    assert _compare(env, "good.npz", "--plots", str(tmp_path / "missing")) == 2
-    assert "--plots" in capsys.readouterr().err
+    assert _compare(env, "good.npz", "--plots", str(tmp_path / "new" / "plots")) == 0  # a missing folder is made
+    assert (tmp_path / "new" / "plots" / "ratios.png").is_file()
+    (tmp_path / "file").write_text("")
+    assert _compare(env, "good.npz", "--plots", str(tmp_path / "file")) == 2
+    err = capsys.readouterr().err
+    assert "--plots" in err and "exists and is not a folder" in err
     assert _compare(env, "good.npz", "--html", str(tmp_path / "no" / "r.html")) == 2
     assert "does not exist" in capsys.readouterr().err
 
@@ -91,3 +95,45 @@ def test_rendered_in_headless_chromium(env, tmp_path):
     assert _compare(env, "bad.npz", "--html", str(page)) == 1
     dom = assert_renders_offline(page, tmp_path)
     assert dom.count("<svg") >= 2 and "FAIL" in dom and BAD_LAYER in dom
+
+
+def test_pictures_of_layers_that_fail_their_isolated_check_come_first(env):
+    """The first divergent layer, then the other isolated failures (largest first), then the layers
+    that only inherit an error, in network order."""
+    import dataclasses
+
+    from refghost.verify.compare import compare
+    from refghost.verify.golden import read_golden
+    from refghost.verify.report_html import _failing_layers
+
+    golden = read_golden(env / "g.h5")
+    report = compare(golden, dict(np.load(env / "bad.npz")))
+    bad = [t.name for t in report.tensors if t.status == "mismatch"]
+    assert _failing_layers(report)[0] == BAD_LAYER == report.first_divergent and len(bad) > 3
+    fake = dataclasses.replace(report, isolated_failures=[(bad[-1], 9.0), (BAD_LAYER, 5.0)])
+    order = _failing_layers(fake)
+    assert order[:2] == [BAD_LAYER, bad[-1]]
+    assert order[2:] == [n for n in bad if n not in (BAD_LAYER, bad[-1])][:len(order) - 2]
+
+
+def test_the_chart_names_the_stages_on_its_x_axis(env):
+    from refghost.verify.compare import compare
+    from refghost.verify.golden import read_golden
+    from refghost.verify.report_html import _ratio_chart, require_matplotlib, stage_starts
+
+    golden = read_golden(env / "g.h5")
+    report = compare(golden, dict(np.load(env / "good.npz")))
+    names = [t.name for t in report.tensors]
+    starts = stage_starts(names)
+    assert list(starts.values())[:3] == ["stem", "blocks.0", "blocks.1"] and min(starts) == 0
+    assert all(names[i] == s or names[i].startswith(s + ".") or s == "stem" for i, s in starts.items())
+    plt = require_matplotlib()
+    fig = _ratio_chart(plt, report)
+    assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == list(starts.values())
+    plt.close(fig)
+
+
+def test_the_set_table_has_no_empty_count_cells():
+    from refghost.verify.report_html import _images
+
+    assert _images([]) == "-" and _images(["a.png", "b.png"]) == "2: a.png, b.png"

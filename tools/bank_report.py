@@ -37,9 +37,8 @@ def main() -> int:
             for entry in bank.entries:
                 settings = [("all", 1), ("none", 1), ("all", 2)] if entry.honest else [("all", 1)]
                 for optimization, threads in settings:
-                    tensors, description, notes = load_candidate(entry.path, golden, threads=threads,
-                                                                 optimization=optimization)
-                    report = compare(golden, tensors, candidate_name=description, notes=notes)
+                    loaded = load_candidate(entry.path, golden, threads=threads, optimization=optimization)
+                    report = compare(golden, loaded.tensors, candidate_name=loaded.description, notes=loaded.notes)
                     acc = max(t.accumulated_ratio for t in report.tensors)
                     iso = max((t.isolated_ratio or 0.0) for t in report.tensors)
                     if entry.honest:

@@ -2,6 +2,7 @@
 
     python tools/fuzz.py --seconds 600 [--kinds weights,golden,...] [--seed 0] [--timeout 20]
                          [--memory-gib 4] [--show 3]
+    python tools/fuzz.py --cases 3 ...   # exactly 3 cases per reader, whatever the machine's speed
 
 Each case is a byte-level mutant (``refghost.testing.fuzz.mutate_bytes``) or, for HDF5 kinds,
 a structural one (``mutate_structure``) of a seed file (the shipped weights, a small golden,
@@ -138,6 +139,8 @@ def run_atheris(kind: str, seconds: float, timeout: float, memory_gib: float, se
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=600, help="total run time, shared by the readers")
+    parser.add_argument("--cases", type=int, help="run exactly this many cases per reader (then --seconds is "
+                        "ignored): the same cases and counts on any machine, for a given --seed")
     parser.add_argument("--kinds", default=",".join(fuzz.KINDS), help="comma-separated readers")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--timeout", type=float, default=20, help="seconds after which a case is a hang")
@@ -162,10 +165,18 @@ def main(argv=None) -> int:
         deadline = time.monotonic() + args.seconds
         slowest = {k: 0.0 for k in kinds}
         i = 0
+
+        def more() -> bool:
+            if args.cases is not None:
+                return any(counts[k]["cases"] < args.cases for k in kinds)
+            return time.monotonic() < deadline
+
         try:
-            while time.monotonic() < deadline:
+            while more():
                 kind = kinds[i % len(kinds)]
                 i += 1
+                if args.cases is not None and counts[kind]["cases"] >= args.cases:
+                    continue
                 case = cases / seeds[kind].name  # (the .npy candidate's name says which output it is)
                 structural = fuzz.SUFFIX[kind] == ".h5" and rng.random() < 0.4
                 if structural:

@@ -1,7 +1,9 @@
-"""Write refghost's shipped default weights: a synthetic (untrained) NanoDet GhostNet.
+"""Write refghost's shipped default weights: a synthetic (untrained) NanoDet GhostNet, and a
+synthetic whole NanoDet-Plus-m detector.
 
     python tools/make_weights.py                      # -> weights/ghostnet_nanodet_1.0x.h5
     python tools/make_weights.py --width 0.5 --out /tmp/w.h5 --seed 3
+    python tools/make_weights.py --detector nanodet-plus-m_320   # -> weights/nanodet-plus-m_320.h5
 
 These are NOT trained weights. They exist so that refghost runs, and can be checked, with no
 download. They are made to behave like a trained network numerically:
@@ -15,7 +17,17 @@ download. They are made to behave like a trained network numerically:
    statistics estimate its input's statistics. Every BN output then has per-channel mean
    ``beta`` and standard deviation ``gamma``, so activations stay O(1) through all 10 stages.
 
-The output is a function of (seed, width, activation) only: run it twice and the bytes match.
+A detector (``--detector PRESET``, a name of :data:`refghost.detector.spec.PRESETS`; square input
+of the name's ``_320``/``_416`` suffix, else ``--size``) is made the same way, then one more step:
+
+3. the class biases of the head's 1x1 convs (``head.gfl_cls.<level>.bias[:num_classes]``) are
+   set to one common value that puts the sample image's :data:`DETECTOR_SCORES_PASSING`-th
+   highest class score exactly :data:`DETECTOR_SCORE_MARGIN` (in logits) above NanoDet's score
+   threshold 0.05: at least that many (prior, class) scores pass it, a handful of boxes survive
+   NMS, and every post-processing stage has work to do. Class names are COCO's.
+
+The output is a function of (seed, width, activation) (or (seed, preset)) only: run it twice and
+the bytes match.
 """
 
 from __future__ import annotations
@@ -31,11 +43,15 @@ from refghost.arch import Config, build_graph
 from refghost.forward import evaluate
 from refghost.threads import single_threaded_blas
 from refghost.preprocess import prepare_image, read_image
-from refghost.weights import NANODET_PREPROCESSING, from_tensors, save_weights
+from refghost.weights import NANODET_PREPROCESSING, Preprocessing, from_tensors, save_weights
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLE = REPO / "refghost" / "data" / "sample.png"
 DEFAULT_OUT = REPO / "weights" / "ghostnet_nanodet_1.0x.h5"
+#: How many (prior, class) scores of the sample image at least pass the score threshold (step 3).
+DETECTOR_SCORES_PASSING = 8
+#: How far above the threshold's logit the DETECTOR_SCORES_PASSING-th class logit is put.
+DETECTOR_SCORE_MARGIN = 0.25
 
 
 def draw_tensors(graph, rng) -> dict[str, np.ndarray]:
@@ -101,16 +117,73 @@ def make_weights(seed: int = 0, width: float = 1.0, activation: str = "ReLU"):
                         NANODET_PREPROCESSING, provenance)
 
 
+def detector_input_size(preset: str, size: int) -> tuple[int, int]:
+    """The square input of a preset whose name ends in ``_<size>``, else ``size``."""
+    tail = preset.rsplit("_", 1)[-1]
+    side = int(tail) if tail.isdigit() else size
+    return side, side
+
+
+def set_class_bias(graph, tensors: dict, x: np.ndarray, config) -> None:
+    """Step 3 of the module docstring, on the float64 sample image ``x`` (1, 3, H, W) (in place)."""
+    from refghost.detector.decode import DEFAULT_SCORE_THRESHOLD
+    from refghost.detector.graph import OUTPUT
+    from refghost.forward import execute
+
+    c = config.num_classes
+    keys = [key for key in graph.param_shapes if key.startswith("head.gfl_cls.") and key.endswith(".bias")]
+    for key in keys:
+        tensors[key][:c] = 0.0
+    with single_threaded_blas():
+        out = execute(graph, tensors, x)[OUTPUT]  # class part sigmoided, bias 0
+    logits = np.log(out[0, :, :c]) - np.log1p(-out[0, :, :c])
+    kth = np.sort(logits, axis=None)[-DETECTOR_SCORES_PASSING]
+    threshold_logit = np.log(DEFAULT_SCORE_THRESHOLD / (1 - DEFAULT_SCORE_THRESHOLD))
+    for key in keys:
+        tensors[key][:c] = threshold_logit + DETECTOR_SCORE_MARGIN - kth
+
+
+def make_detector_weights(preset: str, seed: int = 0, size: int = 320):
+    """Synthetic weights of the detector ``preset`` (the module docstring's steps 1-3)."""
+    from refghost.detector.classes import COCO_CLASSES
+    from refghost.detector.graph import build_detector_graph
+    from refghost.detector.spec import PRESETS
+
+    config = PRESETS[preset]
+    graph = build_detector_graph(config)
+    input_size = detector_input_size(preset, size)
+    tensors = draw_tensors(graph, np.random.default_rng(seed))
+    batch = calibration_batch(input_size)
+    with single_threaded_blas():
+        calibrate(graph, tensors, batch)
+    set_class_bias(graph, tensors, batch[:1], config)
+    pre = NANODET_PREPROCESSING
+    provenance = {"source_file": "", "source_sha256": "",
+                  "converter": f"refghost {__version__} tools/make_weights.py --detector {preset} --seed {seed}",
+                  "description": "SYNTHETIC, UNTRAINED weights of a whole NanoDet detector: seeded random init, "
+                                 "BatchNorm statistics and class biases calibrated on the sample image. Detects "
+                                 "nothing real."}
+    return from_tensors({k: v.astype(np.float32) for k, v in tensors.items()}, config,
+                        Preprocessing(pre.mean, pre.std, pre.channel_order, input_size), provenance,
+                        class_names=COCO_CLASSES if config.num_classes == len(COCO_CLASSES) else ())
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--width", type=float, default=1.0)
     parser.add_argument("--activation", default="ReLU")
+    parser.add_argument("--detector", metavar="PRESET", help="a whole detector: a name of refghost.detector.spec.PRESETS")
+    parser.add_argument("--size", type=int, default=320, help="the detector's input side when the name has none")
     args = parser.parse_args(argv)
-    weights = make_weights(args.seed, args.width, args.activation)
-    save_weights(args.out, weights)
-    print(f"wrote {args.out}")
+    if args.detector:
+        weights = make_detector_weights(args.detector, args.seed, args.size)
+        out = REPO / "weights" / f"{args.detector}.h5" if args.out == DEFAULT_OUT else args.out
+    else:
+        weights, out = make_weights(args.seed, args.width, args.activation), args.out
+    save_weights(out, weights)
+    print(f"wrote {out}")
     return 0
 
 

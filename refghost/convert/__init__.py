@@ -15,18 +15,26 @@
 
 For an ``.onnx`` file the architecture, width, activation and out_stages come from the graph.
 The graph wins: an option given explicitly that contradicts it is an error.
+
+A whole NanoDet detector (``arch="detector"``, or a NanoDet config file given, or a checkpoint
+with ``fpn.``/``head.`` keys and no ``arch``) is read by :mod:`~refghost.convert.detector`, its
+architecture, input size, keep_ratio, normalisation and class names from NanoDet's own YAML config
+(:mod:`~refghost.convert.nanodet_config`) or, without one, inferred from the tensors' shapes.
+:func:`convert_checkpoint` returns the weights with notes saying what was chosen, dropped or
+assumed; :func:`convert` the weights alone.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
+from .. import __version__
 from ..arch import DEFAULT_OUT_STAGES, build_graph, canonical_activation
 from ..errors import RefghostError, WeightsError
-from ..weights import Preprocessing, Weights, save_weights
-from .onnx_import import import_onnx
-from .state_dict import weights_from_state_dict
+from ..weights import NANODET_PREPROCESSING, Preprocessing, Weights, file_sha256, from_tensors, save_weights
+# (the readers of checkpoints and ONNX graphs are imported when a conversion runs: every refghost
+# command's parser reads DEFAULTS, and `refghost run` should not pay for them)
 
 #: The options' values when not given, for checkpoints (an ONNX graph says its own).
 DEFAULTS = {"arch": "nanodet", "width": 1.0, "activation": "ReLU", "out_stages": DEFAULT_OUT_STAGES}
@@ -37,9 +45,35 @@ DEFAULTS = {"arch": "nanodet", "width": 1.0, "activation": "ReLU", "out_stages":
 ASSUMED_PREPROCESSING = ("channel_order", "mean", "std")
 
 
-def convert(src, out, *, arch=None, width=None, activation=None, out_stages=None,
-            preprocessing: Preprocessing | None = None, channel_order=None, mean=None, std=None) -> Weights:
-    """Read checkpoint ``src``, validate it as GhostNet ``arch``, write weights file ``out``.
+#: The ``arch`` of :func:`convert` for a whole detector (the weights file's ``arch`` attribute).
+DETECTOR = "detector"
+#: Top-level modules of a NanoDet detector besides its backbone: their keys make a checkpoint a
+#: detector's.
+DETECTOR_PARTS = ("fpn", "head")
+
+
+@dataclass(frozen=True)
+class Converted:
+    """What :func:`convert_checkpoint` wrote, and one line per thing a user should know about it
+    (which copy of the weights was used, what was dropped, what was assumed)."""
+
+    weights: Weights
+    notes: tuple[str, ...] = ()
+
+
+def convert(src, out, **options) -> Weights:
+    """:func:`convert_checkpoint`'s weights (same arguments)."""
+    return convert_checkpoint(src, out, **options).weights
+
+
+def convert_checkpoint(src, out, *, arch=None, width=None, activation=None, out_stages=None,
+                       preprocessing: Preprocessing | None = None, channel_order=None, mean=None, std=None,
+                       config_file=None) -> Converted:
+    """Read checkpoint ``src``, validate it as GhostNet ``arch`` or a whole detector, write
+    weights file ``out``.
+
+    A detector: ``arch="detector"``, or ``config_file`` (NanoDet's YAML) given, or ``arch`` None
+    and the checkpoint has ``fpn.``/``head.`` keys (:func:`convert_detector`).
 
     For a checkpoint, an option left as None takes its value in :data:`DEFAULTS`. For an
     ``.onnx`` file the options are read from the graph; one given (not None) must agree with it.
@@ -48,12 +82,24 @@ def convert(src, out, *, arch=None, width=None, activation=None, out_stages=None
     statistics, or ImageNet's RGB ones for ``ghostnet``); a channel order given alone keeps the
     default statistics of each colour (reordered).
     """
-    if os.fspath(src).lower().endswith(".onnx"):
+    from .onnx_import import import_onnx
+    from .state_dict import read_state_dict, split_backbone, weights_from_state_dict
+
+    is_onnx = os.fspath(src).lower().endswith(".onnx")
+    if config_file is not None or arch == DETECTOR:
+        if is_onnx:
+            raise WeightsError(f"{src}: a whole detector is read from a checkpoint; refghost imports the GhostNet "
+                               f"backbone alone from ONNX")
+        return convert_detector(src, out, config_file=config_file, channel_order=channel_order, mean=mean, std=std)
+    if is_onnx:
         weights = _check_onnx_options(src, import_onnx(src, preprocessing=preprocessing), arch=arch, width=width,
                                       activation=activation, out_stages=out_stages)
         weights = _with_preprocessing(weights, channel_order, mean, std)
         save_weights(out, weights)
-        return weights
+        return Converted(weights)
+    left = split_backbone(read_state_dict(src), arch or DEFAULTS["arch"])[1]
+    if arch is None and any(part in left for part in DETECTOR_PARTS):
+        return convert_detector(src, out, channel_order=channel_order, mean=mean, std=std)
     arch = DEFAULTS["arch"] if arch is None else arch
     width = DEFAULTS["width"] if width is None else width
     activation = DEFAULTS["activation"] if activation is None else activation
@@ -62,7 +108,48 @@ def convert(src, out, *, arch=None, width=None, activation=None, out_stages=None
                                       preprocessing=preprocessing)
     weights = _with_preprocessing(weights, channel_order, mean, std)
     save_weights(out, weights)
-    return weights
+    notes = ()
+    if left:
+        counted = ", ".join(f"{module}.* ({n} tensors)" for module, n in left.items())
+        notes = (f"left out (--arch {arch} keeps the backbone alone): {counted}; convert without --arch to keep the "
+                 f"whole detector",)
+    return Converted(weights, notes)
+
+
+def convert_detector(src, out, *, config_file=None, channel_order=None, mean=None, std=None) -> Converted:
+    """A NanoDet checkpoint as a whole detector's weights file (see the module docstring).
+
+    With ``config_file``, the architecture, input size, keep_ratio, mean/std and class names are
+    NanoDet's config's (``channel_order``/``mean``/``std`` given here override them); without
+    one, the architecture is inferred from the shapes, the preprocessing is NanoDet's default
+    (:data:`refghost.weights.NANODET_PREPROCESSING`: BGR, 320x320, stretch) and the notes say so.
+    """
+    from .detector import read_detector_checkpoint
+    from .nanodet_config import read_nanodet_config
+
+    notes = []
+    if config_file is not None:
+        settings = read_nanodet_config(config_file)
+        checkpoint = read_detector_checkpoint(src, settings.detector)
+        pre = Preprocessing(tuple(settings.mean), tuple(settings.std), "BGR", tuple(settings.input_size),
+                            settings.keep_ratio)
+        class_names = tuple(settings.class_names)
+        notes.append(f"architecture, input size, keep_ratio, mean/std and class names from {config_file}")
+    else:
+        checkpoint = read_detector_checkpoint(src)
+        pre, class_names = NANODET_PREPROCESSING, ()
+        notes.append("architecture inferred from the tensors' shapes; input size 320x320, stretch (keep_ratio "
+                     "False), NanoDet's mean/std and unnamed classes assumed: pass --config with the model's "
+                     "NanoDet YAML to read them")
+        notes += [f"assumed: {a}" for a in checkpoint.assumed]
+    notes.append(f"weights: the checkpoint's {checkpoint.origin} copy")
+    notes += [f"dropped {group}" for group in checkpoint.dropped]
+    provenance = {"source_file": os.path.basename(os.fspath(src)), "source_sha256": file_sha256(src),
+                  "converter": f"refghost {__version__} convert"}
+    weights = from_tensors(checkpoint.tensors, checkpoint.config, pre, provenance, class_names=class_names)
+    weights = _with_preprocessing(weights, channel_order, mean, std)
+    save_weights(out, weights)
+    return Converted(weights, tuple(notes))
 
 
 def _with_preprocessing(weights: Weights, channel_order, mean, std) -> Weights:
@@ -80,7 +167,7 @@ def _with_preprocessing(weights: Weights, channel_order, mean, std) -> Weights:
         raise WeightsError(f"--mean/--std: 3 numbers each, got {mean!r}, {std!r} ({exc})") from None
     except RefghostError as exc:
         raise WeightsError(str(exc)) from None
-    return Weights(weights.config, new, weights.tensors, weights.provenance)
+    return Weights(weights.config, new, weights.tensors, weights.provenance, class_names=weights.class_names)
 
 
 def _check_onnx_options(src, weights: Weights, **options) -> Weights:

@@ -48,6 +48,14 @@ def select_backbone(state_dict: dict, arch: str) -> dict:
     prefixes are stripped; with a ``backbone.`` prefix only those keys are kept; for
     ``arch="nanodet"`` the classifier head keys are dropped.
     """
+    return split_backbone(state_dict, arch)[0]
+
+
+def split_backbone(state_dict: dict, arch: str) -> tuple[dict, dict[str, int]]:
+    """``(backbone, left)``: :func:`select_backbone`'s keys, and the keys of a whole NanoDet
+    checkpoint it left out, counted per top-level module (``{"fpn": 143, "head": 40, "aux_fpn":
+    ...}``; BatchNorm ``num_batches_tracked`` counters not counted), so that a caller can name
+    them. ``left`` is empty for a checkpoint that holds a backbone alone."""
     sd = dict(state_dict)
     if any(k.startswith("avg_model.") for k in sd):
         sd = {"model." + k[len("avg_model."):]: v for k, v in sd.items() if k.startswith("avg_model.")}
@@ -57,11 +65,16 @@ def select_backbone(state_dict: dict, arch: str) -> dict:
             if key.startswith(prefix):
                 key = key[len(prefix):]
         stripped[key] = value
+    left: dict[str, int] = {}
     if any(k.startswith("backbone.") for k in stripped):
+        for key in stripped:
+            if not key.startswith("backbone.") and not key.endswith(".num_batches_tracked"):
+                module = key.split(".", 1)[0]
+                left[module] = left.get(module, 0) + 1
         stripped = {k[len("backbone."):]: v for k, v in stripped.items() if k.startswith("backbone.")}
     if arch == "nanodet":
         stripped = {k: v for k, v in stripped.items() if not k.startswith(HEAD_PREFIXES)}
-    return stripped
+    return stripped, left
 
 
 def weights_from_state_dict(src, *, arch: str, width: float, activation: str, out_stages,

@@ -1,20 +1,24 @@
 """Run a ported model in the runtime it was ported to, every tensor named by module path.
 
 A candidate model file is run on a golden file's input by the runtime its extension names (or
-``runtime=``), and every tensor the runtime exposes is put back in the golden's NCHW shape and
-mapped to the refghost layer it holds. Each runtime lives in its own module of this package with
-one entry point::
+``runtime=``). Each runtime lives in its own module of this package, and every one keeps the
+same contract: one entry point::
 
-    run(path: str, golden: Golden, *, precise: bool, options: dict[str, str], threads: int) -> RuntimeRun
+    observe(path: str, golden: Golden, *, precise: bool, options: dict[str, str], threads: int) -> Observed
+
+that runs the model and returns what it saw (:class:`Observed`): the ops of its graph in one
+vocabulary (:class:`refghost.runtimes.mapping.Op`, ONNX's op types), the value of every exposed
+tensor in NCHW, the outputs as deployed, and the :class:`Precision` in effect. The adapter never
+names a layer: :func:`run_model` hands what it saw to :func:`refghost.runtimes.mapping.match`,
+the one place runtime tensors are matched to module paths, and returns a :class:`RuntimeRun`.
 
 ``precise=False`` runs the model as a user ships it (the runtime's defaults); ``precise=True``
 asks for the runtime's most precise settings. ``options`` are runtime settings given by the
 user (``--runtime-option KEY=VALUE``), applied last. The runtime packages are optional
 (``pip install "refghost[runtimes]"``); a missing one is a :class:`RuntimeMissing` error naming
-the package to install; a runtime that refuses the model or fails on it is a
-:class:`RuntimeFailed` carrying the runtime's message. Adapters build the tensors of a run with
-:func:`collect` (outputs as deployed, mapped intermediates in the golden's shapes) and map them
-with :mod:`refghost.runtimes.mapping`.
+the package to install; a model a runtime refuses or fails on is a :class:`RuntimeFailed`
+carrying the runtime's message; a graph that cannot be matched to the network is a
+:class:`refghost.runtimes.mapping.MappingError`.
 """
 
 from __future__ import annotations
@@ -28,8 +32,8 @@ import numpy as np
 from ..arch import output_shapes
 from ..errors import CompareError
 
-__all__ = ["EXTENSIONS", "RUNTIMES", "Precision", "RuntimeFailed", "RuntimeMissing", "RuntimeRun", "collect",
-           "layer_shapes", "require", "run_model", "runtime_for", "to_golden_shape"]
+__all__ = ["EXTENSIONS", "RUNTIMES", "Observed", "Precision", "RuntimeFailed", "RuntimeMissing", "RuntimeRun",
+           "input_shape", "layer_shapes", "nchw", "require", "run_model", "runtime_for", "to_golden_shape"]
 
 #: Runtime name -> the module of this package that runs it.
 RUNTIMES = {
@@ -55,16 +59,20 @@ class RuntimeFailed(CompareError):
 class Precision:
     """The precision a runtime actually used, as far as it tells or its model file shows.
 
-    Each field is one of ``"float32"``, ``"float16"``, ``"bfloat16"``: ``arithmetic`` is the
-    precision of the operations (products, sums), ``weights`` the precision the weights are
-    stored in, ``activations`` the precision tensors are stored in between layers.
-    ``detail`` says where each came from (a property read back, a flag, the model file).
+    The three formats are those of :class:`refghost.bounds.Policy` (one vocabulary, one of
+    ``"float32"``, ``"float16"``, ``"bfloat16"`` each): ``arithmetic`` is the precision of the
+    operations (products, sums), ``weights`` the precision the weights are stored in,
+    ``activations`` the precision tensors are stored in between layers. ``detail`` says where
+    each came from (a property read back, a flag, the model file), naming the runtime;
+    ``remedy`` what gives float32 when ``--precise`` cannot (weights stored narrow in the file).
     """
 
     arithmetic: str = "float32"
     weights: str = "float32"
     activations: str = "float32"
     detail: str = ""
+    #: what would give float32 when ``--precise`` cannot (weights stored narrow in the model file)
+    remedy: str = ""
 
     @property
     def is_float32(self) -> bool:
@@ -72,21 +80,37 @@ class Precision:
 
     @property
     def policy(self) -> str:
-        """The precision policy (:data:`refghost.bounds.POLICIES`) that bounds a run at this precision.
+        """The name of the precision policy that bounds a run at this precision: the one table,
+        :data:`refghost.bounds.POLICIES`, looked up by :func:`refghost.bounds.policy_for`."""
+        from ..bounds import policy_for
 
-        Narrow arithmetic gives that format's arithmetic policy: a runtime does not say whether it
-        accumulates in float32, so the looser model is taken. Otherwise the storage formats give
-        the storage policies; a bfloat16 weight with float32 tensors is bounded as bfloat16 storage.
-        """
-        if self.arithmetic != "float32":
-            return self.arithmetic
-        if self.activations != "float32":
-            return f"{self.activations}-storage"
-        if self.weights == "float16":
-            return "float16-weights"
-        if self.weights == "bfloat16":
-            return "bfloat16-storage"
-        return "float32"
+        return policy_for(self.arithmetic, self.weights, self.activations).name
+
+
+@dataclass
+class Observed:
+    """What an adapter's ``observe`` returns: one run of a model as its runtime showed it.
+
+    ``ops`` (topological order, ONNX's vocabulary) name the tensors of ``values``, each an array
+    in NCHW (or (N, C) for a vector), the whole batch; ``outputs`` are the model's outputs as
+    deployed, in the golden's output order, NCHW (None: the values of the layers the golden's
+    outputs name, from this same run). ``matcher`` says how :func:`refghost.runtimes.mapping.match`
+    matches the ops (one of its ``MATCHERS``), ``fused_activations`` whether the runtime fuses an
+    activation into the conv before it, ``labels`` how the runtime names a tensor in reports
+    (default: its key)."""
+
+    ops: list
+    values: dict[str, np.ndarray]
+    outputs: list[np.ndarray] | None
+    precision: Precision
+    runtime: str  # a key of RUNTIMES
+    version: str  # the runtime package's version
+    options: dict[str, str]  # every setting the run used, as text
+    exposed: int  # how many tensors the runtime exposed
+    matcher: str = "names"
+    fused_activations: bool = False
+    labels: dict[str, str] | None = None
+    notes: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -111,7 +135,8 @@ class RuntimeRun:
         """``"183 of 497 exposed tensors mapped to layers (183 by exporter scope names)"``."""
         hows: dict[str, int] = {}
         for _, how in self.mapping.values():
-            hows[how] = hows.get(how, 0) + 1
+            kind = how.split(":")[0]  # "by structure: Convolution 12 (line 4)": counted as "by structure"
+            hows[kind] = hows.get(kind, 0) + 1
         detail = ", ".join(f"{n} {how}" for how, n in hows.items())
         return f"{len(self.mapping)} of {self.exposed} exposed tensors mapped to layers" + (f" ({detail})" if detail
                                                                                           else "")
@@ -147,10 +172,37 @@ def runtime_for(path: str, runtime: str | None = None) -> str:
 
 def run_model(path: str, golden, *, runtime: str | None = None, precise: bool = False,
               options: dict[str, str] | None = None, threads: int = 1) -> RuntimeRun:
-    """Run the model file ``path`` on ``golden``'s input in its runtime."""
+    """Run the model file ``path`` on ``golden``'s input in its runtime; its tensors matched to
+    module paths by :func:`refghost.runtimes.mapping.match`."""
+    from .mapping import match
+
+    path = os.fspath(path)
     name = runtime_for(path, runtime)
     module = importlib.import_module(f"{__name__}.{RUNTIMES[name]}")
-    return module.run(path, golden, precise=precise, options=dict(options or {}), threads=threads)
+    seen = module.observe(path, golden, precise=precise, options=dict(options or {}), threads=threads)
+    tensors, mapping = match(seen, golden)
+    return RuntimeRun(tensors, seen.runtime, seen.version, seen.options, seen.precision, mapping, seen.exposed,
+                      list(seen.notes), model=path)
+
+
+def input_shape(path: str, runtime: str | None = None) -> tuple[int, ...] | None:
+    """The NCHW input shape the model file ``path`` declares, where its runtime can read one that
+    is fixed (an ncnn ``.param`` declares none); None otherwise."""
+    module = importlib.import_module(f"{__name__}.{RUNTIMES[runtime_for(path, runtime)]}")
+    reader = getattr(module, "input_shape", None)
+    if reader is None:
+        return None
+    shape = reader(os.fspath(path))
+    return tuple(int(d) for d in shape) if shape is not None and len(shape) == 4 and all(
+        isinstance(d, int) and d > 0 for d in shape) else None
+
+
+def nchw(array: np.ndarray, layout: str) -> np.ndarray:
+    """``array`` moved from ``layout`` (``NCHW``, ``NHWC``) to NCHW (an array of another rank as it is)."""
+    array = np.asarray(array)
+    if layout == "NHWC" and array.ndim == 4:
+        return np.moveaxis(array, -1, 1)
+    return array
 
 
 def to_golden_shape(array: np.ndarray, shape: tuple[int, ...], layout: str = "NCHW") -> np.ndarray:
@@ -169,20 +221,3 @@ def layer_shapes(golden) -> dict[str, tuple[int, ...]]:
     """The NCHW shape of every layer's output on ``golden``'s input."""
     n, _, h, w = golden.input.shape
     return output_shapes(golden.weights.graph, n, h, w)
-
-
-def collect(golden, outputs: list[np.ndarray], values: dict[str, np.ndarray], mapping: dict[str, str], how: str,
-            layout: str = "NCHW") -> tuple[dict[str, np.ndarray], dict[str, tuple[str, str]]]:
-    """``(tensors, mapping)`` of a run: the deployed ``outputs`` (in the model's output order) under
-    the golden's output names, and every mapped runtime tensor of ``values`` under its module path,
-    each in the golden's shape. ``mapping`` comes back as ``{runtime name: (module path, how)}``."""
-    names = list(golden.outputs)
-    if len(outputs) != len(names):
-        raise CompareError(f"the model has {len(outputs)} outputs, the golden has {len(names)} ({names})")
-    shape_of = layer_shapes(golden)
-    tensors = {name: to_golden_shape(out, golden.outputs[name].shape, layout) for name, out in zip(names, outputs)}
-    for runtime_name, layer in mapping.items():
-        if runtime_name in values and layer not in tensors:
-            value = values[runtime_name]
-            tensors[layer] = to_golden_shape(value, shape_of[layer], layout) if layer in shape_of else value
-    return tensors, {k: (v, how) for k, v in mapping.items()}

@@ -8,9 +8,10 @@ the ops it takes over to itself). ``precise=True`` runs the outputs on the built
 Converters (onnx2tf, ai-edge-torch) keep no module paths (tensor names are TF op chains such as
 ``model/tf.nn.relu_3/Relu;model/tf.math.add_6/Add;...``), reorder ops, and fuse: a conv carries
 its folded BN and its ReLU as a fused activation, an SE's second conv absorbs the ``+3`` and ReLU6
-of the hard-sigmoid. Tensors are mapped by :func:`refghost.runtimes.mapping.map_by_dataflow`: each conv by
-its weights (BN folded in), every other layer by the tensors it reads; the fused activation of
-each op is read from the model's flatbuffer. NHWC results are put back in NCHW.
+of the hard-sigmoid. The ops (in ONNX's vocabulary, each with the tensors it reads, a conv's
+weights, and its fused activation read from the model's flatbuffer) are matched by
+:mod:`refghost.runtimes.mapping` by data flow (each conv by its weights, BN folded in, every other
+layer by the tensors it reads). NHWC results are put back in NCHW.
 
 Precision: float32 arithmetic (the builtin kernels and XNNPACK's float32 path); weights stored as
 float16 (``*_float16.tflite``: ``DEQUANTIZE`` ops in front of the convs) are reported.
@@ -21,8 +22,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .mapping import BY_WEIGHTS, FlowOp, map_by_dataflow
-from . import Precision, RuntimeFailed, RuntimeRun, collect, require
+from .mapping import PLUMBING, Op
+from . import Observed, Precision, RuntimeFailed, nchw, require
 
 #: TFLite builtin op -> ONNX op type (refghost.runtimes.mapping's vocabulary).
 OPS = {
@@ -129,7 +130,7 @@ def _feed(interpreter, path, x):
     return layout
 
 
-def run(path: str, golden, *, precise: bool, options: dict[str, str], threads: int) -> RuntimeRun:
+def observe(path: str, golden, *, precise: bool, options: dict[str, str], threads: int) -> Observed:
     lite = require("ai_edge_litert.interpreter", "ai-edge-litert")
     require("flatbuffers", "flatbuffers")
     if options:
@@ -167,23 +168,33 @@ def run(path: str, golden, *, precise: bool, options: dict[str, str], threads: i
             weight = {"CONV_2D": lambda a: a.transpose(0, 3, 1, 2),  # OHWI -> OIHW
                       "DEPTHWISE_CONV_2D": lambda a: a.transpose(3, 0, 1, 2),  # 1HWO -> O1HW
                       "FULLY_CONNECTED": lambda a: a}[name](w)
-        ops.append(FlowOp(kind, str(op["outputs"][0]), data, weight, _FUSED.get(act)))
-    params = golden.weights.params("float64")
-    mapping = map_by_dataflow(ops, golden.weights.graph, params)
-    values = {str(i): every.get_tensor(i) for i in map(int, mapping)}
-    names = {str(i): details[i]["name"] for i in map(int, mapping)}
-    tensors, mapping = collect(golden, outputs, values, mapping, BY_WEIGHTS, layout=layout)
-    mapping = {f"{k}:{names[k]}": v for k, v in mapping.items()}
-    n_exposed = sum(1 for op in ops if op.kind not in ("Pad", "Reshape", "Transpose", "Squeeze"))
+        ops.append(Op(kind, str(op["outputs"][0]), inputs=data, weight=weight, fused=_FUSED.get(act)))
+    values = {op.output: nchw(every.get_tensor(int(op.output)), layout) for op in ops}
+    labels = {op.output: f"{op.output}:{details[int(op.output)]['name']}" for op in ops}
+    n_exposed = sum(1 for op in ops if op.kind not in PLUMBING and op.kind != "Pad")
     kernels = "builtin kernels" if precise else "the default delegate (XNNPACK)"
     precision = Precision(arithmetic="float32", weights="float16" if fp16_weights else "float32",
                           activations="float32",
-                          detail=f"outputs on {kernels}, intermediates on the builtin kernels, float32; weights "
-                                 + ("stored as float16 (DEQUANTIZE ops)" if fp16_weights else "stored as float32"))
+                          detail=f"LiteRT: outputs on {kernels}, intermediates on the builtin kernels, float32; "
+                                 f"weights " + ("stored as float16 (DEQUANTIZE ops)" if fp16_weights
+                                                else "stored as float32"),
+                          remedy="the .tflite stores its weights as float16, which --precise cannot undo; convert the "
+                                 "model again without float16 quantization" if fp16_weights else "")
     version = getattr(__import__("ai_edge_litert"), "__version__", None) or _package_version()
     used = {"num_threads": str(threads), "delegate": "none" if precise else "default (XNNPACK)"}
     notes = [f"intermediates from a second run without delegates ({len(ops)} ops; tensors named index:name)"]
-    return RuntimeRun(tensors, "litert", version, used, precision, mapping, n_exposed, notes, model=path)
+    return Observed(ops, values, [nchw(out, layout) for out in outputs], precision, "litert", version, used, n_exposed,
+                    matcher="dataflow", fused_activations=True, labels=labels, notes=notes)
+
+
+def input_shape(path: str):
+    """The model's input shape, NCHW (a 4-D input is taken as NHWC, onnx2tf's and LiteRT's layout)."""
+    lite = require("ai_edge_litert.interpreter", "ai-edge-litert")
+    details = _interpreter(lite, path, 1, delegates=False, preserve=False).get_input_details()
+    if len(details) != 1 or len(details[0]["shape"]) != 4:
+        return None
+    n, h, w, c = (int(d) for d in details[0]["shape"])
+    return [n, c, h, w]
 
 
 def _outputs_in_golden_order(interpreter, golden, layout) -> list[np.ndarray]:

@@ -1,48 +1,60 @@
-"""Map a runtime's tensors to the refghost layers they hold: by scope names, else by structure.
+"""Map a runtime's tensors to the refghost layers they hold: the one place this is done.
 
 Every runtime adapter (ONNX Runtime, OpenVINO, MNN, ncnn, LiteRT) describes the graph it ran as
-a list of :class:`Op` in topological order, each op spelled in ONNX's vocabulary (``Conv``,
-``Relu``, ``Concat``, ``GlobalAveragePool``, ``HardSigmoid``, ``Mul``, ...), with the name of the
-tensor it produces and, where the converter kept one, the PyTorch module path (``scope``) it came
-from. :func:`map_ops` then maps tensors to refghost graph nodes (:class:`refghost.arch.Graph`):
+a list of :class:`Op` in topological order, each spelled in ONNX's vocabulary
+(:data:`VOCABULARY`: ``Conv``, ``Relu``, ``Concat``, ``GlobalAveragePool``, ``HardSigmoid``,
+``Mul``, ...; plumbing in :data:`PLUMBING`), with the name of the tensor it produces and what the
+runtime keeps of it: the PyTorch module path (``scope``) where the converter kept one, the data
+tensors it reads, a conv's weights, its fused activation, its attributes. :func:`match` maps an
+adapter's :class:`~refghost.runtimes.Observed` run to refghost graph nodes
+(:class:`refghost.arch.Graph`) with the matcher the adapter asks for:
 
-1. by **scope names**: the TorchScript exporter names nodes (and their output tensors) after the
-   module path (``/blocks.6/blocks.6.3/ghost1/primary_conv/primary_conv.0/Conv``,
-   ``..._output_0``); the dynamo exporter records it in node metadata
-   ``pkg.torch.onnx.name_scopes``. A module's output is its last op's output; inside an SE, the
-   hard-sigmoid's last op (``Div`` or ``HardSigmoid``) is ``<se>.gate``. Exporters fold BatchNorm
-   into the Conv before it, so a Conv with no BatchNormalization of its own stands for the
-   conv+BN pair and maps to the BN.
-2. when names are missing (simplified or renamed graphs, runtimes that number their tensors): by
-   **structure**, aligning the ops in topological order with the refghost layers in forward
-   order (:data:`PATTERNS`: the op sequences that may implement each layer).
+1. ``names`` (:func:`map_ops`), by **scope names**: the TorchScript exporter names nodes (and
+   their output tensors) after the module path
+   (``/blocks.6/blocks.6.3/ghost1/primary_conv/primary_conv.0/Conv``, ``..._output_0``); the
+   dynamo exporter records it in node metadata ``pkg.torch.onnx.name_scopes``. A module's output
+   is its last op's output; inside an SE, the hard-sigmoid's last op (``Div`` or ``HardSigmoid``)
+   is ``<se>.gate``. Exporters fold BatchNorm into the Conv before it, so a Conv with no
+   BatchNormalization of its own stands for the conv+BN pair and maps to the BN. When names are
+   missing (simplified or renamed graphs): by **structure**, aligning the ops in topological
+   order with the refghost layers in forward order (:data:`PATTERNS`: the op sequences that may
+   implement each layer);
+2. ``dataflow`` (:func:`map_by_dataflow`), for runtimes that reorder and fuse ops and keep no
+   names (LiteRT): each conv by its weights (BN folded in), every other layer by its inputs;
+3. ``attributes`` (:func:`map_by_attributes`), for runtimes that keep the order and every op's
+   attributes but no names (ncnn): structure, checked op by op (kind, activation, channels,
+   kernel, stride, groups).
 
-:func:`onnx_ops` reads the ops of an ONNX graph; :func:`map_onnx` maps it. For runtimes that
-reorder and fuse ops and keep no names (LiteRT, ncnn), :func:`map_by_dataflow` maps a graph of
-:class:`FlowOp` by each conv's weights and every other layer's inputs.
+:func:`onnx_ops` reads the ops of an ONNX graph; :func:`map_onnx` maps it.
 """
 
 from __future__ import annotations
 
 import ast
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from ..arch import Graph, SqueezeExcite
 from ..errors import CompareError
+from ..ops import BN_EPS, fold_batch_norm
 
-__all__ = ["BY_SCOPE", "BY_STRUCTURE", "BY_WEIGHTS", "FlowOp", "Op", "PATTERNS", "PLUMBING", "MappingError",
-           "folded_conv_weight", "map_by_dataflow", "map_by_scope", "map_by_structure", "map_onnx", "map_ops",
-           "onnx_ops", "scope_of_name"]
+__all__ = ["BY_ATTRIBUTES", "BY_SCOPE", "BY_STRUCTURE", "BY_WEIGHTS", "CONSTANTS", "COPIES", "FlowOp", "MATCHERS",
+           "MappingError", "Op", "PASS_THROUGH", "PATTERNS", "PLUMBING", "VOCABULARY", "activation_name", "collect",
+           "folded_conv_weight", "map_by_attributes", "map_by_dataflow", "map_by_scope", "map_by_structure",
+           "map_onnx", "map_ops", "match", "onnx_ops", "scope_of_name"]
 
 BY_SCOPE = "by exporter scope names"
 BY_STRUCTURE = "by structure (the graph has no scope names)"
 
-#: Ops that never compute a layer's output. (Identity is not among them when matching by scope:
-#: the last op of a module's scope is its output, whatever it is.)
-PLUMBING = frozenset({"Constant", "Shape", "Gather", "Unsqueeze", "Cast", "ConstantOfShape", "Reshape", "Flatten",
-                      "Squeeze", "Dropout"})
+#: Ops that pass a tensor on unchanged in value: a copy, a change of layout or of type.
+COPIES = frozenset({"Identity", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose", "Cast", "Dropout"})
+#: Ops that compute no tensor of the network: the graph's input, constants, shape arithmetic.
+CONSTANTS = frozenset({"Input", "Constant", "Shape", "Gather", "ConstantOfShape", "Expand"})
+#: Ops that never compute a layer's output: the one list every adapter's ops are filtered by.
+#: (Identity is not among them when matching by scope: the last op of a module's scope is its
+#: output, whatever it is.)
+PLUMBING = (COPIES | CONSTANTS) - {"Identity"}
 _GATE_OPS = {"Div", "HardSigmoid", "Mul"}
 
 #: Each refghost op and the op sequences (ONNX vocabulary) that may implement it.
@@ -64,14 +76,36 @@ class MappingError(CompareError):
     """A runtime's graph that cannot be aligned with GhostNet's layers."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Op:
-    """One op of a runtime's graph: ``kind`` in ONNX's vocabulary, the tensor it produces, the
-    module path it came from (None when unknown)."""
+    """One op of a runtime's graph, as every adapter describes it.
+
+    ``kind`` is in ONNX's vocabulary (``Conv``, ``Relu``, ``Add``, ...; plumbing such as
+    ``Identity``, ``Reshape``, ``Constant``, ``Input`` in :data:`PLUMBING`), ``output`` the
+    runtime's name of the tensor it produces, ``scope`` the module path it came from (None when
+    unknown). What a matcher may need besides, where the runtime tells it: ``inputs`` (the data
+    tensors it reads, constants left out), ``weight`` (a Conv's or Gemm's weight in PyTorch's
+    layout, OIHW or (out, in)), ``fused`` (an activation the op applies to its result, an ONNX
+    kind), ``attrs`` (``out_channels``, ``kernel``, ``stride``, ``groups``; ``args`` of an
+    activation or ``fused_args`` of a fused one: LeakyRelu's slope, Clip's min and max), and
+    ``label``, how the runtime names the op in messages (``Convolution 12 (line 4)``).
+    """
 
     kind: str
     output: str
     scope: str | None = None
+    inputs: tuple[str, ...] = ()
+    weight: np.ndarray | None = None
+    fused: str | None = None
+    attrs: dict = field(default_factory=dict)
+    label: str | None = None
+
+    def describe(self) -> str:
+        return self.label or f"{self.kind} {self.output}"
+
+
+#: The former name of :class:`Op` for the data-flow matcher (the same class).
+FlowOp = Op
 
 
 def scope_of_name(name: str) -> str | None:
@@ -211,26 +245,13 @@ def map_by_structure(ops: list[Op], network: Graph, *, fused_activations: bool =
 # By data flow and weights: for runtimes that reorder ops and fuse them (LiteRT, ncnn)
 # ------------------------------------------------------------------------------------------
 BY_WEIGHTS = "by conv weights and data flow"
-#: Ops that pass a tensor on unchanged in value (padding is part of the conv that reads it).
-PASS_THROUGH = frozenset({"Pad", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Identity", "Cast", "Flatten"})
+#: Ops the data flow is followed through: copies, and padding (part of the conv that reads it).
+PASS_THROUGH = COPIES | {"Pad"}
 _ACTIVATIONS = {"Relu", "LeakyRelu", "Clip", "Elu", "Selu", "PRelu", "HardSwish", "Gelu"}
 _POOLS = {"GlobalAveragePool", "ReduceMean", "AveragePool"}
 #: Largest max|w_runtime - w_network| / max|w_network| of a conv matched by its weights (a bug may
 #: change a weight by a few percent; two different convs of a trained or random net differ by ~1).
 WEIGHT_MATCH = 0.1
-
-
-@dataclass(frozen=True)
-class FlowOp:
-    """One op of a runtime's graph for :func:`map_by_dataflow`: ``kind`` in ONNX's vocabulary, the
-    tensor it produces, the data tensors it reads (constants left out), and for a Conv or Gemm its
-    weight in PyTorch's layout (OIHW, or (out, in))."""
-
-    kind: str
-    output: str
-    inputs: tuple[str, ...]
-    weight: np.ndarray | None = None
-    fused: str | None = None  # an activation the op applies to its result (Relu, Clip for ReLU6), if any
 
 
 def folded_conv_weight(network: Graph, params: dict, conv) -> np.ndarray:
@@ -239,8 +260,9 @@ def folded_conv_weight(network: Graph, params: dict, conv) -> np.ndarray:
     consumers = [n for n in network.nodes if conv.name in n.inputs]
     if len(consumers) == 1 and consumers[0].op == "batch_norm":
         bn = consumers[0]
-        scale = params[bn.params["weight"]] / np.sqrt(params[bn.params["running_var"]] + bn.attrs.get("eps", 1e-5))
-        w = w * scale.reshape((-1,) + (1,) * (w.ndim - 1))
+        w, _ = fold_batch_norm(w, None, *(np.asarray(params[bn.params[k]], np.float64)
+                                          for k in ("weight", "bias", "running_mean", "running_var")),
+                               eps=bn.attrs.get("eps", BN_EPS))
     return w
 
 
@@ -354,3 +376,225 @@ def _gate(node, network: Graph, value, consumers, resolve) -> str:
             break
         t = resolve(steps[0].output)
     raise MappingError(f"layer {node.name}: no Mul of the SE's input by a tensor computed from {node.inputs[0]}")
+
+
+# ------------------------------------------------------------------------------------------
+# By structure, checked op by op: for runtimes that fuse, number their tensors and keep the
+# attributes of each op (ncnn)
+# ------------------------------------------------------------------------------------------
+BY_ATTRIBUTES = "by structure"
+#: The refghost ops an op of each kind may compute first (a Gemm may be a 1x1 conv on a pooled vector).
+_COMPUTES = {
+    "Conv": {"conv"}, "Gemm": {"conv", "linear"}, "BatchNormalization": {"batch_norm"},
+    "GlobalAveragePool": {"global_avg_pool"}, "ReduceMean": {"global_avg_pool"}, "HardSigmoid": {"hard_sigmoid"},
+    "Concat": {"concat"}, "Add": {"add"}, "Sum": {"add"}, "Mul": {"scale"},
+    **{kind: {"act"} for kind in ("Relu", "LeakyRelu", "Clip", "Elu", "Selu", "Gelu", "PRelu", "HardSwish", "Swish",
+                                  "Sigmoid", "Mish")},
+}
+
+#: Every op type (ONNX's) an adapter's ops may have: what the matchers compute with, pass through or skip.
+VOCABULARY = frozenset(PLUMBING | COPIES | set(_COMPUTES) | {k for ps in PATTERNS.values() for p in ps for k in p}
+                       | {"Pad", "Sub", "Min", "Max", "AveragePool"})
+
+
+def activation_name(kind: str, args=()) -> str:
+    """The refghost activation (a key of :data:`refghost.ops.ACTIVATIONS`) an activation op of ONNX's
+    vocabulary computes with ``args`` (LeakyRelu: the slope; Clip: min and max)."""
+    args = list(args or ())
+    if kind == "Relu":
+        return "ReLU"
+    if kind == "LeakyRelu":
+        return "LeakyReLU" if args and args[0] != 0 else "ReLU"
+    if kind == "Clip":
+        return "ReLU6" if args[:2] == [0, 6] else f"Clip{args}"
+    return {"Elu": "ELU", "Selu": "SELU", "Gelu": "GELU", "PRelu": "PReLU", "Swish": "SiLU"}.get(kind, kind)
+
+
+def map_by_attributes(ops: list[Op], network: Graph) -> tuple[dict[str, str], dict[str, str]]:
+    """Map by walking the ops (in topological order) alongside the network: each op is matched
+    to the layer(s) that read what its inputs hold and fit its attributes (kind, activation,
+    output channels, kernel, stride, groups); a fused op stands for the last layer it absorbed
+    (Conv+BN+ReLU: the ReLU; Conv+BN: the BN). Copies (:data:`COPIES`) pass on what they read.
+
+    Returns ``({tensor: layer}, {tensor: how})``. Raises :class:`MappingError` naming the op
+    where the graphs do not align (never a guess), or when a layer has no op.
+    """
+    inputs = [op for op in ops if op.kind == "Input"]
+    if len(inputs) != 1:
+        raise MappingError(f"expected one Input in the runtime's graph, found {len(inputs)}")
+    unknown = [op for op in ops if op.kind not in _COMPUTES and op.kind not in PLUMBING | COPIES]
+    if unknown:
+        raise MappingError(f"{unknown[0].describe()}: op {unknown[0].kind!r} is not part of a GhostNet refghost can "
+                           f"map; name the tensors by module path (dump them to .npz)")
+    consumers: dict[str, list] = {}
+    for node in network.nodes:
+        for src in node.inputs:
+            consumers.setdefault(src, []).append(node)
+    readers: dict[str, list[Op]] = {}
+    for op in ops:
+        for t in op.inputs:
+            readers.setdefault(t, []).append(op)
+    order = {node.name: i for i, node in enumerate(network.nodes)}
+    holds: dict[str, str] = {inputs[0].output: "input"}  # tensor -> the layer whose value it holds
+    matched: set[str] = set()
+    mapping: dict[str, str] = {}
+    hows: dict[str, str] = {}
+
+    def fail(op: Op, why: str):
+        return MappingError(f"cannot match the graph to the network by structure: {op.describe()} {why}; name "
+                            f"the tensors by module path (dump them to .npz) instead")
+
+    def read_by(t: str, kind: str) -> bool:  # whether an op of this kind reads t (through copies)
+        return any(r.kind == kind or (r.kind in COPIES and read_by(r.output, kind)) for r in readers.get(t, []))
+
+    for op in ops:
+        if op.kind in CONSTANTS:
+            continue
+        srcs = [holds[t] for t in op.inputs]
+        if op.kind in COPIES:
+            if len(srcs) != 1:
+                raise fail(op, f"copies {len(srcs)} inputs")
+            holds[op.output] = srcs[0]
+            continue
+        wanted = _COMPUTES[op.kind]
+        if len(srcs) == 1:
+            candidates = [n for n in consumers.get(srcs[0], []) if n.op in wanted and n.name not in matched
+                          and n.inputs == (srcs[0],)]
+        else:
+            candidates = [n for n in network.nodes if n.op in wanted and n.name not in matched
+                          and _same_inputs(n, srcs)]
+        candidates = [n for n in candidates if _attrs_fit(op, n, network) is None]
+        if not candidates:
+            reason = _why_not(op, srcs, consumers, wanted, network)
+            raise fail(op, f"({'/'.join(sorted(wanted))} on {', '.join(srcs)}) matches no layer of the network: "
+                           f"{reason}")
+        first = min(candidates, key=lambda n: order[n.name])
+        nodes = [first]
+        how = op.describe()
+        if first.op == "conv":
+            bn = _only_consumer(first, consumers, "batch_norm")
+            if bn is not None and not read_by(op.output, "BatchNormalization"):  # else BN is an op of its own
+                nodes.append(bn)
+            if op.fused is not None:
+                fused = activation_name(op.fused, op.attrs.get("fused_args"))
+                act = _only_consumer(nodes[-1], consumers, "act")
+                if act is None:
+                    raise fail(op, f"has a fused {fused}, the network has no activation after {nodes[-1].name}")
+                if act.attrs["activation"] != fused:
+                    raise fail(op, f"has a fused {fused}, {act.name} is {act.attrs['activation']}")
+                nodes.append(act)
+            if len(nodes) > 1:
+                how += f": {'+'.join(n.op for n in nodes)} fused, stands for the last"
+        elif first.op == "act" and first.attrs["activation"] != activation_name(op.kind, op.attrs.get("args")):
+            raise fail(op, f"is {activation_name(op.kind, op.attrs.get('args'))}, {first.name} is "
+                           f"{first.attrs['activation']}")
+        if len(candidates) > 1:
+            how += f" (first in forward order of {len(candidates)} alike: {', '.join(n.name for n in candidates)})"
+        matched.update(n.name for n in nodes)
+        holds[op.output] = nodes[-1].name
+        mapping[op.output] = nodes[-1].name
+        hows[op.output] = f"{BY_ATTRIBUTES}: {how}"
+    missing = [n.name for n in network.nodes if n.name not in matched]
+    if missing:
+        raise MappingError(f"no op of the runtime's graph computes {len(missing)} layer(s) of the network (first "
+                           f"{missing[0]}); the model is not this GhostNet")
+    return mapping, hows
+
+
+def _same_inputs(node, srcs: list[str]) -> bool:
+    if node.op == "concat":
+        return list(node.inputs) == srcs  # the channel order matters
+    return sorted(node.inputs) == sorted(srcs)  # add and scale commute
+
+
+def _only_consumer(node, consumers, op: str):
+    readers = consumers.get(node.name, [])
+    return readers[0] if len(readers) == 1 and readers[0].op == op else None
+
+
+def _attrs_fit(op: Op, node, network: Graph) -> str | None:
+    """Why ``op`` cannot compute ``node`` (channels, kernel, stride, groups), or None if it can."""
+    if node.op not in ("conv", "linear"):
+        return None
+    shape = network.param_shapes[node.params["weight"]]
+    out_chs = shape[0]
+    if op.attrs.get("out_channels") != out_chs:
+        return f"{op.attrs.get('out_channels')} output channels, {node.name} has {out_chs}"
+    if op.kind == "Gemm":
+        if node.op == "conv" and shape[2:] != (1, 1):
+            return f"{op.describe()} cannot be the {shape[2]}x{shape[3]} conv {node.name}"
+        return None
+    kernel, stride, groups = op.attrs["kernel"], op.attrs["stride"], op.attrs["groups"]
+    if tuple(kernel) != tuple(shape[2:]):
+        return f"kernel {kernel[0]}x{kernel[1]}, {node.name} has {shape[2]}x{shape[3]}"
+    if tuple(stride) != (node.attrs["stride"],) * 2:
+        return f"stride {stride[0]}, {node.name} has {node.attrs['stride']}"
+    if groups != node.attrs["groups"]:
+        return f"{groups} groups, {node.name} has {node.attrs['groups']}"
+    return None
+
+
+def _why_not(op: Op, srcs, consumers, wanted, network) -> str:
+    readers = [n for s in set(srcs) for n in consumers.get(s, [])]
+    if not readers:
+        return f"nothing in the network reads {srcs}"
+    fits = [n for n in readers if n.op in wanted]
+    if not fits:
+        return f"the network's layers reading it are {', '.join(f'{n.name} ({n.op})' for n in readers)}"
+    return "; ".join(f"{n.name}: {_attrs_fit(op, n, network) or 'already matched or other inputs'}" for n in fits)
+
+
+# ------------------------------------------------------------------------------------------
+# What every adapter returns, and the one place it is matched
+# ------------------------------------------------------------------------------------------
+#: How an adapter asks its ops to be matched: ``names`` (scope names, else the op sequence:
+#: :func:`map_ops`), ``dataflow`` (conv weights and data flow: :func:`map_by_dataflow`),
+#: ``attributes`` (structure checked op by op: :func:`map_by_attributes`).
+MATCHERS = ("names", "dataflow", "attributes")
+
+
+def match(observed, golden) -> tuple[dict[str, np.ndarray], dict[str, tuple[str, str]]]:
+    """``(tensors, mapping)`` of an adapter's :class:`~refghost.runtimes.Observed` run on
+    ``golden``: its ops matched to the network's layers by ``observed.matcher``, and
+    :func:`collect`'s tensors by module path and output name in the golden's shapes. The
+    mapping's keys are the runtime's tensor names (``observed.labels`` where it gives them)."""
+    network = golden.weights.graph
+    if observed.matcher == "names":
+        names, how = map_ops(observed.ops, network, fused_activations=observed.fused_activations)
+        hows = {t: how for t in names}
+    elif observed.matcher == "dataflow":
+        names = map_by_dataflow(observed.ops, network, golden.weights.params("float64"))
+        hows = {t: BY_WEIGHTS for t in names}
+    elif observed.matcher == "attributes":
+        names, hows = map_by_attributes(observed.ops, network)
+    else:
+        raise ValueError(f"matcher must be one of {MATCHERS}, got {observed.matcher!r}")
+    outputs = observed.outputs
+    if outputs is None:  # the outputs are the tensors of the layers the golden's outputs name
+        by_layer = {layer: t for t, layer in names.items()}
+        outputs = [observed.values[by_layer[node]] for node in network.outputs.values()]
+    tensors = collect(golden, outputs, observed.values, names)
+    labels = observed.labels or {}
+    return tensors, {labels.get(t, t): (layer, hows[t]) for t, layer in names.items()}
+
+
+def collect(golden, outputs: list[np.ndarray], values: dict[str, np.ndarray],
+            mapping: dict[str, str]) -> dict[str, np.ndarray]:
+    """The tensors of a run, each in the golden's shape: every mapped runtime tensor of ``values``
+    (NCHW) under its module path, in the order of ``mapping``, then the deployed ``outputs`` (in
+    the model's output order) under the golden's output names (an output's name that is also a
+    layer's holds the deployed output)."""
+    from . import layer_shapes, to_golden_shape
+
+    names = list(golden.outputs)
+    if len(outputs) != len(names):
+        raise MappingError(f"the model has {len(outputs)} outputs, the golden has {len(names)} ({names})")
+    shape_of = layer_shapes(golden)
+    tensors = {}
+    for runtime_name, layer in mapping.items():
+        if runtime_name in values and layer not in tensors and layer not in golden.outputs:
+            value = values[runtime_name]
+            tensors[layer] = to_golden_shape(value, shape_of[layer]) if layer in shape_of else value
+    for name, out in zip(names, outputs):
+        tensors[name] = to_golden_shape(out, golden.outputs[name].shape)
+    return tensors

@@ -5,8 +5,9 @@ tensor names), each with the op that produces it; the model is loaded again with
 them as an output (``MNN.nn.load_module_from_file``), run on the golden's input, and each result
 moved from MNN's packed ``NC4HW4`` layout to ``NCHW`` (``MNN.expr.convert``). MNN fuses a
 Conv(+folded BN)+ReLU into one ``Convolution`` named after the ReLU's output, and the SE's
-hard-sigmoid becomes ``ADD``, ``ReLU6``, ``MUL``: tensors map to module paths by the exporter's
-scope names where the converter kept them, else by structure (:mod:`refghost.runtimes.mapping`).
+hard-sigmoid becomes ``ADD``, ``ReLU6``, ``MUL``: the ops (:func:`graph_ops`, in ONNX's
+vocabulary) are matched by :mod:`refghost.runtimes.mapping`, by the exporter's scope names where
+the converter kept them, else by structure.
 
 Settings: ``precision`` = ``normal`` (MNN's default), ``high`` (``precise=True``) or ``low``;
 ``backend`` = ``CPU``; the thread count. ``options`` may set ``precision``, ``memory``, ``power``.
@@ -27,18 +28,20 @@ import platform
 
 import numpy as np
 
-from .mapping import Op, map_ops, scope_of_name
-from . import Precision, RuntimeFailed, RuntimeRun, collect, require
+from .mapping import PLUMBING, Op, scope_of_name
+from . import Observed, Precision, RuntimeFailed, require
 
-#: MNN op type -> ONNX op type (the vocabulary of refghost.runtimes.mapping); others are plumbing.
+#: MNN op type -> ONNX op type (the vocabulary of refghost.runtimes.mapping; plumbing there too:
+#: ``ConvertTensor`` and ``Raster`` move memory, as a Transpose or Reshape does).
 OPS = {
+    "Input": "Input", "Const": "Constant", "ConvertTensor": "Transpose", "Raster": "Reshape", "Reshape": "Reshape",
+    "Squeeze": "Squeeze", "Unsqueeze": "Unsqueeze", "Cast": "Cast",
     "Convolution": "Conv", "ConvolutionDepthwise": "Conv", "ADD": "Add", "MUL": "Mul", "DIV": "Div",
     "REALDIV": "Div", "Concat": "Concat", "ReLU": "Relu", "ReLU6": "Clip", "PReLU": "PRelu", "ELU": "Elu",
     "Selu": "Selu", "Sigmoid": "Sigmoid", "Pooling": "GlobalAveragePool", "Pooling3D": "GlobalAveragePool",
     "Reduction": "ReduceMean", "BatchNorm": "BatchNormalization", "InnerProduct": "Gemm", "MatMul": "MatMul",
     "Slice": "Slice", "StridedSlice": "Slice",
 }
-_PLUMBING = {"Input", "Const", "ConvertTensor", "Raster", "Reshape", "Squeeze", "Unsqueeze", "Cast"}
 PRECISIONS = ("normal", "high", "low")
 _BEFORE_OUTPUT = "__before_tr"  # MNN's name for a graph output's tensor before its layout conversion
 
@@ -92,11 +95,23 @@ def graph_ops(variables: dict, output_nodes: dict[str, str]) -> list[Op]:
         kind = variables[name].op_type
         base = name[: -len(_BEFORE_OUTPUT)] if name.endswith(_BEFORE_OUTPUT) else name
         scope = scope_of_name(name) or output_nodes.get(base)
-        ops.append(Op(OPS.get(kind, "Constant" if kind in _PLUMBING else kind), name, scope))
+        ops.append(Op(OPS.get(kind, kind), name, scope))
     return ops
 
 
-def run(path: str, golden, *, precise: bool, options: dict[str, str], threads: int) -> RuntimeRun:
+def input_shape(path: str):
+    """The model's input shape as its converter recorded it (NCHW)."""
+    MNN = _import()
+    try:
+        with _quiet_stdout():
+            variables = MNN.expr.load_as_dict(path)
+    except Exception as exc:
+        raise RuntimeFailed(f"{path}: MNN could not read it: {exc}") from None
+    inputs = [v for v in variables.values() if v.op_type == "Input"]
+    return list(inputs[0].shape) if len(inputs) == 1 else None
+
+
+def observe(path: str, golden, *, precise: bool, options: dict[str, str], threads: int) -> Observed:
     MNN = _import()
     F, nn = MNN.expr, MNN.nn
     config = {"backend": "CPU", "precision": "high" if precise else "normal", "numThread": threads}
@@ -123,12 +138,11 @@ def run(path: str, golden, *, precise: bool, options: dict[str, str], threads: i
     ops = graph_ops(variables, network.outputs)
     if not any(op.scope for op in ops if op.output.split(_BEFORE_OUTPUT)[0] not in network.outputs):
         ops = [Op(op.kind, op.output) for op in ops]  # no scope names but the outputs': by structure
-    exposed = [op.output for op in ops if op.kind != "Constant"]
+    exposed = [op.output for op in ops if op.kind not in PLUMBING]
     outputs = [name for name in network.outputs if name in variables]
     if len(outputs) != len(network.outputs):
         raise RuntimeFailed(f"{path}: the model's outputs do not carry the golden's output names "
                             f"{list(network.outputs)}; export with output_names={list(network.outputs)}")
-    mapping, how = map_ops(ops, network, fused_activations=True)
     x = np.ascontiguousarray(golden.input, dtype=np.float32)
     try:
         with _quiet_stdout():
@@ -142,7 +156,6 @@ def run(path: str, golden, *, precise: bool, options: dict[str, str], threads: i
                             f"{exc}") from None
     deployed = arrays[: len(outputs)]
     values = dict(zip(exposed, arrays[len(outputs):]))
-    tensors, mapping = collect(golden, deployed, values, mapping, how)
     fp16 = config["precision"] == "low" and platform.machine().lower() in ("aarch64", "arm64")
     arithmetic = "float16" if fp16 else "float32"
     precision = Precision(arithmetic=arithmetic, weights="float32", activations=arithmetic,
@@ -151,4 +164,5 @@ def run(path: str, golden, *, precise: bool, options: dict[str, str], threads: i
                                  f"read from the file: float32 unless converted with --fp16")
     used = {k: str(v) for k, v in config.items()}
     notes = [f"all outputs from one run with {len(exposed)} tensors as outputs"]
-    return RuntimeRun(tensors, "mnn", MNN.version(), used, precision, mapping, len(exposed), notes, model=path)
+    return Observed(ops, values, deployed, precision, "mnn", MNN.version(), used, len(exposed), fused_activations=True,
+                    notes=notes)

@@ -7,20 +7,19 @@ This module
 1. reads the ``.param`` (a text file: ``7767517``, then ``layer_count blob_count``, then one layer
    a line: ``Type name n_bottoms n_tops bottoms... tops... id=value ...``; ids per layer type as in
    ncnn's ``docs/developer-guide/operators.md``) and checks it, a bad file being a
-   :class:`~refghost.errors.CompareError` that names the file and line;
+   :class:`~refghost.runtimes.RuntimeFailed` that names the file and line;
 2. reads the storage type of every weight blob in the ``.bin`` (each weight array starts with a
    4-byte tag: ``0x01306B47`` float16, ``0x000D4B38`` int8, ``0`` or ``0x0002C056`` float32;
    biases and BatchNorm statistics are always raw float32);
-3. maps every computed blob to a module path **by structure**: the ncnn layers are walked in file
-   order (a topological order) alongside the refghost graph, each layer matched to the refghost
-   node(s) that read what its inputs hold; a fused layer stands for the last module it absorbed
-   (conv+BN+ReLU: the ReLU's path; conv+BN: the BN's), ``Split`` is plumbing, ``HardSigmoid`` is
-   ``<se>.gate``, ``BinaryOp`` mul the SE's scale, ``BinaryOp``/``Eltwise`` add the residual add.
-   Each match is checked (op kind, activation, output channels, kernel, stride, groups); a graph
-   that does not align is an error, never a guess;
+3. describes every layer as an op of :mod:`refghost.runtimes.mapping`'s vocabulary
+   (:func:`graph_ops`: ``Convolution`` is a ``Conv`` with its output channels, kernel, stride,
+   groups and fused activation; ``Split`` a copy per output; ``BinaryOp`` add/mul an ``Add`` or
+   ``Mul``; ``HardSigmoid``, ``Pooling``, ``Concat``, ``InnerProduct`` as ``Gemm``), which
+   :func:`refghost.runtimes.mapping.map_by_attributes` matches to the network by structure, each
+   match checked (op kind, activation, output channels, kernel, stride, groups): a graph that does
+   not align is an error, never a guess;
 4. runs the net with ncnn's Python API, image by image (ncnn has no batch axis), every blob kept
-   (``opt.lightmode = False``) and extracted, and puts each back in the golden's NCHW shape (CHW
-   maps to (1, C, H, W), the 1-D vectors after global pooling to (1, C, 1, 1)).
+   (``opt.lightmode = False``) and extracted, each image's blob given its batch axis back.
 
 Precision: by default ``net.opt`` is left as ncnn constructs it (as a user ships it: fp16 storage,
 fp16 arithmetic, fp16 packing on); ``precise=True`` turns every reduced-precision flag off
@@ -42,9 +41,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import Precision, RuntimeRun, require
-from ..arch import Graph, Node, output_shapes
-from ..errors import CompareError
+from . import Observed, Precision, RuntimeFailed, require
+from .mapping import Op
 
 PARAM_MAGIC = 7767517
 #: Param ids at or below this hold arrays: id -23300-k is array parameter k, written ``n,v1,...,vn``.
@@ -59,12 +57,14 @@ TAG_FLOAT32 = 0x0002C056
 REDUCED_PRECISION_FLAGS = ("use_fp16_storage", "use_fp16_packed", "use_fp16_arithmetic", "use_bf16_storage",
                            "use_bf16_packed")
 
-# ncnn layer types that only copy or reshape: they compute no module's output.
-_PLUMBING = {"Split", "Flatten", "Reshape", "Dropout", "Noop"}
-# Activation layers and what refghost activation each is; values are checked in _activation_of.
+# ncnn layer types that only copy or reshape -> their op in ONNX's vocabulary (each one of
+# refghost.runtimes.mapping.COPIES: no module's output; Split writes one copy per output).
+_COPY_KINDS = {"Split": "Identity", "Flatten": "Flatten", "Reshape": "Reshape", "Dropout": "Dropout",
+               "Noop": "Identity"}
+# Activation layers (their refghost activation is checked by refghost.runtimes.mapping).
 _ACT_LAYERS = {"ReLU", "Clip", "ELU", "SELU", "GELU", "PReLU", "Swish", "HardSwish", "Sigmoid", "Mish"}
 _CONV_LAYERS = {"Convolution", "ConvolutionDepthWise"}
-_KNOWN = _PLUMBING | _ACT_LAYERS | _CONV_LAYERS | {
+_KNOWN = set(_COPY_KINDS) | _ACT_LAYERS | _CONV_LAYERS | {
     "Input", "InnerProduct", "BatchNorm", "Pooling", "HardSigmoid", "BinaryOp", "Eltwise", "Concat"}
 # BinaryOp's op_type (param 0) for the two it may stand for.
 _BINARY_ADD, _BINARY_MUL = 0, 2
@@ -107,15 +107,15 @@ def _number(text: str):
 
 
 def parse_param(path: str) -> ParamFile:
-    """Read and check an ncnn ``.param`` text file. Raises :class:`CompareError` naming the line."""
+    """Read and check an ncnn ``.param`` text file. Raises :class:`RuntimeFailed` naming the line."""
     try:
         with open(path, encoding="utf-8") as f:
             lines = f.read().splitlines()
     except (OSError, UnicodeDecodeError) as exc:
-        raise CompareError(f"{path}: not a readable ncnn .param text file ({exc})") from None
+        raise RuntimeFailed(f"{path}: not a readable ncnn .param text file ({exc})") from None
 
     def bad(lineno: int, why: str):
-        return CompareError(f"{path}, line {lineno}: {why}")
+        return RuntimeFailed(f"{path}, line {lineno}: {why}")
 
     if not lines or lines[0].strip() != str(PARAM_MAGIC):
         raise bad(1, f"an ncnn .param starts with the magic number {PARAM_MAGIC}, found "
@@ -186,7 +186,7 @@ def _weight_arrays(layer: Layer) -> list[tuple[str, int]]:
         int8 = p.get(8, 0)
         dynamic = layer.type in _CONV_LAYERS and p.get(19, 0)
         if int8:
-            raise CompareError(f"{layer.describe()} is int8-quantized (8={int8}); refghost compares float models")
+            raise RuntimeFailed(f"{layer.describe()} is int8-quantized (8={int8}); refghost compares float models")
         if dynamic:
             return []
         return [("tagged", weight_size)] + ([("raw", p.get(0, 0))] if bias else [])
@@ -205,13 +205,13 @@ def weight_storage(param: ParamFile, bin_path: str) -> dict[str, int]:
     try:
         data = open(bin_path, "rb").read()
     except OSError as exc:
-        raise CompareError(f"{bin_path}: cannot read the ncnn weights beside {param.path} ({exc})") from None
+        raise RuntimeFailed(f"{bin_path}: cannot read the ncnn weights beside {param.path} ({exc})") from None
     offset = 0
     counts: dict[str, int] = {}
 
     def need(nbytes: int, layer: Layer):
         if offset + nbytes > len(data):
-            raise CompareError(f"{bin_path}: ends at byte {len(data)} inside the weights of {layer.describe()} "
+            raise RuntimeFailed(f"{bin_path}: ends at byte {len(data)} inside the weights of {layer.describe()} "
                                f"of {param.path}; the .bin does not belong to this .param")
 
     for layer in param.layers:
@@ -235,7 +235,7 @@ def weight_storage(param: ParamFile, bin_path: str) -> dict[str, int]:
             offset += nbytes
             counts[storage] = counts.get(storage, 0) + 1
     if offset != len(data):
-        raise CompareError(f"{bin_path}: {len(data)} bytes, the layers of {param.path} read {offset}; "
+        raise RuntimeFailed(f"{bin_path}: {len(data)} bytes, the layers of {param.path} read {offset}; "
                            f"the .bin does not belong to this .param")
     return counts
 
@@ -244,199 +244,75 @@ def _align4(n: int) -> int:
     return (n + 3) // 4 * 4
 
 
-# --- mapping blobs to module paths by structure -----------------------------------------------------
+# --- the ops, in the vocabulary of refghost.runtimes.mapping -----------------------------------------
 
-def _activation_of(layer: Layer) -> str | None:
-    """The refghost activation a fused activation (param 9) or an activation layer computes."""
-    if layer.type in _CONV_LAYERS or layer.type == "InnerProduct":
-        kind = layer.get(9, 0)
-        args = layer.get(10, [])
-        if kind == 0:
-            return None
-        if kind == 1:
-            return "ReLU"
-        if kind == 2:
-            return "LeakyReLU" if args and args[0] != 0 else "ReLU"
-        if kind == 3:
-            return "ReLU6" if args == [0, 6] else f"Clip{args}"
-        return {4: "Sigmoid", 5: "Mish", 6: "HardSwish"}.get(kind, f"activation_type {kind}")
-    if layer.type == "ReLU":
-        return "LeakyReLU" if layer.get(0, 0.0) != 0 else "ReLU"
-    if layer.type == "Clip":
-        return "ReLU6" if (layer.get(0, 0.0), layer.get(1, 0.0)) == (0, 6) else "Clip"
-    return {"Swish": "SiLU"}.get(layer.type, layer.type)
+#: ncnn's fused activation (param 9 of a Convolution or InnerProduct) -> the activation op it applies.
+_FUSED_KINDS = {1: "Relu", 2: "LeakyRelu", 3: "Clip", 4: "Sigmoid", 5: "Mish", 6: "HardSwish"}
+#: ncnn activation layer -> ONNX op type.
+_ACT_KINDS = {"ReLU": "Relu", "Clip": "Clip", "ELU": "Elu", "SELU": "Selu", "GELU": "Gelu", "PReLU": "PRelu",
+              "Swish": "Swish", "HardSwish": "HardSwish", "Sigmoid": "Sigmoid", "Mish": "Mish"}
 
 
-def _layer_ops(layer: Layer) -> tuple[str, str | None]:
-    """(refghost op kind the layer computes first, its fused activation or None)."""
-    t = layer.type
-    if t in _CONV_LAYERS:
-        return "conv", _activation_of(layer)
-    if t == "InnerProduct":
-        return "conv_or_linear", _activation_of(layer)
-    if t in _ACT_LAYERS:
-        return "act", None
-    if t == "BatchNorm":
-        return "batch_norm", None
-    if t == "Pooling":
-        return ("global_avg_pool" if layer.get(4, 0) == 1 and layer.get(0, 0) == 1 else "pooling"), None
-    if t == "HardSigmoid":
-        return "hard_sigmoid", None
-    if t == "Concat":
-        return "concat", None
-    if t == "BinaryOp":
+def _op_of(layer: Layer) -> Op:
+    """One computing layer as an op (kind in ONNX's vocabulary, the attributes its match checks)."""
+    t, p = layer.type, layer.params
+    attrs: dict = {}
+    fused = None
+    if t in _CONV_LAYERS or t == "InnerProduct":
+        kind = "Conv" if t in _CONV_LAYERS else "Gemm"
+        attrs["out_channels"] = layer.get(0, 0)
+        if t in _CONV_LAYERS:
+            attrs["kernel"] = (layer.get(1, 0), layer.get(11, layer.get(1, 0)))
+            attrs["stride"] = (layer.get(3, 1), layer.get(13, layer.get(3, 1)))
+            attrs["groups"] = layer.get(7, 1) if t == "ConvolutionDepthWise" else 1
+        if layer.get(9, 0):
+            fused = _FUSED_KINDS.get(layer.get(9, 0), f"activation_type {layer.get(9, 0)}")
+            attrs["fused_args"] = list(layer.get(10, []))
+    elif t in _ACT_LAYERS:
+        kind = _ACT_KINDS[t]
+        if t == "ReLU":
+            slope = layer.get(0, 0.0)
+            kind, attrs["args"] = ("LeakyRelu", [slope]) if slope != 0 else ("Relu", [])
+        elif t == "Clip":
+            attrs["args"] = [layer.get(0, 0.0), layer.get(1, 0.0)]
+    elif t == "BatchNorm":
+        kind = "BatchNormalization"
+    elif t == "Pooling":
+        kind = "GlobalAveragePool" if layer.get(4, 0) == 1 and layer.get(0, 0) == 1 else "Pooling"
+    elif t == "HardSigmoid":
+        kind = "HardSigmoid"
+    elif t == "Concat":
+        kind = "Concat"
+    elif t == "BinaryOp":
         op = layer.get(0, 0)
-        return {_BINARY_ADD: "add", _BINARY_MUL: "scale"}.get(op, f"BinaryOp op_type {op}"), None
-    if t == "Eltwise":
-        return ("add" if layer.get(0, 1) == _ELTWISE_SUM and not layer.get(1, []) else "Eltwise"), None
-    raise AssertionError(t)
+        kind = {_BINARY_ADD: "Add", _BINARY_MUL: "Mul"}.get(op, f"BinaryOp op_type {op}")
+    elif t == "Eltwise":
+        kind = "Add" if layer.get(0, 1) == _ELTWISE_SUM and not layer.get(1, []) else "Eltwise"
+    else:
+        raise AssertionError(t)
+    return Op(kind, layer.tops[0], inputs=tuple(layer.bottoms), fused=fused, attrs=attrs, label=layer.describe())
 
 
-@dataclass
-class Match:
-    """One ncnn layer matched to the refghost nodes it computes (the last one is its output)."""
-
-    layer: Layer
-    nodes: list[Node]
-    how: str
-
-
-def map_layers(param: ParamFile, network: Graph) -> tuple[dict[str, Match], dict[str, str]]:
-    """Match every computing ncnn layer to refghost nodes by structure.
-
-    Returns ``({output blob: Match}, {blob: refghost node name})`` where the second also covers
-    the Split copies and the input. Raises :class:`CompareError` where the graphs do not align.
-    """
-    inputs = [layer for layer in param.layers if layer.type == "Input"]
-    if len(inputs) != 1:
-        raise CompareError(f"{param.path}: expected one Input layer, found {len(inputs)}")
-    unknown = [layer for layer in param.layers if layer.type not in _KNOWN]
-    if unknown:
-        raise CompareError(f"{param.path}: {unknown[0].describe()}: layer type {unknown[0].type!r} is not part of "
-                           f"a GhostNet refghost can map; name the tensors by module path (dump them to .npz)")
-    consumers: dict[str, list[Node]] = {}
-    for node in network.nodes:
-        for src in node.inputs:
-            consumers.setdefault(src, []).append(node)
-    order = {node.name: i for i, node in enumerate(network.nodes)}
-    holds: dict[str, str] = {inputs[0].tops[0]: "input"}  # blob -> refghost node whose value it holds
-    matched: set[str] = set()
-    matches: dict[str, Match] = {}
-
-    def fail(layer: Layer, why: str):
-        return CompareError(f"cannot match {param.path} to the network by structure: {layer.describe()} {why}; "
-                            f"name the tensors by module path (dump them to .npz) instead")
-
+def graph_ops(param: ParamFile) -> list[Op]:
+    """The layers of a ``.param`` as ops, in file order (a topological order): ``Input`` and the
+    copies (``Split``: one ``Identity`` per output) included. Raises :class:`RuntimeFailed` for a
+    layer type no GhostNet has, or a computing layer with several outputs."""
+    ops = []
     for layer in param.layers:
+        if layer.type not in _KNOWN:
+            raise RuntimeFailed(f"{param.path}: {layer.describe()}: layer type {layer.type!r} is not part of a "
+                                f"GhostNet refghost can map; name the tensors by module path (dump them to .npz)")
         if layer.type == "Input":
-            continue
-        srcs = [holds[b] for b in layer.bottoms]
-        if layer.type in _PLUMBING:
-            if len(srcs) != 1:
-                raise fail(layer, f"copies {len(srcs)} inputs")
-            for top in layer.tops:
-                holds[top] = srcs[0]
-            continue
-        if len(layer.tops) != 1:
-            raise fail(layer, f"writes {len(layer.tops)} blobs, a layer of GhostNet writes one")
-        first_op, fused_act = _layer_ops(layer)
-        wanted = {"conv", "linear"} if first_op == "conv_or_linear" else {first_op}
-        if len(srcs) == 1:
-            candidates = [n for n in consumers.get(srcs[0], []) if n.op in wanted and n.name not in matched
-                          and n.inputs == (srcs[0],)]
+            ops.append(Op("Input", layer.tops[0], label=layer.describe()))
+        elif layer.type in _COPY_KINDS:
+            ops += [Op(_COPY_KINDS[layer.type], top, inputs=tuple(layer.bottoms), label=layer.describe())
+                    for top in layer.tops]
+        elif len(layer.tops) != 1:
+            raise RuntimeFailed(f"{param.path}: {layer.describe()} writes {len(layer.tops)} blobs, a layer of "
+                                f"GhostNet writes one")
         else:
-            candidates = [n for n in network.nodes if n.op in wanted and n.name not in matched
-                          and _same_inputs(n, srcs)]
-        candidates = [n for n in candidates if _attrs_fit(layer, n, network) is None]
-        if not candidates:
-            reason = _why_not(layer, srcs, consumers, wanted, network)
-            raise fail(layer, f"({first_op} on {', '.join(srcs)}) matches no layer of the network: {reason}")
-        first = min(candidates, key=lambda n: order[n.name])
-        nodes = [first]
-        how = f"{layer.type} {layer.name}"
-        if first.op == "conv":
-            bn = _only_consumer(nodes[-1], consumers, "batch_norm")
-            if bn is not None and not _read_by(param, layer.tops[0], "BatchNorm"):  # else BN is a layer of its own
-                nodes.append(bn)
-            if fused_act is not None:
-                act = _only_consumer(nodes[-1], consumers, "act")
-                if act is None:
-                    raise fail(layer, f"has a fused {fused_act}, the network has no activation after "
-                                      f"{nodes[-1].name}")
-                if act.attrs["activation"] != fused_act:
-                    raise fail(layer, f"has a fused {fused_act}, {act.name} is {act.attrs['activation']}")
-                nodes.append(act)
-            if len(nodes) > 1:
-                how += f": {'+'.join(n.op for n in nodes)} fused, stands for the last"
-        elif first.op == "act" and first.attrs["activation"] != _activation_of(layer):
-            raise fail(layer, f"is {_activation_of(layer)}, {first.name} is {first.attrs['activation']}")
-        if len(candidates) > 1:
-            how += f" (first in forward order of {len(candidates)} alike: {', '.join(n.name for n in candidates)})"
-        for n in nodes:
-            matched.add(n.name)
-        holds[layer.tops[0]] = nodes[-1].name
-        matches[layer.tops[0]] = Match(layer, nodes, how)
-    missing = [n.name for n in network.nodes if n.name not in matched]
-    if missing:
-        raise CompareError(f"{param.path}: no ncnn layer computes {len(missing)} layer(s) of the network "
-                           f"(first {missing[0]}); the model is not this GhostNet")
-    return matches, holds
-
-
-def _read_by(param: ParamFile, blob: str, layer_type: str) -> bool:
-    """Whether a layer of ``layer_type`` reads ``blob`` (directly or through Split copies)."""
-    for layer in param.layers:
-        if blob in layer.bottoms:
-            if layer.type == layer_type:
-                return True
-            if layer.type == "Split" and any(_read_by(param, top, layer_type) for top in layer.tops):
-                return True
-    return False
-
-
-def _same_inputs(node: Node, srcs: list[str]) -> bool:
-    if node.op == "concat":
-        return list(node.inputs) == srcs  # the channel order matters
-    return sorted(node.inputs) == sorted(srcs)  # add and scale commute
-
-
-def _only_consumer(node: Node, consumers, op: str) -> Node | None:
-    readers = consumers.get(node.name, [])
-    return readers[0] if len(readers) == 1 and readers[0].op == op else None
-
-
-def _attrs_fit(layer: Layer, node: Node, network: Graph) -> str | None:
-    """Why ``layer`` cannot compute ``node`` (channels, kernel, stride, groups), or None if it can."""
-    if node.op not in ("conv", "linear"):
-        return None
-    shape = network.param_shapes[node.params["weight"]]
-    out_chs = shape[0]
-    if layer.get(0, 0) != out_chs:
-        return f"{layer.get(0, 0)} output channels, {node.name} has {out_chs}"
-    if layer.type == "InnerProduct":
-        if node.op == "conv" and shape[2:] != (1, 1):
-            return f"InnerProduct cannot be the {shape[2]}x{shape[3]} conv {node.name}"
-        return None
-    kernel = (layer.get(1, 0), layer.get(11, layer.get(1, 0)))
-    stride = (layer.get(3, 1), layer.get(13, layer.get(3, 1)))
-    groups = layer.get(7, 1) if layer.type == "ConvolutionDepthWise" else 1
-    if kernel != tuple(shape[2:]):
-        return f"kernel {kernel[0]}x{kernel[1]}, {node.name} has {shape[2]}x{shape[3]}"
-    if stride != (node.attrs["stride"],) * 2:
-        return f"stride {stride[0]}, {node.name} has {node.attrs['stride']}"
-    if groups != node.attrs["groups"]:
-        return f"{groups} groups, {node.name} has {node.attrs['groups']}"
-    return None
-
-
-def _why_not(layer, srcs, consumers, wanted, network) -> str:
-    readers = [n for s in set(srcs) for n in consumers.get(s, [])]
-    if not readers:
-        return f"nothing in the network reads {srcs}"
-    fits = [n for n in readers if n.op in wanted]
-    if not fits:
-        return f"the network's layers reading it are {', '.join(f'{n.name} ({n.op})' for n in readers)}"
-    return "; ".join(f"{n.name}: {_attrs_fit(layer, n, network) or 'already matched or other inputs'}" for n in fits)
+            ops.append(_op_of(layer))
+    return ops
 
 
 # --- precision --------------------------------------------------------------------------------------
@@ -500,7 +376,10 @@ def effective_precision(opt: dict[str, bool], storage: dict[str, int], layer_typ
             weights = activations = "float16"
         if opt["use_fp16_storage"] and opt["use_fp16_arithmetic"]:
             arithmetic = "float16"
-    return Precision(arithmetic=arithmetic, weights=weights, activations=activations, detail="; ".join(detail))
+    remedy = ("the .bin stores weights in float16 (pnnx's default), which --precise cannot undo; convert again "
+              "with pnnx ... fp16=0" if storage.get("float16") else "")
+    return Precision(arithmetic=arithmetic, weights=weights, activations=activations,
+                     detail="ncnn: " + "; ".join(detail), remedy=remedy)
 
 
 # --- options ----------------------------------------------------------------------------------------
@@ -527,11 +406,11 @@ def _parse_option(name: str, text: str, kind: type):
             return True
         if lowered in ("0", "false", "off", "no"):
             return False
-        raise CompareError(f"ncnn option {name}={text!r}: expected 0/1 or true/false")
+        raise RuntimeFailed(f"ncnn option {name}={text!r}: expected 0/1 or true/false")
     try:
         return int(text)
     except ValueError:
-        raise CompareError(f"ncnn option {name}={text!r}: expected an integer") from None
+        raise RuntimeFailed(f"ncnn option {name}={text!r}: expected an integer") from None
 
 
 def settings(ncnn, *, precise: bool, options: dict[str, str], threads: int) -> dict[str, object]:
@@ -546,9 +425,9 @@ def settings(ncnn, *, precise: bool, options: dict[str, str], threads: int) -> d
     values["num_threads"] = int(threads)
     for name, text in options.items():
         if name not in fields:
-            raise CompareError(f"unknown ncnn option {name!r}; ncnn.Option has {', '.join(sorted(fields))}")
+            raise RuntimeFailed(f"unknown ncnn option {name!r}; ncnn.Option has {', '.join(sorted(fields))}")
         if name == "lightmode":
-            raise CompareError("ncnn option lightmode cannot be set: refghost needs it off to extract every blob")
+            raise RuntimeFailed("ncnn option lightmode cannot be set: refghost needs it off to extract every blob")
         values[name] = _parse_option(name, text, fields[name])
     values["lightmode"] = False  # keep every blob extractable (values are the same either way)
     return values
@@ -556,68 +435,42 @@ def settings(ncnn, *, precise: bool, options: dict[str, str], threads: int) -> d
 
 # --- running ----------------------------------------------------------------------------------------
 
-def _to_golden_shape(array: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-    """One image's blob (C,H,W) or (C,) as the golden's per-image shape (1, C, H, W) or (1, C)."""
-    if array.size == int(np.prod(shape[1:])):
-        return array.reshape((1,) + tuple(shape[1:]))
-    return array.reshape((1,) + array.shape)  # a wrong size: compare() reports the shape mismatch
-
-
-def run(path: str, golden, *, precise: bool, options: dict[str, str], threads: int) -> RuntimeRun:
+def observe(path: str, golden, *, precise: bool, options: dict[str, str], threads: int) -> Observed:
     """Run the ncnn model ``path`` (``.param``; its ``.bin`` beside it) on ``golden``'s input."""
     ncnn = require("ncnn", "ncnn")
-    path = os.fspath(path)
     bin_path = os.path.splitext(path)[0] + ".bin"
     param = parse_param(path)
     storage = weight_storage(param, bin_path)
-    network = golden.weights.graph
-    matches, holds = map_layers(param, network)
+    ops = graph_ops(param)
     values = settings(ncnn, precise=precise, options=options, threads=threads)
+    computed = [layer for layer in param.layers if layer.type != "Input" and layer.type not in _COPY_KINDS]
 
     net = ncnn.Net()
     for name, value in values.items():
         setattr(net.opt, name, value)
     if net.load_param(path) != 0:
-        raise CompareError(f"{path}: ncnn could not load the .param (load_param failed)")
+        raise RuntimeFailed(f"{path}: ncnn could not load the .param (load_param failed)")
     if net.load_model(bin_path) != 0:
-        raise CompareError(f"{bin_path}: ncnn could not load the weights (load_model failed)")
+        raise RuntimeFailed(f"{bin_path}: ncnn could not load the weights (load_model failed)")
     input_blob = next(layer.tops[0] for layer in param.layers if layer.type == "Input")
-    x = golden.input
-    shapes = output_shapes(network, *x.shape[:1], *x.shape[2:])
-    per_image: dict[str, list[np.ndarray]] = {blob: [] for blob in matches}
+    per_image: dict[str, list[np.ndarray]] = {layer.tops[0]: [] for layer in computed}
     try:
-        for image in x:
+        for image in golden.input:
             with net.create_extractor() as ex:
                 if ex.input(input_blob, ncnn.Mat(np.ascontiguousarray(image)).clone()) != 0:
-                    raise CompareError(f"{path}: ncnn refused the input blob {input_blob!r}")
-                for blob, match in matches.items():
-                    status, mat = ex.extract(blob)
+                    raise RuntimeFailed(f"{path}: ncnn refused the input blob {input_blob!r}")
+                for layer in computed:
+                    status, mat = ex.extract(layer.tops[0])
                     if status != 0:
-                        raise CompareError(f"{path}: ncnn failed computing blob {blob!r} of "
-                                           f"{match.layer.describe()} (error {status})")
-                    per_image[blob].append(_to_golden_shape(np.array(mat, dtype=np.float32),
-                                                            shapes[match.nodes[-1].name]))
+                        raise RuntimeFailed(f"{path}: ncnn failed computing blob {layer.tops[0]!r} of "
+                                            f"{layer.describe()} (error {status})")
+                    per_image[layer.tops[0]].append(np.array(mat, dtype=np.float32)[None])  # CHW -> NCHW
     finally:
         net.clear()
-    tensors: dict[str, np.ndarray] = {}
-    mapping = {}
-    for blob, match in matches.items():
-        node = match.nodes[-1].name
-        tensors[node] = np.concatenate(per_image[blob], axis=0)
-        mapping[blob] = (node, f"by structure: {match.how}")
-    notes = []
-    by_node = {node: blob for blob, (node, _) in mapping.items()}
-    for i, (name, node) in enumerate(network.outputs.items()):
-        tensors[name] = tensors[node]
-        out_blob = f"out{i}"
-        if out_blob in holds and holds[out_blob] != node:
-            notes.append(f"ncnn blob {out_blob} holds {holds[out_blob]}, the golden's output {i} is {name} ({node}); "
-                         f"compared by module path")
-        notes.append(f"output {name}: ncnn blob {by_node[node]} ({node})")
-    exposed = len(matches)
-    notes.insert(0, f"{len(mapping)} of {exposed} computed ncnn blobs mapped to layers by structure "
-                    f"({param.blob_count} blobs in all, the rest the input and Split copies)")
+    tensors = {blob: np.concatenate(arrays, axis=0) for blob, arrays in per_image.items()}
+    notes = [f"{param.blob_count} ncnn blobs in all: {len(computed)} computed by layers, the rest the input and "
+             f"Split copies; the outputs are the blobs of the golden's output layers, from the same run"]
     precision = effective_precision(values, storage, {layer.type for layer in param.layers}, ncnn)
     options_used = {name: str(int(v)) if isinstance(v, bool) else str(v) for name, v in sorted(values.items())}
-    return RuntimeRun(tensors=tensors, runtime="ncnn", version=getattr(ncnn, "__version__", "unknown"),
-                      options=options_used, precision=precision, mapping=mapping, exposed=exposed, notes=notes)
+    return Observed(ops, tensors, None, precision, "ncnn", getattr(ncnn, "__version__", "unknown"), options_used,
+                    len(computed), matcher="attributes", fused_activations=True, notes=notes)

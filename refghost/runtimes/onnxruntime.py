@@ -3,8 +3,8 @@
 The model runs twice on the golden's input: as it is, for the outputs as deployed, and with
 every node output exposed as a graph output, for the intermediates (exposing a tensor stops ORT
 from fusing it away, so this run may round differently from the deployed one; each is honest on
-its own and checked as such). ONNX tensors are mapped to module paths by
-:func:`refghost.runtimes.mapping.map_onnx` (the exporter's scope names, else the structure).
+its own and checked as such). The ONNX nodes are the ops (:func:`refghost.runtimes.mapping.onnx_ops`),
+matched by :mod:`refghost.runtimes.mapping` (the exporter's scope names, else the structure).
 
 ONNX Runtime's CPU provider computes float32 at every setting: ``precise=True`` changes nothing.
 ``options``: ``optimization`` = ``all`` (default, ``ORT_ENABLE_ALL``) or ``none``.
@@ -14,14 +14,14 @@ from __future__ import annotations
 
 import numpy as np
 
-from .mapping import map_onnx
+from .mapping import onnx_ops
 from .onnx_package import import_onnx
-from . import Precision, RuntimeFailed, RuntimeRun, collect, require
+from . import Observed, Precision, RuntimeFailed, require
 
 OPTIMIZATIONS = ("all", "none")
 
 
-def run(path: str, golden, *, precise: bool, options: dict[str, str], threads: int) -> RuntimeRun:
+def observe(path: str, golden, *, precise: bool, options: dict[str, str], threads: int) -> Observed:
     ort = require("onnxruntime", "onnxruntime")
     onnx = import_onnx()
     unknown = sorted(set(options) - {"optimization"})
@@ -52,13 +52,24 @@ def run(path: str, golden, *, precise: bool, options: dict[str, str], threads: i
                 existing.add(name)
                 exposed += 1
     values = _run(ort, path, model, feed, threads, optimization)
-    mapping, how = map_onnx(graph, golden.weights.graph)
-    tensors, mapping = collect(golden, [deployed[name] for name in output_names], values, mapping, how)
-    notes = [f"{len(mapping)} ONNX tensors mapped to layers {how}"]
-    return RuntimeRun(tensors, "onnxruntime", ort.__version__,
-                      {"threads": str(threads), "optimization": optimization},
-                      Precision(detail="ONNX Runtime's CPU provider computes in float32"), mapping,
-                      exposed + len(output_names), notes, model=path)
+    return Observed(onnx_ops(graph), values, [deployed[name] for name in output_names],
+                    Precision(detail="ONNX Runtime's CPU provider computes in float32"), "onnxruntime",
+                    ort.__version__, {"threads": str(threads), "optimization": optimization},
+                    exposed + len(output_names))
+
+
+def input_shape(path: str):
+    """The model's input shape (None for a dynamic dimension)."""
+    onnx = import_onnx()
+    try:
+        graph = onnx.load(path, load_external_data=False).graph
+    except Exception as exc:
+        raise RuntimeFailed(f"{path}: not a readable ONNX model ({exc})") from None
+    initializers = {i.name for i in graph.initializer}
+    inputs = [i for i in graph.input if i.name not in initializers]
+    if len(inputs) != 1:
+        return None
+    return [d.dim_value if d.HasField("dim_value") else None for d in inputs[0].type.tensor_type.shape.dim]
 
 
 def _run(ort, path, model, feed, threads, optimization) -> dict[str, np.ndarray]:

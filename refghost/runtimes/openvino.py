@@ -6,9 +6,9 @@ output cannot be fused away, so the plugin's fusions, e.g. the SE's hard-sigmoid
 the conv before it, do not happen in that run; each run is honest on its own).
 
 OpenVINO's ONNX frontend keeps the ONNX tensor names on ports and the ONNX node names as friendly
-names, so ports are mapped to module paths by the exporter's scope names where it wrote them,
-else by structure (:mod:`refghost.runtimes.mapping`). A bias is a separate ``Add`` after a
-``Convolution``: the pair is one ``Conv``.
+names: the ops (:func:`graph_ops`, in ONNX's vocabulary, with the scope names where the exporter
+wrote them) are matched by :mod:`refghost.runtimes.mapping`, by scope names, else by structure.
+A bias is a separate ``Add`` after a ``Convolution``: the pair is one ``Conv``.
 
 Precision: the CPU plugin's default ``INFERENCE_PRECISION_HINT`` is ``bf16`` on CPUs with bf16
 instructions (AVX512_BF16, AMX) and ``f32`` otherwise; the value in effect is read back from the
@@ -22,20 +22,23 @@ properties (``KEY=VALUE``), applied last.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 
-from .mapping import Op, map_ops, scope_of_name
-from . import Precision, RuntimeFailed, RuntimeRun, collect, require
+from .mapping import Op, scope_of_name
+from . import Observed, Precision, RuntimeFailed, require
 
-#: OpenVINO op type -> ONNX op type (the vocabulary of refghost.runtimes.mapping); others are plumbing.
+#: OpenVINO op type -> ONNX op type (the vocabulary of refghost.runtimes.mapping; plumbing there too).
 OPS = {
+    "Convert": "Cast", "Reshape": "Reshape", "Squeeze": "Squeeze", "Unsqueeze": "Unsqueeze", "ShapeOf": "Shape",
+    "Gather": "Gather", "Broadcast": "Expand",
     "Convolution": "Conv", "GroupConvolution": "Conv", "BatchNormInference": "BatchNormalization",
     "Relu": "Relu", "PRelu": "PRelu", "Elu": "Elu", "Selu": "Selu", "Gelu": "Gelu", "HSwish": "HardSwish",
     "Sigmoid": "Sigmoid", "Erf": "Erf", "Clamp": "Clip", "Minimum": "Clip", "HSigmoid": "HardSigmoid", "HardSigmoid": "HardSigmoid",
     "Add": "Add", "Multiply": "Mul", "Divide": "Div", "Concat": "Concat", "Slice": "Slice",
     "StridedSlice": "Slice", "ReduceMean": "ReduceMean", "AvgPool": "GlobalAveragePool", "MatMul": "MatMul",
 }
-_PLUMBING = {"Convert", "Reshape", "Squeeze", "Unsqueeze", "ShapeOf", "Gather", "Broadcast"}
 _CONSTANT_LIKE = {"Constant", "Reshape", "Convert", "Unsqueeze"}
 #: Precision names of OpenVINO's element types.
 _PRECISIONS = {"f32": "float32", "f16": "float16", "bf16": "bfloat16"}
@@ -64,7 +67,7 @@ def graph_ops(model, output_nodes: dict[str, str]) -> tuple[list[Op], list]:
         names = sorted(port.get_names())
         if not names:  # a conv without its bias Add, a shape computation: never a layer's output
             continue
-        onnx_kind = "Conv" if _is_conv_bias(op) else OPS.get(kind, "Constant" if kind in _PLUMBING else kind)
+        onnx_kind = "Conv" if _is_conv_bias(op) else OPS.get(kind, kind)
         scope = (scope_of_name(op.get_friendly_name()) or scope_of_name(names[0])
                  or next((output_nodes[n] for n in names if n in output_nodes), None))
         ops.append(Op(onnx_kind, names[0], scope))
@@ -94,7 +97,7 @@ def _weights_precision(model) -> tuple[str, str]:
     return "float32", "weights stored as f32 constants"
 
 
-def run(path: str, golden, *, precise: bool, options: dict[str, str], threads: int) -> RuntimeRun:
+def observe(path: str, golden, *, precise: bool, options: dict[str, str], threads: int) -> Observed:
     ov = require("openvino", "openvino")
     config = {"INFERENCE_NUM_THREADS": str(threads)}
     if precise:
@@ -131,10 +134,8 @@ def run(path: str, golden, *, precise: bool, options: dict[str, str], threads: i
     ops, ports = graph_ops(model, golden.weights.graph.outputs)
     if not any(op.scope for op in ops if op.output not in golden.weights.graph.outputs):
         ops = [Op(op.kind, op.output) for op in ops]  # no scope names but the outputs': by structure
-    mapping, how = map_ops(ops, golden.weights.graph)
     model.add_outputs(ports)
     _, _, values = infer(model)
-    tensors, mapping = collect(golden, deployed, values, mapping, how)
 
     used = {k: _text(compiled.get_property(k)) for k in ("INFERENCE_PRECISION_HINT", "EXECUTION_MODE_HINT",
                                                         "INFERENCE_NUM_THREADS", "NUM_STREAMS")}
@@ -142,18 +143,35 @@ def run(path: str, golden, *, precise: bool, options: dict[str, str], threads: i
     stored = _PRECISIONS.get(hint, hint)
     if stored == "bfloat16":  # the CPU plugin's bf16 kernels (AVX512-BF16 dot products, AMX) accumulate in f32
         precision = Precision(arithmetic="float32", weights="bfloat16", activations="bfloat16",
-                              detail=f"INFERENCE_PRECISION_HINT={hint} read back from the compiled model: weights and "
-                                     f"tensors in bf16, float32 accumulation; {weights_detail}")
+                              detail=f"OpenVINO: INFERENCE_PRECISION_HINT={hint} read back from the compiled model: "
+                                     f"weights and tensors in bf16, float32 accumulation; {weights_detail}")
     else:
         precision = Precision(arithmetic=stored, weights=weights if stored == "float32" else stored,
                               activations=stored,
-                              detail=f"INFERENCE_PRECISION_HINT={hint} read back from the compiled model; "
+                              detail=f"OpenVINO: INFERENCE_PRECISION_HINT={hint} read back from the compiled model; "
                                      f"{weights_detail}")
+    if weights != "float32":  # in the file: no setting of the plugin widens them again
+        precision = replace(precision, remedy=f"the IR stores its weights as {weights} constants, which --precise "
+                                              f"cannot undo; save it again with float32 weights: "
+                                              f"openvino.save_model(model, 'model.xml', compress_to_fp16=False) "
+                                              f"(or ovc model.onnx --compress_to_fp16=False)")
     options_used = {**{k: str(v) for k, v in config.items()}, **used}
     notes = [f"intermediates from a second compilation with {len(ports)} ports as outputs (no fusion across them)"]
     notes.append(f"OpenVINO build {ov.__version__}")
-    return RuntimeRun(tensors, "openvino", ov.__version__.split("-")[0], options_used, precision, mapping, len(ports), notes,
-                      model=path)
+    values = {op.output: values[op.output] for op in ops if op.output in values}
+    return Observed(ops, values, deployed, precision, "openvino", ov.__version__.split("-")[0], options_used,
+                    len(ports), notes=notes)
+
+
+def input_shape(path: str):
+    """The model's input shape (None for a dynamic one)."""
+    ov = require("openvino", "openvino")
+    try:
+        model = ov.Core().read_model(path)
+    except Exception as exc:
+        raise RuntimeFailed(f"{path}: OpenVINO could not read it: {_first_line(exc)}") from None
+    shape = model.inputs[0].get_partial_shape() if len(model.inputs) == 1 else None
+    return None if shape is None or shape.is_dynamic else list(shape.to_shape())
 
 
 def _text(value) -> str:

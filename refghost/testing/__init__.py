@@ -24,12 +24,9 @@ from ._cases import (ActivationCase, BatchNormCase, BatchNormParams, ConvBNCase,
                      fold_batch_norm, random_params)
 from ._reference import OPS, PRECISIONS, assert_matches_reference, reference_and_bound, round_case
 
-#: The former name of :data:`PRECISIONS` (the precisions ``policy=`` takes), kept for code that imports it.
-POLICIES = PRECISIONS
-
 __all__ = [
     "assert_matches_reference", "reference_and_bound", "round_case", "fold_batch_norm", "random_params", "OPS",
-    "PRECISIONS", "POLICIES",
+    "PRECISIONS",
     "ConvCase", "BatchNormParams", "BatchNormCase", "ConvBNCase", "ActivationCase", "PoolCase", "LinearCase",
     "GhostModuleConfig", "GhostModuleCase", "GhostBottleneckConfig", "GhostBottleneckCase",
 ]

@@ -16,20 +16,29 @@ from __future__ import annotations
 
 import math
 import os
+from dataclasses import dataclass, field
 
 from .. import safe_io
 from .compare import CompareError, _few
 from .golden import Golden
 
 
+@dataclass
+class LoadedCandidate:
+    """What a candidate file gave: its tensors, what it is, notes, and the runtime's run."""
+
+    tensors: dict  # module path or output name -> array
+    description: str  # the file, and for a model file the runtime, its version and settings
+    notes: list = field(default_factory=list)
+    run: object | None = None  # refghost.runtimes.RuntimeRun for a model file, None for arrays
+
+
 def load_candidate(path, golden: Golden, *, maps: dict | None = None, threads: int = 1,
                    optimization: str = "all", runtime: str | None = None, precise: bool = False,
-                   options: dict | None = None, run: list | None = None) -> tuple[dict, str, list[str]]:
-    """Return ``(tensors, description, notes)`` for the candidate file at ``path``.
-
-    A model file runs in ``runtime`` (default: by extension) with ``precise`` and ``options``
-    (see :func:`refghost.runtimes.run_model`; ``optimization`` is ONNX Runtime's); the
-    :class:`~refghost.runtimes.RuntimeRun` is appended to ``run`` when a list is given.
+                   options: dict | None = None) -> LoadedCandidate:
+    """The candidate file at ``path``: arrays read from it, or a model file run on ``golden``'s input
+    in ``runtime`` (default: by extension) with ``precise`` and ``options`` (see
+    :func:`refghost.runtimes.run_model`; ``optimization`` is ONNX Runtime's).
     """
     from ..runtimes import EXTENSIONS, run_model
 
@@ -37,13 +46,12 @@ def load_candidate(path, golden: Golden, *, maps: dict | None = None, threads: i
     if not os.path.isfile(path):
         raise CompareError(f"{path}: no such candidate file")
     notes = []
+    result = None
     if runtime is not None or os.path.splitext(path)[1].lower() in EXTENSIONS:
         options = dict(options or {})
         if (runtime or "onnxruntime") == "onnxruntime" and path.lower().endswith(".onnx"):
             options.setdefault("optimization", optimization)
         result = run_model(path, golden, runtime=runtime, precise=precise, options=options, threads=threads)
-        if run is not None:
-            run.append(result)
         tensors, notes = result.tensors, list(result.notes)
         if result.runtime == "onnxruntime":  # the description refghost gave ONNX candidates before
             description = (f"{path} (ONNX Runtime {result.version}, {threads} thread(s), optimization "
@@ -79,7 +87,7 @@ def load_candidate(path, golden: Golden, *, maps: dict | None = None, threads: i
         if unknown:
             raise CompareError(f"--map names {unknown[0]!r}, which {path} does not contain")
         tensors = {maps.get(k, k): v for k, v in tensors.items()}
-    return tensors, description, notes
+    return LoadedCandidate(tensors, description, notes, result)
 
 
 #: A candidate array may declare at most this many times the bytes of the golden tensor it is

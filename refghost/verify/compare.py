@@ -423,7 +423,8 @@ def _hows(mapping: dict) -> dict[str, int]:
     """How many tensors of a runtime's mapping were matched each way."""
     hows: dict[str, int] = {}
     for entry in mapping.values():
-        hows[entry["how"]] = hows.get(entry["how"], 0) + 1
+        how = entry["how"].split(":")[0]  # "by structure: Convolution 12 (line 4)" counts as "by structure"
+        hows[how] = hows.get(how, 0) + 1
     return hows
 
 
@@ -450,15 +451,21 @@ def format_report(report: Report, *, verbose: bool = False) -> str:
         lines.append(f"runtime   {run['runtime']} {run['version']}: precision in effect arithmetic {p['arithmetic']}, "
                      f"weights {p['weights']}, activations {p['activations']} ({p['detail']})")
         lines.append(f"mapping   {run['mapped']} of {run['exposed']} exposed tensors mapped to layers "
-                     f"({', '.join(f'{n} {how}' for how, n in _hows(run['mapping']).items())})")
+                     f"({', '.join(f'{n} {how}' for how, n in _hows(run['mapping']).items())})"
+                     + ("" if verbose else "; every match: --verbose or refghost map"))
+        if verbose:
+            width = max((len(k) for k in run["mapping"]), default=0)
+            lines += [f"          {tensor:<{width}}  {entry['module']:<44} {entry['how']}"
+                      for tensor, entry in run["mapping"].items()]
     lines.append(f"policy    {report.policy} ({POLICIES[report.policy].description})")
     lines += [f"note      {n}" for n in report.notes]
     n = len(report.tensors)
     if report.passed:
         worst_acc = max((t.accumulated_ratio for t in report.tensors), default=0.0)
         isos = [t.isolated_ratio for t in report.tensors if t.isolated_ratio is not None]
+        iso = f"largest iso/bound {max(isos):.3g}" if isos else "no isolated check was possible"
         lines.append(f"PASS: all {n} compared tensors are within the bounds of an honest {report.policy} backend "
-                     f"(largest acc/bound {worst_acc:.3g}, largest iso/bound {max(isos, default=0.0):.3g})")
+                     f"(largest acc/bound {worst_acc:.3g}, {iso})")
     else:
         bad = sum(t.status != "ok" for t in report.tensors)
         lines.append(f"FAIL: {bad} of {n} tensors out of bounds; first divergent layer: {report.first_divergent}")

@@ -3,7 +3,7 @@
 One task per image (or per golden file of a folder): preprocess the image as ``refghost run``
 does, compute the float64 oracle with every intermediate and its bounds
 (:func:`refghost.verify.golden.make_golden`), run the candidate model in its runtime
-(:func:`refghost.runtimes.run_model`) and judge it (:func:`refghost.verify.compare.compare`).
+and judge it (:func:`refghost.verify.judge.judge`, as ``refghost compare`` does one candidate).
 A golden with intermediates is 340 MB at 320x320, so a task returns only an
 :class:`ImageResult` (every tensor's accumulated and isolated ratio to its bound, the verdict,
 the first divergent layer); nothing is stored unless ``keep_failing`` names a folder, where the
@@ -34,64 +34,13 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from ..errors import RefghostError
+from .judge import Candidate, judge
 
-#: Test-only hook: when this environment variable holds ``NAME:MARKER[,NAME:MARKER...]``, the task
-#: of the source named NAME ends its worker process with os._exit the first time (while the file
-#: MARKER does not exist; it is created), or every time when MARKER is ``always``.
-#: tests/test_dataset.py kills workers with it.
-CRASH_HOOK = "REFGHOST_DATASET_TEST_CRASH"
+__all__ = ["Candidate", "DatasetReport", "ImageResult", "Job", "LayerSummary", "STAGES", "format_report",
+           "run_set", "run_task", "sources", "summarize"]
+
 #: The stages of a task, timed (``ImageResult.seconds``).
 STAGES = ("preprocess", "oracle", "candidate", "compare", "keep")
-
-
-@dataclass(frozen=True)
-class Candidate:
-    """A candidate model and how ``refghost compare`` runs and judges it."""
-
-    path: str
-    runtime: str | None = None
-    precise: bool = False
-    options: dict = field(default_factory=dict)
-    threads: int = 1
-    optimization: str = "all"
-    maps: dict = field(default_factory=dict)
-    policy: str = "auto"
-    atol: float | None = None
-    rtol: float | None = None
-
-    def judge(self, golden, seconds: dict | None = None):
-        """``(report, tensors)``: the candidate run (or read) on ``golden`` and compared with it
-        under ``policy`` (``auto``: the precision a runtime reports, float32 for arrays).
-        ``seconds`` (if given) gets the time of the ``candidate`` and ``compare`` stages."""
-        from .candidates import load_candidate
-        from .compare import compare
-
-        t0 = time.perf_counter()
-        runs = []
-        tensors, description, notes = load_candidate(self.path, golden, maps=self.maps, threads=self.threads,
-                                                     optimization=self.optimization, runtime=self.runtime,
-                                                     precise=self.precise, options=self.options, run=runs)
-        t1 = time.perf_counter()
-        policy, runtime = self.policy, None
-        if runs:
-            runtime = runs[0].summary()
-            precision = runs[0].precision
-            if policy == "auto":
-                policy = runtime["policy"] = precision.policy
-                if not precision.is_float32:
-                    notes = [*notes, f"the runtime did not run in float32 ({precision.detail}): judged under "
-                                     f"--policy {policy}; --precise runs it at its most precise settings"]
-            elif policy != precision.policy:
-                notes = [*notes, f"the runtime reports {precision.policy} precision ({precision.detail}); judged "
-                                 f"under --policy {policy} as asked"]
-        elif policy == "auto":
-            policy = "float32"  # arrays from a file say nothing of how they were computed
-        report = compare(golden, tensors, policy=policy, atol=self.atol, rtol=self.rtol,
-                         candidate_name=description, notes=notes, runtime=runtime, separate_outputs=bool(runs))
-        if seconds is not None:
-            seconds["candidate"] = t1 - t0
-            seconds["compare"] = time.perf_counter() - t1
-        return report, tensors
 
 
 @dataclass(frozen=True)
@@ -192,18 +141,6 @@ def _tune_malloc() -> None:
         libc.mallopt(param, value)
 
 
-def _crash_hook(source: str) -> None:
-    for spec in filter(None, os.environ.get(CRASH_HOOK, "").split(",")):
-        name, marker = spec.split(":", 1)
-        if os.path.basename(source) != name:
-            continue
-        if marker != "always":
-            if os.path.exists(marker):
-                return
-            open(marker, "w").close()
-        os._exit(13)
-
-
 def _golden_of(job: Job, source: str, seconds: dict):
     """The golden of one source: read from a golden file, or computed from an image."""
     from .golden import make_golden, read_golden
@@ -232,7 +169,6 @@ def run_task(job: Job, source: str) -> ImageResult:
 
     from .golden import write_golden
 
-    _crash_hook(source)
     _tune_malloc()
     numba.set_num_threads(min(job.candidate.threads if job.candidate else 1, numba.config.NUMBA_NUM_THREADS))
     seconds = {}
@@ -244,7 +180,9 @@ def run_task(job: Job, source: str) -> ImageResult:
             write_golden(path, golden)
             seconds["keep"] = time.perf_counter() - t0
             return ImageResult(source, "written", kept=[path], seconds=seconds)
-        report, tensors = job.candidate.judge(golden, seconds)
+        judgement = judge(job.candidate, golden)
+        seconds.update(judgement.seconds)
+        report, tensors = judgement.report, judgement.tensors
     except RefghostError as exc:
         return ImageResult(source, "error", error=str(exc), seconds=seconds)
     result = ImageResult(source, "pass" if report.passed else "fail", report.first_divergent,

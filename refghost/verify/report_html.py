@@ -41,12 +41,14 @@ def require_matplotlib():
 
 
 def _failing_layers(report: Report) -> list[str]:
-    """The failing tensors to draw: the first divergent first, then in network order."""
+    """The failing tensors to draw: the first divergent, then the others that fail their isolated
+    check (where a bug computes; largest ratio first), then those that only inherit an error (the
+    accumulated check), in network order."""
     bad = [t.name for t in report.tensors if t.status == "mismatch"]
-    if report.first_divergent in bad:
-        bad.remove(report.first_divergent)
-        bad.insert(0, report.first_divergent)
-    return bad[:MAX_LAYER_FIGURES]
+    own = [name for name, _ in report.isolated_failures if name in bad]
+    first = [report.first_divergent] if report.first_divergent in bad else []
+    ordered = first + [n for n in own if n not in first] + [n for n in bad if n not in first and n not in own]
+    return ordered[:MAX_LAYER_FIGURES]
 
 
 #: Where the ratio charts draw an exact result (ratio 0) and an off-scale one (inf: an error where
@@ -64,6 +66,22 @@ def _plotted(ratios, *, failed_at_top: bool = False) -> np.ndarray:
     return np.where(np.isinf(v) | (failed & failed_at_top), _TOP, np.maximum(v, _FLOOR))  # NaN stays NaN
 
 
+def stage_starts(names: list[str]) -> dict[int, str]:
+    """``{index: stage}`` of the first tensor of each stage in network order: the stem's layers
+    (``conv_stem``, ``bn1``, ...) under ``stem``, ``blocks.N.*`` under ``blocks.N``, others (the
+    head, an output) under their first component."""
+    starts: dict[int, str] = {}
+    last = None
+    for i, name in enumerate(names):
+        parts = name.split(".")
+        stage = ".".join(parts[:2]) if parts[0] == "blocks" and len(parts) > 1 else (
+            "stem" if parts[0] in ("conv_stem", "bn1", "act1") else parts[0])
+        if stage != last:
+            starts[i] = stage
+            last = stage
+    return starts
+
+
 def _ratios_figure(plt, names, accumulated, isolated, labels, title, marked):
     """The chart both reports draw: per tensor in network order (log y), the accumulated ratio
     (a line) and the isolated one (crosses), the exact floor and the bound at 1; ``marked``:
@@ -79,7 +97,9 @@ def _ratios_figure(plt, names, accumulated, isolated, labels, title, marked):
         ax.axvline(i, color="black", lw=1, ls=":")
         ax.semilogy([i], [acc[i]], "o", mfc="none", mec="crimson", ms=9)
         ax.annotate(text, (i, 1.0), xytext=(5, 10), textcoords="offset points", fontsize=8)
-    ax.set_xlabel(f"compared tensor, in network order ({len(names)} in all)")
+    starts = stage_starts(names)
+    ax.set_xticks(list(starts), list(starts.values()), rotation=60, ha="right", fontsize=7)
+    ax.set_xlabel(f"compared tensor, in network order ({len(names)} in all; a tick at the first of each stage)")
     ax.set_ylabel(_Y_LABEL)
     ax.set_title(title)
     ax.legend(fontsize=8, loc="lower right")
@@ -164,8 +184,7 @@ def _figures(report: Report, golden, candidate_tensors: dict):
 def write_plots(report: Report, golden, candidate_tensors: dict, folder) -> list[str]:
     """Write the report's charts as PNG files in ``folder`` (``ratios.png``, ``layer-NAME.png``);
     returns their paths."""
-    if not os.path.isdir(folder):
-        raise RefghostError(f"--plots {folder}: no such folder")
+    os.makedirs(folder, exist_ok=True)
     plt, figures = _figures(report, golden, candidate_tensors)
     paths = []
     for stem, _, fig in figures:
@@ -270,8 +289,7 @@ def _dataset_chart(plt, report):
 
 def write_dataset_plots(report, folder) -> list[str]:
     """Write the set's chart as ``layers.png`` in ``folder``; returns ``[its path]``."""
-    if not os.path.isdir(folder):
-        raise RefghostError(f"--plots {folder}: no such folder")
+    os.makedirs(folder, exist_ok=True)
     plt = require_matplotlib()
     fig = _dataset_chart(plt, report)
     path = os.path.join(folder, "layers.png")
@@ -319,9 +337,14 @@ def render_dataset_html(report) -> str:
         parts.append(f"<tr class='{cls}'><td>{e(layer.name)}</td><td>{_fmt(layer.worst_accumulated)}</td>"
                      f"<td>{e(layer.worst_accumulated_image)}</td><td>{_fmt(layer.worst_isolated)}</td>"
                      f"<td>{e(layer.worst_isolated_image or '-')}</td>"
-                     f"<td>{len(layer.failing_images)}: {e(', '.join(layer.failing_images))}</td></tr>")
+                     f"<td>{_images(layer.failing_images)}</td></tr>")
     parts.append("</table></body></html>\n")
     return "".join(parts)
+
+
+def _images(names: list) -> str:
+    """A table cell of image names: ``2: a.png, b.png``, or ``-`` for none."""
+    return f"{len(names)}: {html.escape(', '.join(names))}" if names else "-"
 
 
 def write_dataset_html(report, path) -> None:

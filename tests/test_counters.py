@@ -7,7 +7,7 @@ many threads race for it, and a thread that waited for the phase sees every unit
 import numba
 import numpy as np
 
-from refghost.engine import counters as sync
+from refghost.engine import counters as work
 
 
 @numba.njit(parallel=True)
@@ -16,16 +16,16 @@ def _race(nthreads, units, phases, owner, value):
     into owner[q, u] and q + u into value[q, u]; after each phase, every thread checks that all of
     that phase's values are there (visibility) and counts what it found wrong."""
     wrong = np.zeros(nthreads, np.int64)
-    counters = np.zeros(phases * sync.STRIDE, np.int64)
+    counters = np.zeros(phases * work.STRIDE, np.int64)
     for t in numba.prange(nthreads):
         for q in range(phases):
-            u = sync.claim(counters, q)
+            u = work.claim(counters, q)
             while u < units:
                 owner[q, u] = t
                 value[q, u] = q + u
-                sync.finish(counters, q)
-                u = sync.claim(counters, q)
-            sync.wait_done(counters, q, units)
+                work.finish(counters, q)
+                u = work.claim(counters, q)
+            work.wait_done(counters, q, units)
             for v in range(units):
                 if value[q, v] != q + v:
                     wrong[t] += 1
@@ -41,8 +41,8 @@ def test_each_unit_is_claimed_once_and_seen_by_every_thread_after_the_wait():
     assert (owner >= 0).all()  # every unit done (by exactly one thread: claims return distinct indices)
     np.testing.assert_array_equal(value, np.add.outer(np.arange(phases), np.arange(units)))
     assert wrong.sum() == 0
-    done = counters[sync.STRIDE // 2::sync.STRIDE]
-    claimed = counters[::sync.STRIDE]
+    done = counters[work.STRIDE // 2::work.STRIDE]
+    claimed = counters[::work.STRIDE]
     np.testing.assert_array_equal(done, units)
     # every worker's last claim of a phase finds nothing left: one claim past the units each
     np.testing.assert_array_equal(claimed, units + threads)
@@ -50,8 +50,8 @@ def test_each_unit_is_claimed_once_and_seen_by_every_thread_after_the_wait():
 
 @numba.njit
 def _add_and_load(counters, index, delta):
-    old = sync.atomic_add(counters, index, delta)
-    return old, sync.atomic_load(counters, index)
+    old = work.atomic_add(counters, index, delta)
+    return old, work.atomic_load(counters, index)
 
 
 def test_atomic_add_returns_the_old_value_and_load_sees_the_new_one():

@@ -1,0 +1,11 @@
+"""The whole NanoDet detector (backbone, neck, head) as architecture data.
+
+:mod:`.spec` says which detector (:class:`DetectorConfig`, :data:`PRESETS`, the level sizes of an
+input), :mod:`.graph` turns it into a :class:`refghost.arch.Graph` that :mod:`refghost.forward`
+executes, and :mod:`.ops` holds the NumPy operations the detector adds to GhostNet's.
+"""
+
+from .graph import build_detector_graph
+from .spec import PRESETS, DetectorConfig, LevelSize, level_sizes, num_priors
+
+__all__ = ["DetectorConfig", "PRESETS", "LevelSize", "level_sizes", "num_priors", "build_detector_graph"]
