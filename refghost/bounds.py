@@ -61,8 +61,8 @@ STORAGE_ROUNDOFF = {"float64": FLOAT64_U, "float32": FLOAT32_U, "float16": 2.0 *
 #: Relative error of a weight a converter stored in each format: a whole ulp for float16 too, as
 #: converters may truncate where runtimes' tensor conversions (F16C, NEON) round to nearest.
 #: Measured: MNN's ``--fp16`` rounds every float16 weight toward zero (relative errors up to 0.999
-#: ulp, 1.998 x 2^-11), which failed the half-ulp bound by 1.1-1.2x at depthwise convs, whose 9
-#: terms can all err the same way.
+#: ulp, 1.998 x 2^-11); a depthwise conv's 9 terms can all err the same way (issue 24: MNN ports
+#: failed the half-ulp bound by 1.1-1.2x there).
 WEIGHT_ROUNDOFF = {**STORAGE_ROUNDOFF, "float16": 2.0 ** -10}
 #: The smallest normal number of each format: converters that store weights or tensors in a narrow
 #: format may flush what is below it to zero (pnnx's float16 weights do), an absolute error of up
@@ -245,6 +245,7 @@ def _symmetric_peaks(slope, c: float):
     top = float(slope(np.array([c]))[0])
     return (-c, abs(1.0 - top)), (c, top)
 
+
 #: Slopes of the functions whose error :func:`slope_sup` bounds over an interval: every activation
 #: (LeakyReLU and PReLU for a negative slope given per node), ``"HardSigmoid"`` (the SE gate
 #: relu6(x + 3)/6) and ``"Sigmoid"``. Per function: (f', points), ``points`` the places where
@@ -254,7 +255,7 @@ def _symmetric_peaks(slope, c: float):
 #: zero of f' and rises again), so its supremum over [a, b] is the largest of |f'(a)|, |f'(b)|
 #: and the values of the points inside [a, b] (docs/tolerances.md).
 SLOPES = {
-    **{name: (ACTIVATION_ERROR[name][0], ()) for name in ("Identity",)},
+    "Identity": (ACTIVATION_ERROR["Identity"][0], ()),
     "ReLU": (ACTIVATION_ERROR["ReLU"][0], ((0.0, 1.0),)),
     "ReLU6": (ACTIVATION_ERROR["ReLU6"][0], ((0.0, 1.0), (6.0, 1.0))),
     "ELU": (ACTIVATION_ERROR["ELU"][0], ((0.0, max(1.0, ops.ELU_ALPHA)),)),  # alpha e^x below 0, 1 above
@@ -599,7 +600,6 @@ def _upsample_error(node, x, e, r: _Roundoff, worst, lam):
     if worst:
         return blend(e) + own
     return blend(np.sqrt(e)) ** 2 + (own / lam) ** 2
-
 
 
 def segment_bound(graph: Graph, names: list[str], leaves: dict, params: dict, *, u: float = FLOAT32_U,

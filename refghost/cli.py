@@ -508,12 +508,13 @@ def _megabytes(n_bytes: int) -> str:
 def cmd_golden(args) -> int:
     from .verify.golden import golden_file_size, make_golden, write_golden
     from .runner import prepare_input
-    from .weights import MAX_INPUT_PIXELS, load_weights
+    from .weights import MAX_INPUT_PIXELS, is_detector, load_weights
 
     if args.images:
         return cmd_golden_set(args)
     weights = load_weights(args.weights)
     warp_kernel = None  # recorded only when the input is an image file
+    batch = None  # a detector's input made from an image: how (refghost.detector.run.PreparedBatch)
     print(_weights_line(args.weights, weights))
     if args.seed is not None:
         w, h = weights.preprocessing.input_size
@@ -525,7 +526,13 @@ def cmd_golden(args) -> int:
     else:
         image = args.input or str(SAMPLE_IMAGE)
         loaded = _load_input(image)
-        x = prepare_input(loaded, weights, np.float32, args.warp_kernel)
+        if is_detector(weights.config):  # the matrix back to the image's pixels, for its detections
+            from .detector.run import prepare_batch
+
+            batch = prepare_batch([loaded], weights, np.float32, args.warp_kernel)
+            x = batch.x
+        else:
+            x = prepare_input(loaded, weights, np.float32, args.warp_kernel)
         source = image
         if _is_image(loaded):
             warp_kernel = args.warp_kernel
@@ -538,7 +545,7 @@ def cmd_golden(args) -> int:
     t0 = time.perf_counter()
     print("  computing the oracle and its bounds, layer by layer ...", file=sys.stderr, flush=True)
     golden = make_golden(weights, x, intermediates=args.intermediates, input_source=source, command=command,
-                         warp_kernel=warp_kernel)
+                         warp_kernel=warp_kernel, batch=batch)
     t1 = time.perf_counter()
     print(f"  computed in {t1 - t0:.1f} s; writing {args.out} ...", file=sys.stderr, flush=True)
     write_golden(args.out, golden)
@@ -760,20 +767,24 @@ def cmd_info(args) -> int:
     info = describe(args.file)
     cfg = info["config"]
     print(f"{info['file']}: valid refghost {info['kind']} file")
-    print(f"  network       {cfg['arch']}, width {cfg['width']:g}, activation {cfg['activation']}"
-          f"{', out_stages ' + ','.join(map(str, cfg['out_stages'])) if cfg['out_stages'] else ''}"
-          f"{', ' + str(cfg['num_classes']) + ' classes' if cfg['num_classes'] else ''}"
-          f"{', BatchNorm folded' if cfg['folded'] else ''}")
+    if "summary" in cfg:  # a whole detector
+        print(f"  network       {cfg['summary']}")
+    else:
+        print(f"  network       {cfg['arch']}, width {cfg['width']:g}, activation {cfg['activation']}"
+              f"{', out_stages ' + ','.join(map(str, cfg['out_stages'])) if cfg['out_stages'] else ''}"
+              f"{', ' + str(cfg['num_classes']) + ' classes' if cfg['num_classes'] else ''}"
+              f"{', BatchNorm folded' if cfg['folded'] else ''}")
     print(f"  parameters    {info['parameters']:,} ({info['tensors']} tensors, {info['values']:,} values)")
     pre = info["preprocessing"]
     print(f"  preprocessing {pre['channel_order']}, mean {_floats(pre['mean'])}, std {_floats(pre['std'])}, "
-          f"input size {pre['input_size'][0]}x{pre['input_size'][1]}")
+          f"input size {pre['input_size'][0]}x{pre['input_size'][1]}{', keep_ratio' if pre['keep_ratio'] else ''}")
     for key, value in info["provenance"].items():
         if value:
             print(f"  {key:<13} {value}")
     if info["kind"] == "golden":
         print(f"  input         {tuple(info['input_shape'])}; outputs {', '.join(info['outputs'])}; "
-              f"{info['intermediates']} intermediates")
+              f"{info['intermediates']} intermediates"
+              f"{'; ' + _plural(info['detections'], 'detection') if 'detections' in info else ''}")
         for key in ("refghost_version", "weights_sha256", "input_source", "command"):
             print(f"  {key:<13} {info['attributes'].get(key, '')}")
     else:

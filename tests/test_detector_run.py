@@ -271,3 +271,56 @@ def test_cli_convert_backbone_of_a_detector_names_what_it_left(tmp_path, capsys)
     assert main(["convert", str(tmp_path / "g.ckpt"), "--config", str(CONFIGS / "nanodet-m.yml"), "--width", "1",
                  "--out", str(tmp_path / "x.h5")]) == 2
     assert "describe a GhostNet backbone" in capsys.readouterr().err
+
+
+# --- golden files of a detector --------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def detector_golden(tmp_path_factory):
+    path = tmp_path_factory.mktemp("golden") / "plus.h5"
+    assert main(["golden", "--weights", str(SHIPPED), "--out", str(path)]) == 0
+    return path
+
+
+def test_detector_golden_holds_decode_and_detections_within_bounds(detector_golden, tmp_path, capsys):
+    from refghost.verify.golden import DETECTOR_STAGES, read_golden
+
+    golden = read_golden(detector_golden)
+    assert list(golden.detector) == list(DETECTOR_STAGES)
+    assert golden.attrs["score_threshold"] == 0.05 and golden.attrs["max_detections"] == 100
+    run = refghost.run(str(SAMPLE_IMAGE), SHIPPED, intermediates=True)
+    np.testing.assert_array_equal(golden.input, prepare_batch([str(SAMPLE_IMAGE)], load_weights(SHIPPED),
+                                                              "float32").x)
+    for name in ("decode.scores", "decode.boxes"):  # an honest float32 run is within the stored bounds
+        error = np.abs(run[name] - golden.detector[name])
+        assert (error <= golden.bounds[name]).all() and (golden.bounds[name] > 0).any(), name
+    # far from every decision threshold here (the least margin is a score 1.6% above 0.05), the
+    # float32 run keeps the same detections as the oracle
+    np.testing.assert_array_equal(run["detections.labels"], golden.detector["detections.labels"])
+    np.testing.assert_allclose(run["detections.boxes"], golden.detector["detections.boxes"], atol=1e-2)
+    np.testing.assert_array_equal(golden.detector["preprocess.original_sizes"], [[480, 360]])
+    np.savez(tmp_path / "run.npz", **run)
+    capsys.readouterr()
+    assert main(["compare", str(detector_golden), str(tmp_path / "run.npz")]) == 0
+    assert "PASS" in capsys.readouterr().out
+
+
+def test_detector_golden_structure_is_checked(detector_golden, tmp_path):
+    import shutil
+
+    from refghost.errors import GoldenError
+    from refghost.verify.golden import read_golden
+
+    broken = tmp_path / "no_detector.h5"
+    shutil.copy(detector_golden, broken)
+    with h5py.File(broken, "r+") as f:
+        del f["detector"]
+    with pytest.raises(GoldenError, match="'detector' is missing"):
+        read_golden(broken)
+    shutil.copy(detector_golden, broken)
+    with h5py.File(broken, "r+") as f:
+        del f["detector"]["decode.boxes"]
+        f["detector"].create_dataset("decode.boxes", data=np.zeros((1, 2125, 5)))
+    with pytest.raises(GoldenError, match="holds|shape"):
+        read_golden(broken)
