@@ -100,3 +100,15 @@ def test_an_openvino_ir_with_f16_weights_is_told_how_to_resave_it(port, tmp_path
     note = next(n for n in judgement.report.notes if n.startswith("the runtime did not run in float32"))
     assert "(OpenVINO: " in note and "pnnx" not in note and "ncnn" not in note
     assert "--precise cannot undo" in note and "compress_to_fp16=False" in note
+
+
+def test_a_precision_speaks_the_policies_vocabulary():
+    """A runtime's Precision is judged by the one table of policies (refghost.bounds.POLICIES)."""
+    from refghost.bounds import POLICIES
+    from refghost.runtimes import Precision
+
+    for policy in POLICIES.values():  # each policy's own three formats give that policy back
+        assert Precision(policy.arithmetic, policy.weights, policy.activations).policy == policy.name
+    assert Precision(weights="bfloat16").policy == "bfloat16-storage"  # covered by the looser storage policy
+    with pytest.raises(ValueError, match="Precision.weights must be one of"):
+        Precision(weights="fp16")

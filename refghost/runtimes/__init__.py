@@ -71,8 +71,14 @@ class Precision:
     weights: str = "float32"
     activations: str = "float32"
     detail: str = ""
-    #: what would give float32 when ``--precise`` cannot (weights stored narrow in the model file)
     remedy: str = ""
+
+    def __post_init__(self):
+        from ..bounds import UNIT_ROUNDOFF
+
+        for name in ("arithmetic", "weights", "activations"):
+            if getattr(self, name) not in UNIT_ROUNDOFF:
+                raise ValueError(f"Precision.{name} must be one of {tuple(UNIT_ROUNDOFF)}, got {getattr(self, name)!r}")
 
     @property
     def is_float32(self) -> bool:
@@ -197,8 +203,9 @@ def input_shape(path: str, runtime: str | None = None) -> tuple[int, ...] | None
         isinstance(d, int) and d > 0 for d in shape) else None
 
 
-def nchw(array: np.ndarray, layout: str) -> np.ndarray:
-    """``array`` moved from ``layout`` (``NCHW``, ``NHWC``) to NCHW (an array of another rank as it is)."""
+def nchw(array: np.ndarray, layout: str | None) -> np.ndarray:
+    """``array`` moved from ``layout`` (``NCHW``, ``NHWC``) to NCHW (an array of another rank, or of
+    an unknown layout ``None``, as it is)."""
     array = np.asarray(array)
     if layout == "NHWC" and array.ndim == 4:
         return np.moveaxis(array, -1, 1)

@@ -152,12 +152,14 @@ def observe(path: str, golden, *, precise: bool, options: dict[str, str], thread
     graph_input = {d["index"] for d in every.get_input_details()}
     ops, fp16_weights = [], False
     dequantized = {}  # a DEQUANTIZE op's output -> its float16/int8 input
+    layouts = {i: layout for i in graph_input}  # tensor -> the layout its 4-D value is in
     for op, act in zip(ops_details, fused):
         name = op["op_name"]
         if name == "DEQUANTIZE":
             dequantized[op["outputs"][0]] = op["inputs"][0]
             fp16_weights |= details[op["inputs"][0]]["dtype"] == np.float16
             continue
+        layouts[op["outputs"][0]] = _layout_after(name, op["inputs"], layouts, every)
         kind = OPS.get(name, name)
         data = tuple(str(i) for i in op["inputs"] if i >= 0 and (i in graph_input or (i in produced
                                                                                   and i not in dequantized)))
@@ -169,7 +171,7 @@ def observe(path: str, golden, *, precise: bool, options: dict[str, str], thread
                       "DEPTHWISE_CONV_2D": lambda a: a.transpose(3, 0, 1, 2),  # 1HWO -> O1HW
                       "FULLY_CONNECTED": lambda a: a}[name](w)
         ops.append(Op(kind, str(op["outputs"][0]), inputs=data, weight=weight, fused=_FUSED.get(act)))
-    values = {op.output: nchw(every.get_tensor(int(op.output)), layout) for op in ops}
+    values = {op.output: nchw(every.get_tensor(int(op.output)), layouts[int(op.output)]) for op in ops}
     labels = {op.output: f"{op.output}:{details[int(op.output)]['name']}" for op in ops}
     n_exposed = sum(1 for op in ops if op.kind not in PLUMBING and op.kind != "Pad")
     kernels = "builtin kernels" if precise else "the default delegate (XNNPACK)"
@@ -195,6 +197,27 @@ def input_shape(path: str):
         return None
     n, h, w, c = (int(d) for d in details[0]["shape"])
     return [n, c, h, w]
+
+
+#: TFLite ops that compute on NHWC tensors whatever the model's input is (TFLite's kernels).
+_NHWC_OPS = {"CONV_2D", "DEPTHWISE_CONV_2D", "AVERAGE_POOL_2D", "MAX_POOL_2D"}
+#: TRANSPOSE permutations between the two layouts: (layout before, perm) -> layout after.
+_TRANSPOSES = {("NHWC", (0, 3, 1, 2)): "NCHW", ("NCHW", (0, 2, 3, 1)): "NHWC"}
+
+
+def _layout_after(name: str, inputs, layouts: dict, interpreter) -> str | None:
+    """The layout of an op's 4-D output: NHWC for TFLite's convs and pools, the permuted one after a
+    TRANSPOSE, else that of its first data input (elementwise ops, concatenation, padding, a mean
+    that keeps its dims). None where unknown (the value is then passed on as it is). A converter
+    may run parts of the graph in NCHW (litert-torch puts TRANSPOSEs around its convs)."""
+    if name in _NHWC_OPS:
+        return "NHWC"
+    known = [layouts[i] for i in inputs if i in layouts]
+    before = known[0] if known else None
+    if name == "TRANSPOSE":
+        perm = tuple(int(p) for p in interpreter.get_tensor(inputs[1]))
+        return before if perm == (0, 1, 2, 3) else _TRANSPOSES.get((before, perm))
+    return before
 
 
 def _outputs_in_golden_order(interpreter, golden, layout) -> list[np.ndarray]:
