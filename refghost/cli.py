@@ -98,7 +98,8 @@ def make_parser() -> argparse.ArgumentParser:
                       help=f"nanodet: NanoDet's GhostNet backbone (of a whole detector's checkpoint too: its neck "
                            f"and head are left out, and named); ghostnet: the ImageNet classifier; detector: the "
                            f"whole NanoDet detector (backbone, neck, head). Default: detector for a checkpoint "
-                           f"with fpn/head keys, else {CONVERT_DEFAULTS['arch']} (.onnx: read from the graph, and "
+                           f"with fpn/head keys (unless --width/--activation/--out-stages are given), else "
+                           f"{CONVERT_DEFAULTS['arch']} (.onnx: read from the graph, and "
                            f"checked if given)")
     conv.add_argument("--config", metavar="NANODET.yml",
                       help="NanoDet's own YAML config of the model (implies --arch detector): the architecture, "
@@ -754,7 +755,7 @@ def _golden_for_map(args):
 def cmd_info(args) -> int:
     import json
 
-    from .info import describe
+    from .info import describe, escaped
 
     if args.json:
         try:
@@ -764,7 +765,7 @@ def cmd_info(args) -> int:
             return 2
         print(json.dumps(info, indent=1))
         return 0
-    info = describe(args.file)
+    info = escaped(describe(args.file))  # text from the file, control characters escaped
     cfg = info["config"]
     print(f"{info['file']}: valid refghost {info['kind']} file")
     if "summary" in cfg:  # a whole detector

@@ -24,3 +24,9 @@ class GoldenError(RefghostError):
 
 class CompareError(RefghostError):
     """Nothing comparable: no tensor in common, an unreadable candidate, a mismatched input."""
+
+
+class IsolationError(RefghostError):
+    """A call run in a child process (:func:`refghost.isolate.call_isolated`) that crashed, hung
+    past its time limit, ran out of memory or raised a library's own exception: the message says
+    which library, doing what, and how it ended."""

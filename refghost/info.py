@@ -2,15 +2,56 @@
 
 A weights file (``docs/weights-format.md``) or a golden file (``docs/golden-format.md``) is read
 in full through its own validating reader, then summarised as a dict (``refghost info --json``
-prints it as is; ``refghost info`` as lines).
+prints it as is; ``refghost info`` as lines, its text through :func:`escaped`).
+
+The file is read in a child process (:func:`refghost.isolate.call_isolated`): a corrupt file on
+which HDF5 hangs or crashes ends as one error after :data:`READ_TIMEOUT` seconds.
 """
 
 from __future__ import annotations
 
 from .errors import RefghostError
 
+#: Wall time the reading of a file may take: a 294 MB golden with intermediates takes 0.5 s
+#: (1 s on a busy machine); a minute still ends a hang.
+READ_TIMEOUT = 60.0
+#: Address space the reading may add to refghost's: reading holds the file's tensors once (the
+#: readers cap each tensor's declared size by what the file stores), 300 MB for that golden.
+READ_MEMORY = 8 << 30
 
-def describe(path: str) -> dict:
+
+def describe(path: str, *, timeout: float | None = None) -> dict:
+    """:func:`read_file`, with the file read in a child process given ``timeout`` seconds
+    (default :data:`READ_TIMEOUT`) and :data:`READ_MEMORY` bytes: a crash, a hang or an
+    allocation without end raises :class:`~refghost.errors.IsolationError`, a special file
+    (FIFO, device, folder) is refused before it is opened. Error messages are
+    :func:`~refghost.safe_io.printable`."""
+    from .isolate import call_isolated
+    from .safe_io import check_regular_file, printable
+
+    try:
+        check_regular_file(path, "weights or golden file")
+        return call_isolated(read_file, path, who="HDF5", doing=f"reading {path}",
+                             timeout=READ_TIMEOUT if timeout is None else timeout, memory=READ_MEMORY)
+    except RefghostError as exc:
+        raise type(exc)(printable(str(exc))) from None
+
+
+def escaped(value):
+    """``value`` (a :func:`describe` dict) with every string in it, keys too, made
+    :func:`~refghost.safe_io.printable`: what ``refghost info`` prints."""
+    from .safe_io import printable
+
+    if isinstance(value, str):
+        return printable(value)
+    if isinstance(value, dict):
+        return {escaped(k): escaped(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(escaped(v) for v in value)
+    return value
+
+
+def read_file(path: str) -> dict:
     """What the weights or golden file at ``path`` holds, validated (raises
     :class:`~refghost.errors.RefghostError` if it is unusable): ``kind`` (``"weights"`` or
     ``"golden"``), the network's ``config``, its ``preprocessing``, ``provenance``, the counts of

@@ -73,7 +73,9 @@ def convert_checkpoint(src, out, *, arch=None, width=None, activation=None, out_
     weights file ``out``.
 
     A detector: ``arch="detector"``, or ``config_file`` (NanoDet's YAML) given, or ``arch`` None
-    and the checkpoint has ``fpn.``/``head.`` keys (:func:`convert_detector`).
+    and the checkpoint has ``fpn.``/``head.`` keys (:func:`convert_detector`), unless a GhostNet
+    backbone's ``width``, ``activation`` or ``out_stages`` is given (then its backbone alone, the
+    rest named in the notes).
 
     For a checkpoint, an option left as None takes its value in :data:`DEFAULTS`. For an
     ``.onnx`` file the options are read from the graph; one given (not None) must agree with it.
@@ -98,7 +100,8 @@ def convert_checkpoint(src, out, *, arch=None, width=None, activation=None, out_
         save_weights(out, weights)
         return Converted(weights)
     left = split_backbone(read_state_dict(src), arch or DEFAULTS["arch"])[1]
-    if arch is None and any(part in left for part in DETECTOR_PARTS):
+    backbone_options = any(v is not None for v in (width, activation, out_stages))
+    if arch is None and not backbone_options and any(part in left for part in DETECTOR_PARTS):
         return convert_detector(src, out, channel_order=channel_order, mean=mean, std=std)
     arch = DEFAULTS["arch"] if arch is None else arch
     width = DEFAULTS["width"] if width is None else width

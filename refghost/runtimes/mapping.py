@@ -139,8 +139,19 @@ def _onnx_scope(node) -> str | None:
 
 
 def onnx_ops(graph) -> list[Op]:
-    """The ops of an ONNX GraphProto, in its (topological) node order."""
-    return [Op(node.op_type, node.output[0], _onnx_scope(node)) for node in graph.node]
+    """The ops of an ONNX GraphProto, in its (topological) node order, each with the tensors it
+    reads (initializers and absent optional inputs left out). A node with several outputs (a
+    ``Split``) is one op per output, in output order (``attrs["output_index"]``)."""
+    constants = {i.name for i in graph.initializer}
+    ops = []
+    for node in graph.node:
+        scope = _onnx_scope(node)
+        inputs = tuple(t for t in node.input if t and t not in constants)
+        outputs = [t for t in node.output if t] if node.op_type == "Split" else node.output[:1]
+        for k, out in enumerate(outputs):
+            ops.append(Op(node.op_type, out, scope, inputs, attrs={"output_index": k} if len(outputs) > 1 else {},
+                          label=f"{node.op_type} {node.name or out}"))
+    return ops
 
 
 def map_onnx(graph, network: Graph) -> tuple[dict[str, str], str]:

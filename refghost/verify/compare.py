@@ -365,17 +365,36 @@ def _admit(name, ref, cand, golden, by_node, results, judged_tensors, notes, sep
 
 
 def _diagnose(report: Report, golden: Golden, tensors: list[_Tensor], by_node: dict, policy, looser: bool) -> None:
-    """Say what the failure looks like: a looser honest precision, different weights or
-    preprocessing, or one layer computing a different function.
+    """Say what the failure looks like: one kind of layer computing another function, another
+    input, a looser honest precision, different weights or preprocessing, or one layer computing
+    a different function (:mod:`.diagnosis`).
 
-    A looser policy explains a failure only when the failure is widespread (at least
-    ``_WIDESPREAD`` of the isolated checks fail, as when every layer is rounded more coarsely) or
-    no layer fails its isolated check; a failure of a few layers that a looser policy hides is a
+    The isolated checks come first: when they fail for one kind of layer only (every BatchNorm,
+    every LeakyReLU), that kind computes another function, and neither a lower precision nor other
+    weights is offered. A looser policy explains a failure only when the failure is widespread (at
+    least ``_WIDESPREAD`` of the isolated checks fail, as when every layer is rounded more coarsely)
+    or no layer fails its isolated check; a failure of a few layers that a looser policy hides is a
     difference smaller than that policy's rounding, not a sign of it."""
+    from .diagnosis import input_finding, kind_finding
+
     results = report.tensors
     structural = any(r.status in ("shape", "nan") for r in results)
     checked = [r for r in results if r.isolated_ratio is not None]
     failures = report.isolated_failures
+    graph = golden.weights.graph
+    failed_nodes = [golden.node_of(n) for n, _ in failures]
+    kind = kind_finding(graph, golden.weights.params("float64"), [golden.node_of(r.name) for r in checked],
+                        failed_nodes, by_node)
+    if kind is not None:
+        report.diagnosis.append(kind.message())
+        return
+    if input_finding(graph, failed_nodes) and len(checked) > len(failures):
+        report.diagnosis.append(
+            f"only the layer{'s' if len(failures) > 1 else ''} reading the network input ({_few(failed_nodes)}) "
+            f"fail{'' if len(failures) > 1 else 's'} the isolated check, and every later layer computes the right "
+            f"function from its own input: the candidate was fed another input than the golden's (preprocessing: "
+            f"channel order, mean/std, resize, layout), or its first layer has other weights")
+        return
     widespread = not failures or len(failures) >= _WIDESPREAD * len(checked)
     if looser and not structural:
         names = list(POLICIES)
