@@ -185,6 +185,15 @@ def _roundoff(policy, u: float, oracle_u: float = 0.0) -> _Roundoff:
     return _Roundoff(pol.u + oracle_u, pol.u_weights, pol.u_activations, pol.tiny_weights, pol.tiny_activations)
 
 
+def covers(looser, policy) -> bool:
+    """Whether every roundoff of ``looser`` (arithmetic, stored weights and tensors, their flush
+    thresholds, the underflow allowance) is at least the same one of ``policy``: then every bound
+    under ``looser`` is at least the bound under ``policy``, elementwise, since each error rule
+    grows with each of them (``tests/test_bounds.py`` checks it on networks)."""
+    a, b = as_policy(looser), as_policy(policy)
+    return all(x >= y for x, y in zip((*_roundoff(a, 0.0), a.eta), (*_roundoff(b, 0.0), b.eta)))
+
+
 def _sigmoid(x):
     return 0.5 * (1.0 + np.tanh(0.5 * x))
 
@@ -603,7 +612,7 @@ def _upsample_error(node, x, e, r: _Roundoff, worst, lam):
 
 
 def segment_bound(graph: Graph, names: list[str], leaves: dict, params: dict, *, u: float = FLOAT32_U,
-                  eta: float = 0.0, policy=None):
+                  eta: float = 0.0, policy=None, values_cache: dict | None = None):
     """Value and worst-case bound of the last node of a short chain of nodes, from exact leaves.
 
     ``names`` are node names in forward order; every input of a node in the chain is either an
@@ -613,15 +622,25 @@ def segment_bound(graph: Graph, names: list[str], leaves: dict, params: dict, *,
     BatchNorm whose conv is in the chain may have been folded into that conv by the backend (ONNX
     exporters do), so its bound is the larger of "conv then BN" and "one conv with weights
     W*alpha, bias beta, themselves rounded once": an honest backend computes one or the other.
+
+    ``values_cache``: a dict kept by the caller across calls with the same ``leaves`` and
+    ``params`` (e.g. one chain judged under several policies): the chain's float64 values, which
+    do not depend on the policy, are computed once (keyed by the chain up to each node).
     """
     r = _roundoff(policy, u, FLOAT64_U)  # the float64 reference value is itself rounded: same rules, u = 2^-53
     values, errors = {}, {}
-    for name in names:
+    for i, name in enumerate(names):
         node = graph.node(name)
         ins = [values[s] if s in values else np.asarray(leaves[s], dtype=np.float64) for s in node.inputs]
         # A leaf may be the unrounded tensor while the chain reads it rounded to the storage format.
         errs = [errors[s] if s in errors else r.us * np.abs(a) for s, a in zip(node.inputs, ins)]
-        y = evaluate(node, ins, params)
+        key = tuple(names[:i + 1])
+        if values_cache is not None and key in values_cache:
+            y = values_cache[key]
+        else:
+            y = evaluate(node, ins, params)
+            if values_cache is not None:
+                values_cache[key] = y
         p = {role: params[key] for role, key in node.params.items()}
         err = _node_error(node, ins, errs, y, p, r, True, DEFAULT_LAMBDA) + _roundings(node, p) * eta
         src = node.inputs[0]

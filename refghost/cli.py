@@ -591,16 +591,29 @@ def cmd_compare(args) -> int:
     judgement = judge(candidate, golden)
     report, tensors = judgement.report, judgement.tensors
     print(format_report(report, verbose=args.verbose))
+    for stage in judgement.stages:
+        print(f"stage     {stage.stage}: {stage.verdict.upper()}: {stage.message}")
+    if judgement.stages and judgement.first_divergent != report.first_divergent:
+        print(f"first divergent: {judgement.first_divergent}")
     if args.json:
+        from dataclasses import asdict
+
+        from .verify.compare import json_number
+
+        document = report.to_json()
+        if judgement.stages:
+            document["stages"] = [{k: json_number(v) if isinstance(v, float) else v for k, v in asdict(s).items()}
+                                  for s in judgement.stages]
+            document["passed"], document["first_divergent"] = judgement.passed, judgement.first_divergent
         with atomic_path(args.json) as tmp, open(tmp, "w") as f:
-            json.dump(report.to_json(), f, indent=1)
+            json.dump(document, f, indent=1, default=str)
     if args.html or args.plots:
         from .verify.report_html import write_html, write_plots
         if args.html:
             write_html(report, golden, tensors, args.html)
         if args.plots:
             write_plots(report, golden, tensors, args.plots)
-    return 0 if report.passed else 1
+    return 0 if judgement.passed else 1
 
 
 def _run_set(args, job, items: list[str], what: str):

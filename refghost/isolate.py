@@ -48,6 +48,7 @@ back bit for bit.
 from __future__ import annotations
 
 import ctypes
+import faulthandler
 import mmap
 import os
 import pickle
@@ -68,6 +69,10 @@ ALIGNMENT = 64
 _UNWRITABLE = 70
 _TRAILER = struct.Struct("<QQ")  # (offset, length) of the header, in the file's last 16 bytes
 _PR_SET_PDEATHSIG = 1
+#: Bytes of the page a child says what it is doing in (:func:`now_doing`): 2 of length, the text.
+_DOING_BYTES = 512
+#: That page, in a child of :func:`call_isolated` (None elsewhere).
+_doing_page = None
 
 
 def call_isolated(fn, *args, who: str, doing: str, timeout: float, memory: int | None):
@@ -91,6 +96,7 @@ def call_isolated(fn, *args, who: str, doing: str, timeout: float, memory: int |
         raise ValueError(f"memory must be a positive number of bytes or None, got {memory}")
     for stream in (sys.stdout, sys.stderr):  # else the child inherits, and prints again, what is buffered
         _flush(stream)
+    page = mmap.mmap(-1, _DOING_BYTES)  # anonymous and shared with the child
     fd = os.memfd_create("refghost-isolated", os.MFD_CLOEXEC)
     pid = None
     reaped = False
@@ -98,7 +104,7 @@ def call_isolated(fn, *args, who: str, doing: str, timeout: float, memory: int |
         parent = os.getpid()
         pid = os.fork()
         if pid == 0:
-            _child(fd, parent, fn, args, memory)  # never returns
+            _child(fd, page, parent, fn, args, memory)  # never returns
         try:
             os.setpgid(pid, pid)  # also done by the child: whichever runs first
         except OSError:
@@ -108,26 +114,46 @@ def call_isolated(fn, *args, who: str, doing: str, timeout: float, memory: int |
         if status is None:
             os.waitpid(pid, 0)
             reaped = True
-            raise IsolationError(f"{who} did not finish {doing} within {timeout:g} s (killed)")
+            raise IsolationError(f"{who} did not finish {_doing(page, doing)} within {timeout:g} s (killed)")
         reaped = True
-        return _outcome(fd, status, who, doing, memory)
+        return _outcome(fd, status, who, _doing(page, doing), memory)
     finally:
         if pid is not None and not reaped:  # the parent was interrupted or failed while waiting
             _kill_group(pid)
             os.waitpid(pid, 0)
         os.close(fd)
+        page.close()
+
+
+def now_doing(text: str) -> None:
+    """Inside a call of :func:`call_isolated`: what the call does from now on (``"running
+    model.mnn"`` after ``"loading model.mnn"``), named by an error instead of the caller's
+    ``doing``. Outside one, nothing. (A few bytes written to a page shared with the parent.)"""
+    if _doing_page is None:
+        return
+    data = text.encode("utf-8", "replace")[:_DOING_BYTES - 2]
+    _doing_page[2:2 + len(data)] = data
+    _doing_page[:2] = len(data).to_bytes(2, "little")
+
+
+def _doing(page, default: str) -> str:
+    n = int.from_bytes(page[:2], "little")
+    return page[2:2 + n].decode("utf-8", "replace") if 0 < n <= _DOING_BYTES - 2 else default
 
 
 # ------------------------------------------------------------------------------------------------
 # the child
 # ------------------------------------------------------------------------------------------------
-def _child(fd: int, parent: int, fn, args, memory) -> None:
+def _child(fd: int, page, parent: int, fn, args, memory) -> None:
     """Run ``fn(*args)``, write its outcome to ``fd``, and leave with ``os._exit`` (never return
     into the parent's code, run no atexit handler, flush nothing of the parent's files)."""
+    global _doing_page
     code = _UNWRITABLE
     try:
+        _doing_page = page
         os.setpgid(0, 0)
         _die_with(parent)
+        faulthandler.disable()  # the parent reports a crash, in one line
         if memory is not None:
             _, hard = resource.getrlimit(resource.RLIMIT_AS)
             limit = _address_space() + memory

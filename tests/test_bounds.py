@@ -343,3 +343,29 @@ def test_slope_sup_rejects_bad_input():
         bounds.slope_sup("ReLU", 1.0, 0.0)
     with pytest.raises(bounds.RefghostError, match="PReLU needs"):
         bounds.slope_sup("PReLU", 0.0, 1.0)
+
+
+@pytest.mark.parametrize("activation", ["LeakyReLU", "HardSwish", "ReLU6", "SiLU"])
+def test_a_covering_policy_bounds_at_least_as_much(activation):
+    """refghost.bounds.covers(a, b): every roundoff of a is at least b's, so every bound under a
+    is at least the bound under b, accumulated and isolated: what lets the diagnosis re-judge only
+    the tensors that failed under b (refghost.verify.compare._diagnose)."""
+    from refghost.arch import Config, build_graph
+    from refghost.bounds import POLICIES, covers, error_bounds, segment_bound
+    from refghost.testing import random_params
+
+    graph = build_graph(Config(width=0.25, activation=activation))
+    params = {k: v.astype(np.float64) for k, v in random_params(graph, seed=5).items()}
+    x = np.random.default_rng(5).standard_normal((1, 3, 48, 48))
+    accumulated = {name: error_bounds(graph, params, x, policy=name)[1] for name in POLICIES}
+    values = error_bounds(graph, params, x)[0]
+    leaves = {"input": x, **values}
+    pairs = [(a, b) for a in POLICIES for b in POLICIES if a != b and covers(a, b)]
+    assert ("float16", "float32") in pairs and ("bfloat16-storage", "float16-weights") not in pairs
+    for a, b in pairs:
+        for node in graph.nodes:
+            assert (accumulated[a][node.name] >= accumulated[b][node.name]).all(), (a, b, node.name)
+        for node in graph.nodes[::7]:
+            _, bound_a = segment_bound(graph, [node.name], leaves, params, policy=a, eta=POLICIES[a].eta)
+            _, bound_b = segment_bound(graph, [node.name], leaves, params, policy=b, eta=POLICIES[b].eta)
+            assert (bound_a >= bound_b).all(), (a, b, node.name)

@@ -324,3 +324,26 @@ def test_detector_golden_structure_is_checked(detector_golden, tmp_path):
         f["detector"].create_dataset("decode.boxes", data=np.zeros((1, 2125, 5)))
     with pytest.raises(GoldenError, match="holds|shape"):
         read_golden(broken)
+
+
+def test_compare_judges_the_stages_around_the_network(detector_golden, tmp_path, capsys):
+    """A dump with the candidate's input, decode and detections (refghost run --out keys plus
+    "input") is judged stage by stage; a swapped-channel input is the first divergence."""
+    w = load_weights(SHIPPED)
+    run = refghost.run(str(SAMPLE_IMAGE), w, intermediates=True)
+    arrays = {k: v for k, v in run.items() if k == "output" or k.startswith(("decode.", "detections."))}
+    arrays["input"] = prepare_batch([str(SAMPLE_IMAGE)], w, "float32").x
+    np.savez(tmp_path / "honest.npz", **arrays)
+    capsys.readouterr()
+    assert main(["compare", str(detector_golden), str(tmp_path / "honest.npz"), "--json",
+                 str(tmp_path / "r.json")]) == 0
+    printed = capsys.readouterr().out
+    for stage in ("input", "decode", "detections"):
+        assert f"stage     {stage}: PASS" in printed
+    assert [s["verdict"] for s in json.loads((tmp_path / "r.json").read_text())["stages"]] == ["pass"] * 3
+    arrays["input"] = np.ascontiguousarray(arrays["input"][:, ::-1])
+    np.savez(tmp_path / "swapped.npz", **arrays)
+    assert main(["compare", str(detector_golden), str(tmp_path / "swapped.npz")]) == 1
+    printed = capsys.readouterr().out
+    assert "stage     input: FAIL" in printed and "channels swapped" in printed
+    assert "first divergent: input" in printed

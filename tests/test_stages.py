@@ -75,16 +75,23 @@ def test_input_other_opencv_kernel_is_honest_but_noted(golden):
     result = st.judge_input(golden, x)
     assert (result.verdict, result.cause) == (st.PASS, "resize_kernel")
     assert result.off_by_one_level == result.outside > 0 and result.max_levels < 1.001
+    # a golden input not made from an image is fed as it is: a level off is not another kernel
+    seeded = replace(golden, input=np.random.default_rng(0).standard_normal(golden.input.shape).astype(np.float32))
+    _, std = stats32(golden)
+    result = st.judge_input(seeded, seeded.input + (np.arange(seeded.input.shape[3]) % 7 == 0) / std)
+    assert result.verdict == st.FAIL and result.cause != "resize_kernel"
 
 
 def test_input_cv2_pipeline_passes(golden):
     cv2 = pytest.importorskip("cv2")
     img = cv2.imread(str(SAMPLE_IMAGE))
-    warped = cv2.warpPerspective(img, golden.detector["preprocess.matrices"][0], golden.weights.preprocessing.input_size)
+    size = golden.weights.preprocessing.input_size
+    warped = cv2.warpPerspective(img, golden.detector["preprocess.matrices"][0], size)
     mean, std = stats32(golden)
     x = ((warped.astype(np.float32) / 255 - mean[0].T / 255) / (std[0].T / 255)).transpose(2, 0, 1)[None]
     result = st.judge_input(golden, x)
-    assert result.verdict == st.PASS and result.cause in (None, "resize_kernel")
+    same_kernel = pp.kernel_for_opencv(cv2.__version__, ipp=cv2.ipp.useIPP()) == pp.DEFAULT_WARP_KERNEL
+    assert (result.verdict, result.cause) == (st.PASS, None if same_kernel else "resize_kernel"), result.message
 
 
 @pytest.mark.parametrize("cause", ["channels_swapped", "mean_std_missing_255", "mean_std_missing_1", "mean_std_twice",
@@ -127,9 +134,32 @@ def test_input_resize_named_from_the_padding(golden):
     assert (result.verdict, result.cause) == (st.FAIL, "stretch") and result.golden_pad[1] > 0
 
 
+def test_input_other_interpolation_image_normalisation_shape(golden):
+    img = pp.read_image(SAMPLE_IMAGE, "BGR")
+    pre = golden.weights.preprocessing
+    (w, h), (src_h, src_w) = pre.input_size, img.shape[:2]
+    sx, sy = w / src_w, h / src_h
+    # cv2.resize's sampling (pixel centres aligned: src = (dst + 1/2)/scale - 1/2) instead of warpPerspective's
+    centred = np.array([[sx, 0, sx / 2 - 0.5], [0, sy, sy / 2 - 0.5], [0, 0, 1]])
+    resized = pp.normalize(pp.warp_image(img, centred, (w, h), warp_kernel="float32"), pre.mean, pre.std)[None]
+    result = st.judge_input(golden, resized)
+    assert (result.verdict, result.cause) == (st.FAIL, "resize_interpolation"), result.message
+    mirrored = np.ascontiguousarray(golden.input[..., ::-1])
+    assert st.judge_input(golden, mirrored).cause == "other_image"
+    mean, std = stats32(golden)
+    shifted = (golden_pixels(golden) - (mean - 10)) / std  # a mean 10 levels lower
+    result = st.judge_input(golden, shifted)
+    assert (result.verdict, result.cause) == (st.FAIL, "normalisation")
+    assert str(np.round(pre.mean[0] - 10, 3)) in result.message  # the fitted mean is reported
+    result = st.judge_input(golden, np.concatenate([golden.input, golden.input]))
+    assert (result.verdict, result.cause) == (st.FAIL, "shape")
+
+
 def test_input_bad_argument(golden):
     with pytest.raises(CompareError, match="candidate input"):
         st.judge_input(golden, golden.input[0, 0])
+    with pytest.raises(CompareError, match="channels last"):
+        st.judge_input(golden, np.ascontiguousarray(golden.input.transpose(0, 2, 3, 1)))
     result = st.judge_input(golden, np.full_like(golden.input, np.nan))
     assert result.verdict == st.FAIL
 
@@ -331,3 +361,11 @@ def test_detections_tied_at_the_cut_are_unstable(golden):
 def test_detections_bad_argument(golden):
     with pytest.raises(CompareError, match="'labels'"):
         st.judge_detections(golden, {"image": np.zeros(1), "boxes": np.zeros((1, 4)), "scores": np.zeros(1)})
+    one = {"image": np.zeros(1), "boxes": np.zeros((1, 4)), "scores": np.zeros(1), "labels": np.zeros(1)}
+    with pytest.raises(CompareError, match="image 3"):
+        st.judge_detections(golden, {**one, "image": np.array([3])})
+    with pytest.raises(CompareError, match="max_detections"):
+        st.judge_detections(golden, one, max_detections=2.5)
+    backbone = replace(golden, detector={})
+    assert st.judge_decode(backbone, np.zeros((1, 1, 1)), np.zeros((1, 1, 4))).verdict == st.NOT_JUDGED
+    assert st.judge_detections(backbone, one).verdict == st.NOT_JUDGED

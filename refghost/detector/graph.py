@@ -68,6 +68,7 @@ from .spec import (
 
 #: Prefixes of the three parts in NanoDet's state_dict.
 BACKBONE, NECK, HEAD = "backbone", "fpn", "head"
+PARTS = (BACKBONE, NECK, HEAD)
 #: The export-form output node (and the graph's one output).
 OUTPUT = "output"
 

@@ -33,7 +33,7 @@ from ..arch import output_shapes
 from ..errors import CompareError
 
 __all__ = ["EXTENSIONS", "RUNTIMES", "Observed", "Precision", "RuntimeFailed", "RuntimeMissing", "RuntimeRun",
-           "input_shape", "layer_shapes", "nchw", "require", "run_model", "runtime_for", "to_golden_shape"]
+           "format_parts", "input_shape", "layer_shapes", "nchw", "require", "run_model", "runtime_for", "to_golden_shape"]
 
 #: Runtime name -> the module of this package that runs it.
 RUNTIMES = {
@@ -132,6 +132,8 @@ class RuntimeRun:
     exposed: int  # how many tensors the runtime exposed
     notes: list[str] = field(default_factory=list)
     model: str = ""  # the model file that ran
+    #: a whole detector's {part: [mapped, exposed (None: unknown)]} (refghost.runtimes.mapping.part_counts)
+    parts: dict = field(default_factory=dict)
 
     def describe(self) -> str:
         opts = ", ".join(f"{k}={v}" for k, v in self.options.items())
@@ -144,13 +146,15 @@ class RuntimeRun:
             kind = how.split(":")[0]  # "by structure: Convolution 12 (line 4)": counted as "by structure"
             hows[kind] = hows.get(kind, 0) + 1
         detail = ", ".join(f"{n} {how}" for how, n in hows.items())
-        return f"{len(self.mapping)} of {self.exposed} exposed tensors mapped to layers" + (f" ({detail})" if detail
-                                                                                          else "")
+        return (f"{len(self.mapping)} of {self.exposed} exposed tensors mapped to layers" + (f" ({detail})" if detail
+                                                                                           else "")
+                + (f"; {format_parts(self.parts)}" if self.parts else ""))
 
     def summary(self) -> dict:
         """The run as JSON-ready data (the ``runtime`` entry of a ``--json`` report)."""
         return {"runtime": self.runtime, "version": self.version, "model": self.model, "options": self.options,
                 "precision": asdict(self.precision), "exposed": self.exposed, "mapped": len(self.mapping),
+                "parts": self.parts,
                 "mapping": {k: {"module": m, "how": h} for k, (m, h) in self.mapping.items()}, "notes": self.notes}
 
 
@@ -180,7 +184,7 @@ def run_model(path: str, golden, *, runtime: str | None = None, precise: bool = 
               options: dict[str, str] | None = None, threads: int = 1) -> RuntimeRun:
     """Run the model file ``path`` on ``golden``'s input in its runtime; its tensors matched to
     module paths by :func:`refghost.runtimes.mapping.match`."""
-    from .mapping import match
+    from .mapping import match, part_counts
 
     path = os.fspath(path)
     name = runtime_for(path, runtime)
@@ -188,7 +192,15 @@ def run_model(path: str, golden, *, runtime: str | None = None, precise: bool = 
     seen = module.observe(path, golden, precise=precise, options=dict(options or {}), threads=threads)
     tensors, mapping = match(seen, golden)
     return RuntimeRun(tensors, seen.runtime, seen.version, seen.options, seen.precision, mapping, seen.exposed,
-                      list(seen.notes), model=path)
+                      list(seen.notes), model=path, parts=part_counts(seen, golden, mapping))
+
+
+def format_parts(parts: dict) -> str:
+    """``"backbone 146/146, fpn 73/73, head 41/41 mapped/exposed"`` (``"backbone 146,
+    ... mapped"`` where the runtime names no modules)."""
+    if all(exposed is not None for _, exposed in parts.values()):
+        return ", ".join(f"{p} {m}/{e}" for p, (m, e) in parts.items()) + " mapped/exposed"
+    return ", ".join(f"{p} {m}" for p, (m, _) in parts.items()) + " mapped"
 
 
 def input_shape(path: str, runtime: str | None = None) -> tuple[int, ...] | None:

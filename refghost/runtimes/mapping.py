@@ -42,7 +42,8 @@ from ..ops import BN_EPS, fold_batch_norm
 __all__ = ["BY_ATTRIBUTES", "BY_SCOPE", "BY_STRUCTURE", "BY_WEIGHTS", "CONSTANTS", "COPIES", "FlowOp", "MATCHERS",
            "MappingError", "Op", "PASS_THROUGH", "PATTERNS", "PLUMBING", "VOCABULARY", "activation_name", "collect",
            "folded_conv_weight", "map_by_attributes", "map_by_dataflow", "map_by_scope", "map_by_structure",
-           "map_onnx", "map_ops", "match", "onnx_ops", "scope_of_name"]
+           "map_onnx", "map_ops", "match", "onnx_ops", "part_counts", "part_of", "scope_of_name",
+           "shape_tensors"]
 
 BY_SCOPE = "by exporter scope names"
 BY_STRUCTURE = "by structure (the graph has no scope names)"
@@ -149,8 +150,7 @@ def onnx_ops(graph) -> list[Op]:
         inputs = tuple(t for t in node.input if t and t not in constants)
         outputs = [t for t in node.output if t] if node.op_type == "Split" else node.output[:1]
         for k, out in enumerate(outputs):
-            ops.append(Op(node.op_type, out, scope, inputs, attrs={"output_index": k} if len(outputs) > 1 else {},
-                          label=f"{node.op_type} {node.name or out}"))
+            ops.append(Op(node.op_type, out, scope, inputs, attrs={"output_index": k} if len(outputs) > 1 else {}))
     return ops
 
 
@@ -170,12 +170,70 @@ def map_ops(ops: list[Op], network: Graph, *, fused_activations: bool = False) -
     return map_by_structure(ops, network, fused_activations=fused_activations), BY_STRUCTURE
 
 
+def shape_tensors(ops: list[Op]) -> set[str]:
+    """The tensors computed from shapes and constants only (``Shape``, ``Constant`` and the
+    arithmetic on them: the ``Add``/``Div``/``Mul``/``Slice`` a TorchScript export computes a
+    ``chunk``'s split points with); never a layer's value. An op whose inputs the adapter does not
+    give counts as computing data."""
+    shape: set[str] = set()
+    for op in ops:
+        if op.kind in ("Constant", "Shape", "ConstantOfShape") or (op.inputs and all(t in shape for t in op.inputs)):
+            shape.add(op.output)
+    return shape
+
+
 def _by_scope(ops: list[Op]) -> dict[str, list[Op]]:
+    """The data ops (shape arithmetic and constants left out, copies kept: a module may end with a
+    ``Reshape``, as a channel shuffle does) of each scope, in order."""
+    shape = shape_tensors(ops)
     by_scope: dict[str, list[Op]] = {}
     for op in ops:
-        if op.kind not in PLUMBING and op.scope is not None:
+        if op.kind not in CONSTANTS and op.scope is not None and op.output not in shape:
             by_scope.setdefault(op.scope, []).append(op)
     return by_scope
+
+
+#: Copies that keep the order of the values (a Transpose does not: a channel shuffle is one).
+_SAME_ORDER = COPIES - {"Transpose"}
+
+
+def _module_output(scope_ops: list[Op]) -> Op:
+    """The op whose tensor a module returns: the last of its scope (an ``Identity`` included), but
+    for trailing copies that change no value: a reshape (the tensor before it holds the same values
+    in the same order) and a lone ``Transpose`` (a runtime's change of layout, e.g. MNN's to NCHW at
+    an output). A ``Transpose`` between reshapes is a channel shuffle (view, transpose, view): its
+    tensor holds the module's value in the module's order."""
+    for k in range(len(scope_ops) - 1, -1, -1):
+        op = scope_ops[k]
+        if op.kind == "Transpose":
+            if k > 0 and scope_ops[k - 1].kind in _SAME_ORDER - {"Identity"}:
+                return op
+        elif op.kind == "Identity" or op.kind not in _SAME_ORDER:
+            return op
+    return scope_ops[-1]
+
+
+def _layer_of_scope(scope: str, layers, scopes) -> str | None:
+    """The network layer a module path names: itself, or for a module called more than once
+    (TorchScript names the k-th call's scope ``<path>_<k>``, the first ``<path>``; ``scopes`` are
+    all the graph's), ``<path>.<k>``."""
+    if scope in layers:
+        return scope
+    head, _, last = scope.rpartition(".")
+    base, sep, k = last.rpartition("_")
+    if sep and k.isdigit() and base:
+        call = f"{head}.{base}.{k}" if head else f"{base}.{k}"
+        return call if call in layers else None
+    return f"{scope}.0" if f"{scope}.0" in layers and f"{scope}_1" in scopes else None
+
+
+def _export_output(layer, network: Graph, scope_ops: list[Op]):
+    """The network's export-form output node if module ``layer`` (the raw head, ``flatten_levels``)
+    returns it: its scope sigmoids the class scores, so its last tensor is the sigmoided output
+    (``sigmoid_classes``), not the raw head."""
+    if layer.op != "flatten_levels" or not any(op.kind == "Sigmoid" for op in scope_ops):
+        return None
+    return next((n for n in network.nodes if n.op == "sigmoid_classes" and n.inputs == (layer.name,)), None)
 
 
 def _folded_bn(layer, network: Graph, has_ops) -> str | None:
@@ -187,22 +245,67 @@ def _folded_bn(layer, network: Graph, has_ops) -> str | None:
 
 
 def map_by_scope(ops: list[Op], network: Graph) -> dict[str, str]:
-    """Map by the module paths recorded on the ops (see the module docstring)."""
+    """Map by the module paths recorded on the ops (see the module docstring), then the layers no
+    module returns (a concatenation or sum written in a ``forward``, a ``chunk``'s halves) by the
+    tensors they read (:func:`_map_by_inputs`)."""
     by_scope = _by_scope(ops)
     layers = {n.name: n for n in network.nodes}
     mapping = {}
     for scope, scope_ops in by_scope.items():
-        layer = layers.get(scope)
-        if layer is None:
+        name = _layer_of_scope(scope, layers, by_scope)
+        if name is None:
             continue
-        name = scope
+        layer = layers[name]
         if layer.op == "conv":
-            name = _folded_bn(layer, network, lambda n: n in by_scope) or scope
+            name = _folded_bn(layer, network, lambda n: n in by_scope) or name
         elif layer.op == "scale":  # the SE: its gate is computed inside the same scope
             gates = [op for op in scope_ops[:-1] if op.kind in _GATE_OPS]
             if gates:
                 mapping[gates[-1].output] = SqueezeExcite(scope).gate
-        mapping[scope_ops[-1].output] = name
+        exported = _export_output(layer, network, scope_ops)
+        if exported is not None:
+            name = exported.name
+        mapping[_module_output(scope_ops).output] = name
+    return _map_by_inputs(ops, network, mapping)
+
+
+#: The op kinds that may compute each refghost op a layer no module returns may be.
+_BY_INPUTS = {
+    "concat": {"Concat"}, "add": {"Add", "Sum"}, "slice": {"Slice", "Split"}, "upsample": {"Resize", "Upsample"},
+    "act": {"Relu", "LeakyRelu", "Clip", "Elu", "Selu", "PRelu", "HardSwish", "Gelu", "Sigmoid"},
+    "max_pool": {"MaxPool"}, "scale": {"Mul"}, "global_avg_pool": {"GlobalAveragePool", "ReduceMean"},
+}
+def _map_by_inputs(ops: list[Op], network: Graph, mapping: dict[str, str]) -> dict[str, str]:
+    """``mapping`` completed with the layers it lacks whose inputs it holds: each is the first
+    unmapped op of a kind that computes it (:data:`_BY_INPUTS`) reading exactly the tensors of its
+    inputs, in order (a sum's in any order), through copies that keep the order of the values.
+    The two halves of a ``chunk`` read the same tensor: the first such op is the first half."""
+    if not any(op.inputs for op in ops):
+        return mapping  # the adapter gives no data flow
+    shape = shape_tensors(ops)
+    producer = {op.output: op for op in ops}
+
+    def origin(t: str) -> str:
+        while t in producer and producer[t].kind in _SAME_ORDER and producer[t].inputs:
+            t = producer[t].inputs[0]
+        return t
+
+    value = {layer: origin(t) for t, layer in mapping.items()}
+    graph_inputs = [t for op in ops for t in op.inputs if t not in producer]
+    if graph_inputs:
+        value.setdefault("input", graph_inputs[0])
+    for node in network.nodes:
+        if node.name in value or node.op not in _BY_INPUTS or not all(i in value for i in node.inputs):
+            continue
+        wanted = [value[i] for i in node.inputs]
+        for op in ops:
+            if op.kind not in _BY_INPUTS[node.op] or op.output in mapping or op.output in shape:
+                continue
+            reads = [origin(t) for t in op.inputs if t not in shape]
+            if reads == wanted or (node.op == "add" and sorted(reads) == sorted(wanted)):
+                mapping[op.output] = node.name
+                value[node.name] = origin(op.output)
+                break
     return mapping
 
 
@@ -227,6 +330,10 @@ def map_by_structure(ops: list[Op], network: Graph, *, fused_activations: bool =
     k = 0
     while k < len(layers):
         layer = layers[k]
+        if layer.op not in PATTERNS:
+            raise MappingError(f"cannot match the graph to the network by structure: layer {layer.name} is a "
+                               f"{layer.op}, which the structure matcher has no op pattern for; export with the "
+                               f"module paths as node names (TorchScript's default) or dump the tensors to .npz")
         for pattern in PATTERNS[layer.op]:
             if tuple(op.kind for op in ops[i:i + len(pattern)]) == pattern:
                 break
@@ -587,6 +694,41 @@ def match(observed, golden) -> tuple[dict[str, np.ndarray], dict[str, tuple[str,
     tensors = collect(golden, outputs, observed.values, names)
     labels = observed.labels or {}
     return tensors, {labels.get(t, t): (layer, hows[t]) for t, layer in names.items()}
+
+
+def part_of(layer: str) -> str | None:
+    """The part of a whole detector (:data:`refghost.detector.graph.PARTS`) a layer belongs to (the
+    export-form output is the head's), or None for a layer of no part (a GhostNet's own)."""
+    from ..detector.graph import HEAD, OUTPUT, PARTS
+
+    first = layer.split(".", 1)[0]
+    return HEAD if layer == OUTPUT else first if first in PARTS else None
+
+
+def part_counts(observed, golden, mapping: dict[str, tuple[str, str]]) -> dict[str, list]:
+    """``{part: [mapped, exposed]}`` of a whole detector's run (empty for a GhostNet): the tensors
+    mapped to the part's layers, and the tensors of the part the runtime exposes that a layer may
+    hold: every module output it names (the last data op of each scope, shape arithmetic left out)
+    and every mapped tensor. ``exposed`` is None when the runtime names no scopes."""
+    from ..detector.graph import PARTS
+
+    layers = [n.name for n in golden.weights.graph.nodes]
+    if not any(part_of(name) is not None for name in layers):
+        return {}
+    unlabel = {label: t for t, label in (observed.labels or {}).items()}
+    by_tensor = {unlabel.get(k, k): layer for k, (layer, _) in mapping.items()}
+    counts = {part: [0, None] for part in PARTS}
+    for layer in by_tensor.values():
+        if part_of(layer) in counts:
+            counts[part_of(layer)][0] += 1
+    scoped = _by_scope(observed.ops) if observed.matcher == "names" else {}
+    if scoped:
+        exposed = {t: part_of(layer) for t, layer in by_tensor.items()}
+        for scope, scope_ops in scoped.items():
+            exposed.setdefault(_module_output(scope_ops).output, part_of(scope))
+        for part in PARTS:
+            counts[part][1] = sum(p == part for p in exposed.values())
+    return counts
 
 
 def collect(golden, outputs: list[np.ndarray], values: dict[str, np.ndarray],

@@ -99,6 +99,13 @@ CANDIDATE_SIZE_FACTOR = 4
 def _byte_cap(golden: Golden, maps: dict | None):
     """``cap(candidate_key)``: the bytes a candidate array may declare, or None if unneeded."""
     sizes = {name: value.size for name, value in golden.tensors().items()}
+    # the stages around the network (refghost.verify.stages): the input, a detector's decode and
+    # detections (at most max_detections per image; the stored ones may be fewer)
+    sizes["input"] = golden.input.size
+    sizes.update({name: value.size for name, value in golden.detector.items() if name.startswith("decode.")})
+    if golden.detector:
+        per_image = 4 * int(golden.attrs.get("max_detections", 100)) * golden.input.shape[0]
+        sizes.update({name: per_image for name in golden.detector if name.startswith("detections.")})
     largest = max(sizes.values())
     maps = maps or {}
 

@@ -33,8 +33,9 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from ..bounds import BOUND_MODEL, DEFAULT_LAMBDA, POLICIES, as_policy, error_bounds, segment_bound
+from ..bounds import BOUND_MODEL, DEFAULT_LAMBDA, POLICIES, as_policy, covers, error_bounds, segment_bound
 from ..errors import CompareError
+from ..runtimes import format_parts
 from ..threads import single_threaded_blas
 from .golden import Golden
 
@@ -232,9 +233,11 @@ def accumulated_bounds(golden: Golden, policy) -> dict[str, np.ndarray]:
     return bounds
 
 
-def _judge(golden: Golden, tensors: list[_Tensor], by_node: dict, policy, atol, rtol) -> dict:
+def _judge(golden: Golden, tensors: list[_Tensor], by_node: dict, policy, atol, rtol, values_cache=None) -> dict:
     """Accumulated and isolated ratios of every tensor under ``policy`` (or atol/rtol when given).
 
+    ``values_cache``: the isolated chains' float64 values, kept across the policies of one
+    comparison (:func:`refghost.bounds.segment_bound`).
     Returns ``{name: (accumulated_ratio, fraction_outside, worst_index, isolated_ratio, segment)}``."""
     explicit = atol is not None or rtol is not None
     atol, rtol = atol or 0.0, rtol or 0.0
@@ -251,7 +254,8 @@ def _judge(golden: Golden, tensors: list[_Tensor], by_node: dict, policy, atol, 
             worst = np.unravel_index(int(np.argmax(ratio)), ratio.shape) if ratio.size else ()
             iso, iso_segment = None, []
             for segment in t.segments:
-                value, seg_bound = segment_bound(graph, segment, by_node, params, policy=policy, eta=policy.eta)
+                value, seg_bound = segment_bound(graph, segment, by_node, params, policy=policy, eta=policy.eta,
+                                                 values_cache=values_cache)
                 if explicit:
                     seg_bound = atol + rtol * np.abs(value)
                 r = error_ratio(np.abs(t.value - value), seg_bound)
@@ -304,11 +308,12 @@ def compare(golden: Golden, candidate: dict[str, np.ndarray], *, policy: str = "
     own = {t.result.name for t in judged_tensors}
     for t in judged_tensors:
         node = golden.node_of(t.result.name)
-        if t.result.name != node and (node in own or separate_outputs):
-            continue  # an output alias of a layer checked under its own name, or of another run
+        if (t.result.name != node and node in own) or (separate_outputs and t.result.name in golden.outputs):
+            continue  # an output alias of a layer checked under its own name, or an output of another run
         t.segments = _segments(golden, node, set(by_node))
 
-    judged = _judge(golden, judged_tensors, by_node, pol, atol, rtol)
+    values_cache = {}
+    judged = _judge(golden, judged_tensors, by_node, pol, atol, rtol, values_cache)
     for t in judged_tensors:
         r = t.result
         r.accumulated_ratio, r.fraction_outside, r.worst_index, r.isolated_ratio, r.isolated_segment = judged[r.name]
@@ -333,7 +338,8 @@ def compare(golden: Golden, candidate: dict[str, np.ndarray], *, policy: str = "
     report = Report(golden.path or "<golden>", candidate_name, pol.name, results, first, passed, notes,
                     isolated_failures=isolated_failures, runtime=dict(runtime or {}))
     if not passed and not explicit:
-        _diagnose(report, golden, judged_tensors, by_node, pol, diagnose)
+        failing = [t for t in judged_tensors if t.result.status != "ok"]
+        _diagnose(report, golden, judged_tensors, failing, by_node, pol, diagnose, values_cache)
     return report
 
 
@@ -364,7 +370,8 @@ def _admit(name, ref, cand, golden, by_node, results, judged_tensors, notes, sep
     judged_tensors.append(_Tensor(result, cand64, np.abs(cand64 - ref), []))
 
 
-def _diagnose(report: Report, golden: Golden, tensors: list[_Tensor], by_node: dict, policy, looser: bool) -> None:
+def _diagnose(report: Report, golden: Golden, tensors: list[_Tensor], failing: list[_Tensor], by_node: dict, policy,
+              looser: bool, values_cache: dict) -> None:
     """Say what the failure looks like: one kind of layer computing another function, another
     input, a looser honest precision, different weights or preprocessing, or one layer computing
     a different function (:mod:`.diagnosis`).
@@ -374,7 +381,11 @@ def _diagnose(report: Report, golden: Golden, tensors: list[_Tensor], by_node: d
     weights is offered. A looser policy explains a failure only when the failure is widespread (at
     least ``_WIDESPREAD`` of the isolated checks fail, as when every layer is rounded more coarsely)
     or no layer fails its isolated check; a failure of a few layers that a looser policy hides is a
-    difference smaller than that policy's rounding, not a sign of it."""
+    difference smaller than that policy's rounding, not a sign of it.
+
+    ``failing`` are the tensors that failed under ``policy``: a looser policy that
+    :func:`refghost.bounds.covers` it has bounds at least as large elementwise, so the tensors that
+    passed pass under it too, and only the failed ones are judged again (every tensor otherwise)."""
     from .diagnosis import input_finding, kind_finding
 
     results = report.tensors
@@ -399,7 +410,8 @@ def _diagnose(report: Report, golden: Golden, tensors: list[_Tensor], by_node: d
     if looser and not structural:
         names = list(POLICIES)
         for name in names[names.index(policy.name) + 1:]:
-            if not _verdict(_judge(golden, tensors, by_node, POLICIES[name], None, None)):
+            again = failing if covers(name, policy) else tensors
+            if not _verdict(_judge(golden, again, by_node, POLICIES[name], None, None, values_cache)):
                 continue
             if widespread:
                 report.consistent_with = name
@@ -471,6 +483,7 @@ def format_report(report: Report, *, verbose: bool = False) -> str:
                      f"weights {p['weights']}, activations {p['activations']} ({p['detail']})")
         lines.append(f"mapping   {run['mapped']} of {run['exposed']} exposed tensors mapped to layers "
                      f"({', '.join(f'{n} {how}' for how, n in _hows(run['mapping']).items())})"
+                     + (f"; {format_parts(run['parts'])}" if run.get("parts") else "")
                      + ("" if verbose else "; every match: --verbose or refghost map"))
         if verbose:
             width = max((len(k) for k in run["mapping"]), default=0)

@@ -47,10 +47,25 @@ class Judgement:
     candidate: str  # what was judged: the file, and the runtime, version and settings that ran it
     run: object | None = None  # the refghost.runtimes.RuntimeRun of a model file, None for arrays
     seconds: dict = field(default_factory=dict)  # "candidate" (read or run), "compare"
+    #: the stages around the network the candidate gave arrays for (refghost.verify.stages records)
+    stages: list = field(default_factory=list)
 
     @property
     def passed(self) -> bool:
-        return self.report.passed
+        from .stages import FAIL
+
+        return self.report.passed and not any(s.verdict == FAIL for s in self.stages)
+
+    @property
+    def first_divergent(self) -> str | None:
+        """The input stage when it fails (everything after it inherits its difference), else the
+        report's first divergent layer, else the first failing stage after the network."""
+        from .stages import FAIL
+
+        failed = [s.stage for s in self.stages if s.verdict == FAIL]
+        if "input" in failed:
+            return "input"
+        return self.report.first_divergent or (failed[0] if failed else None)
 
 
 def choose_policy(asked: str, precision=None, precise: bool = False) -> tuple[str, str, list[str]]:
@@ -98,5 +113,8 @@ def judge(candidate: Candidate, golden) -> Judgement:
     report = compare(golden, loaded.tensors, policy=policy, atol=candidate.atol, rtol=candidate.rtol,
                      candidate_name=loaded.description, notes=[*loaded.notes, *notes], runtime=runtime,
                      separate_outputs=run is not None)
+    from .stages import judge_stages
+
+    stages = judge_stages(golden, loaded.tensors)
     seconds = {"candidate": t1 - t0, "compare": time.perf_counter() - t1}
-    return Judgement(report, loaded.tensors, policy, reason, loaded.description, run, seconds)
+    return Judgement(report, loaded.tensors, policy, reason, loaded.description, run, seconds, stages)

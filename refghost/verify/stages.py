@@ -36,8 +36,8 @@ from ..errors import CompareError
 from .golden import Golden
 
 __all__ = [
-    "CAUSES", "FAIL", "NOT_JUDGED", "PASS", "DecodeResult", "DetectionsResult", "InputResult",
-    "judge_decode", "judge_detections", "judge_input", "normalisation_bound",
+    "CAUSES", "FAIL", "MATCH_SHARE", "NOT_JUDGED", "PASS", "DecodeResult", "DetectionsResult", "InputResult",
+    "judge_decode", "judge_detections", "judge_input", "judge_stages", "normalisation_bound", "STAGE_KEYS",
 ]
 
 PASS, FAIL, NOT_JUDGED = "pass", "fail", "not judged"
@@ -60,7 +60,7 @@ CAUSES = {
     "keep_ratio": "keep_ratio resize (aspect kept, padded at the bottom/right) where the model stretches",
     "stretch": "stretch resize (no padding) where the model keeps the aspect ratio",
     "other_image": "another image (most pixels differ)",
-    "shape": "another input shape",
+    "shape": "another shape",
     # decode
     "prior_offset": "prior centres offset by another fraction of a stride",
     "strides": "another set of strides",
@@ -98,19 +98,20 @@ def _float(x, name: str, ndim: int) -> np.ndarray:
     return x.astype(np.float64)
 
 
-def _detector_golden(golden: Golden) -> None:
-    if not golden.detector:
-        raise CompareError("the golden file is a backbone's: it has no decode or detections to judge against")
+#: The message of a stage a backbone's golden cannot judge.
+_BACKBONE = "not judged: the golden is a backbone's (it holds no decode or detections)"
+
+
+def _ratios(err: np.ndarray, bound: np.ndarray) -> np.ndarray:
+    """|err| / bound elementwise: 0 where the error is 0, infinite where it is NaN."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        r = np.where(err == 0, 0.0, err / bound)
+    return np.where(np.isnan(r), np.inf, r)
 
 
 def _ratio(err: np.ndarray, bound: np.ndarray) -> float:
     """max |err| / bound (NaN errors count as infinite)."""
-    if err.size == 0:
-        return 0.0
-    with np.errstate(divide="ignore", invalid="ignore"):
-        r = np.where(err == 0, 0.0, err / bound)
-    r = np.where(np.isnan(r), np.inf, r)
-    return float(r.max())
+    return float(_ratios(err, bound).max()) if err.size else 0.0
 
 
 # ============================================================================================
@@ -147,14 +148,16 @@ class InputResult:
 def normalisation_bound(pixels: np.ndarray, scale: np.ndarray, offset: np.ndarray, value: np.ndarray) -> np.ndarray:
     """How far two honest float32 evaluations of ``value = scale * pixels + offset`` may be apart.
 
-    NanoDet computes ``(p/255 - m/255) / (s/255)`` (five roundings: ``u(|p| + |m|)/s + 3u|x|``);
-    a backend with mean/std folded computes ``p * (1/s) + (-m/s)`` (``u(2|p| + |m|)/s + u|x|``);
-    ``(p - m)/s`` or ``(p - m) * (1/s)``: at most ``3u|x|``. One pipeline is within
-    ``u(2|a p| + 2|b|) + 3u|x|`` of the exact value in each case (``a = 1/s``, ``b = -m/s``; first
-    order), the golden and the candidate twice that: ``u(4(|a p| + |b|) + 6|x|)``, about 10 ulp
+    With ``a = 1/s``, ``b = -m/s`` (``m``, ``s``: mean and std in 0..255 units), first order in
+    ``u``: NanoDet computes ``(p/255 - m32/255) / (s32/255)``: ``m`` to float32 and ``/255``
+    ``2u|m|/s``, ``p/255`` ``u|p|/s``, the subtract ``u|x|``, ``s`` to float32, ``/255`` and the
+    divide ``3u|x|``; a backend with mean/std folded computes ``p * (1/s) + (-m/s)``:
+    ``u(2|p| + 2|m|)/s + u|x|``; ``(p - m)/s`` and ``(p - m) * (1/s)`` at most ``u(|p| + |m|)/s
+    + 4u|x|``. Each pipeline is within ``u(2|a p| + 2|b|) + 4u|x|`` of the exact value, so the
+    golden and the candidate are within ``u(4(|a p| + |b|) + 8|x|)`` of each other: about 12 ulp
     of ``|x|`` for NanoDet's statistics. Arrays broadcast over (N, 3, H, W).
     """
-    return U * (4.0 * (np.abs(scale * pixels) + np.abs(offset)) + 6.0 * np.abs(value))
+    return U * (4.0 * (np.abs(scale * pixels) + np.abs(offset)) + 8.0 * np.abs(value))
 
 
 def _stats(golden: Golden) -> tuple[np.ndarray, np.ndarray]:
@@ -222,7 +225,9 @@ def judge_input(golden: Golden, candidate_input) -> InputResult:
         candidate_input = candidate_input[None]
     x = _float(candidate_input, "candidate input", 4)
     if x.shape[1] != 3:
-        raise CompareError(f"candidate input must be (N, 3, H, W), got shape {x.shape}")
+        hint = " (channels last? NanoDet's input is NCHW: transpose it with x.transpose(0, 3, 1, 2))" \
+            if x.shape[3] == 3 else ""
+        raise CompareError(f"candidate input must be (N, 3, H, W), got shape {x.shape}{hint}")
     g = golden.input.astype(np.float64)
     mean, std = _stats(golden)
     pixels = g * std + mean
@@ -248,50 +253,58 @@ def judge_input(golden: Golden, candidate_input) -> InputResult:
         if not outside.any():
             return result(PASS, None, f"input: equal to the golden's within the float32 rounding of the "
                                       f"normalisation (max {ratio:.2f} of its bound)", **figures)
-        if not (outside & ~off_by_one).any():
+        from_image = np.mean(np.abs(pixels - np.rint(pixels))[~pad_mask] < 1e-2) >= MATCH_SHARE
+        if from_image and not (outside & ~off_by_one).any():
             share = off_by_one.mean()
             return result(PASS, "resize_kernel", f"input: {share:.1%} of the values are one pixel level from the "
                                                  f"golden's: {CAUSES['resize_kernel']}", **figures)
     else:
         figures = {}
-    cause = _name_input_cause(golden, x, g, pixels, pad_mask, pad, golden_pad)
-    detail = _input_detail(cause, x, g, pad, golden_pad)
-    return result(FAIL, cause, f"input differs from the golden's{detail}: likely {_cause_text(cause)}", **figures)
+    cause, found = _name_input_cause(golden, x, g, pixels, pad_mask, pad, golden_pad)
+    detail = _input_detail(x, g, pad, golden_pad)
+    return result(FAIL, cause, f"input differs from the golden's{detail}: likely {_cause_text(cause)}{found}",
+                  **figures)
 
 
-def _name_input_cause(golden, x, g, pixels, pad_mask, pad, golden_pad) -> str:
+def _name_input_cause(golden, x, g, pixels, pad_mask, pad, golden_pad) -> tuple[str, str]:
+    """The likely cause of a failed input, and what was found (for another mean/std: the fitted
+    ones). Tested in order: the bugs rebuilt from the golden's pixels, the padding, the shape, then
+    the pixels themselves."""
     if x.shape[0] != g.shape[0]:
-        return "shape"
+        return "shape", ""
     for cause, value, tolerance in _input_hypotheses(golden, pixels, pad_mask):
         if value.shape == x.shape and np.mean(np.abs(x - value) <= tolerance) >= MATCH_SHARE:
-            return cause
+            return cause, ""
     if pad != golden_pad:
         top, bottom, left, right = pad
-        if (top and bottom) or (left and right):
-            return "letterbox"
+        if (top and bottom) or (left and right) or ((bottom or right) and (top or left)):
+            return "letterbox", ""
         if bottom or right:
-            return "keep_ratio" if not (top or left) else "letterbox"
+            return "keep_ratio", ""
         if any(golden_pad):
-            return "stretch"
+            return "stretch", ""
     if x.shape[2:] == g.shape[:1:-1] and x.shape[2] != x.shape[3]:
-        return "hw_swapped"
+        return "hw_swapped", ""
     if x.shape != g.shape:
-        return "shape"
+        return "shape", ""
     mean, std = _stats(golden)
     levels = np.abs(x - g) * std
-    if np.median(levels) <= 0.5:  # most pixels agree: the resize's arithmetic differs
-        cand_pixels = x * std + mean
-        if np.mean(np.abs(cand_pixels - np.round(cand_pixels)) < 1e-2) >= MATCH_SHARE:
-            return "resize_interpolation"
+    candidate_pixels = x * std + mean
+    whole = np.mean(np.abs(candidate_pixels - np.rint(candidate_pixels)) < 1e-2) >= MATCH_SHARE
+    if whole and np.median(levels) <= 0.5:  # whole levels, most of them equal: the resize's arithmetic
+        return "resize_interpolation", ""
     fitted = _fit_normalisation(x, pixels, pad_mask)
     if fitted is not None:
-        return "normalisation"
-    return "other_image" if np.median(levels) > 0.5 else "unknown"
+        fitted_std, fitted_mean = 1 / fitted[:, 0], -fitted[:, 1] / fitted[:, 0]
+        pre = golden.weights.preprocessing
+        return "normalisation", (f" (fitted mean {np.round(fitted_mean, 3).tolist()}, std "
+                                 f"{np.round(fitted_std, 3).tolist()}; the model's {list(pre.mean)}, {list(pre.std)})")
+    return ("other_image" if whole else "unknown"), ""
 
 
-def _fit_normalisation(x, pixels, pad_mask):
-    """Per-channel (scale, offset) with ``x ~ scale * pixels + offset`` (least squares) when they fit
-    :data:`MATCH_SHARE` of the values within a pixel level, else None."""
+def _fit_normalisation(x, pixels, pad_mask) -> np.ndarray | None:
+    """Per-channel (scale, offset), (3, 2), with ``x ~ scale * pixels + offset`` (least squares)
+    when they fit :data:`MATCH_SHARE` of the values within a pixel level (``|scale|``), else None."""
     keep = ~pad_mask[:, 0]
     fits = []
     for c in range(3):
@@ -302,10 +315,10 @@ def _fit_normalisation(x, pixels, pad_mask):
         if a == 0 or np.mean(np.abs(a * p + b - v) <= abs(a)) < MATCH_SHARE:
             return None
         fits.append((a, b))
-    return fits
+    return np.array(fits)
 
 
-def _input_detail(cause, x, g, pad, golden_pad) -> str:
+def _input_detail(x, g, pad, golden_pad) -> str:
     parts = []
     if x.shape != g.shape:
         parts.append(f"shape {tuple(x.shape)}, golden {tuple(g.shape)}")
@@ -362,8 +375,9 @@ def _decode_hypotheses(golden: Golden, output: np.ndarray, output_bound: np.ndar
     classes, reg_max, strides, offset = (settings[k] for k in ("num_classes", "reg_max", "strides", "prior_offset"))
     scores, score_bound, boxes, box_bound = reference
 
-    def bounded(cause, detail, n_classes, n_reg, lv, st, off, out=output, out_bound=output_bound):
-        d = decode_bounds(out, out_bound, n_classes, n_reg, lv, st, off, size)
+    def bounded(cause, detail, n_classes, n_reg, level_sizes, level_strides, prior_offset, out=output,
+                out_bound=output_bound):
+        d = decode_bounds(out, out_bound, n_classes, n_reg, level_sizes, level_strides, prior_offset, size)
         return cause, detail, d.scores, d.score_bound, d.boxes, d.box_bound
 
     for other in sorted({offset + 0.5, offset - 0.5, *dd.PRIOR_OFFSETS.values()} - {offset}):
@@ -386,8 +400,8 @@ def _decode_hypotheses(golden: Golden, output: np.ndarray, output_bound: np.ndar
     lo, hi = np.clip(s - score_bound, 1e-300, 1), np.clip(s + score_bound, 0, 1 - 1e-16)
     slope = 1 / np.minimum(lo * (1 - lo), hi * (1 - hi))
     logits = np.log(s) - np.log1p(-s)
-    yield ("sigmoid_missing", "the class scores are logits", logits, 2 * score_bound * slope + 16 * U * (1 + np.abs(logits)),
-           boxes, box_bound)
+    yield ("sigmoid_missing", "the class scores are logits", logits,
+           2 * score_bound * slope + 16 * U * (1 + np.abs(logits)), boxes, box_bound)
     doubled = 1 / (1 + np.exp(-scores))
     yield "sigmoid_doubled", "sigmoid of the probabilities", doubled, score_bound / 4 + 16 * U, boxes, box_bound
     # the integral over the wrong axis
@@ -427,7 +441,8 @@ def judge_decode(golden: Golden, scores, boxes, *, output=None) -> DecodeResult:
     A failure is named by the hypothesis of :func:`_decode_hypotheses` that fits
     :data:`MATCH_SHARE` of the scores and of the boxes within its own bound.
     """
-    _detector_golden(golden)
+    if not golden.detector:
+        return DecodeResult(NOT_JUDGED, None, f"decode: {_BACKBONE}", np.nan, np.nan, -1, -1, (), "golden")
     scores = _float(scores, "decoded scores", 3)
     boxes = _float(boxes, "decoded boxes", 3)
     settings, levels, size = _head(golden)
@@ -458,9 +473,7 @@ def judge_decode(golden: Golden, scores, boxes, *, output=None) -> DecodeResult:
         score_out = ~(score_err <= score_bound)
         box_out = ~(box_err <= box_bound)
         sr, br = _ratio(score_err, score_bound), _ratio(box_err, box_bound)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            per_prior = np.maximum(np.nan_to_num(score_err / score_bound, nan=np.inf).max(axis=2),
-                                   np.nan_to_num(box_err / box_bound, nan=np.inf).max(axis=2))
+        per_prior = np.maximum(_ratios(score_err, score_bound).max(axis=2), _ratios(box_err, box_bound).max(axis=2))
         worst = np.unravel_index(int(np.argmax(per_prior)), per_prior.shape)
         figures = (sr, br, score_out.sum(), box_out.sum(), worst)
         if not score_out.any() and not box_out.any():
@@ -658,10 +671,16 @@ def judge_detections(golden: Golden, detections: dict, *, score_threshold: float
         are re-derived under them from its ``decode.*`` (:func:`refghost.detector.decode.multiclass_nms`,
         then :func:`~refghost.detector.decode.warp_boxes` through ``inv(M)``).
     """
-    _detector_golden(golden)
-    thresholds = (float(golden.attrs["score_threshold"] if score_threshold is None else score_threshold),
-                  float(golden.attrs["iou_threshold"] if iou_threshold is None else iou_threshold),
-                  int(golden.attrs["max_detections"] if max_detections is None else max_detections))
+    if not golden.detector:
+        return DetectionsResult(NOT_JUDGED, None, f"detections: {_BACKBONE}", 0, 0, 0, 0, (), np.nan, np.nan, 0)
+    given = {"score_threshold": score_threshold, "iou_threshold": iou_threshold, "max_detections": max_detections}
+    for name, value in given.items():
+        kind = int if name == "max_detections" else float
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float, np.number))
+                                  or not np.isfinite(value) or (kind is int and value != int(value))):
+            raise CompareError(f"{name} must be a finite {'integer' if kind is int else 'number'}, got {value!r}")
+    thresholds = tuple(kind(golden.attrs[name] if value is None else value)
+                       for (name, value), kind in zip(given.items(), (float, float, int)))
     c_image, c_boxes, c_scores, c_labels = _detection_arrays(detections)
     stage = golden.detector
     scores_all, boxes_all = stage["decode.scores"], stage["decode.boxes"]
@@ -740,3 +759,28 @@ def judge_detections(golden: Golden, detections: dict, *, score_threshold: float
         message = f"detections ({settings}): {counts}; likely {CAUSES[cause]}: {issues[causes.index(cause)]}"
     return DetectionsResult(verdict, cause, message, matched, unstable_count, n_missing, n_extra, tuple(issues),
                             *thresholds)
+
+
+#: The candidate arrays each stage reads (a dump's keys, as ``refghost run --out`` writes them).
+STAGE_KEYS = {
+    "input": ("input",),
+    "decode": ("decode.scores", "decode.boxes"),
+    "detections": ("detections.image", "detections.boxes", "detections.scores", "detections.labels"),
+}
+
+
+def judge_stages(golden: Golden, tensors: dict) -> list:
+    """The records of every stage whose arrays the candidate has (:data:`STAGE_KEYS`), in the
+    order input, decode, detections; the decode judged on its own too when the candidate's
+    ``output`` is there. A backbone golden judges the input only."""
+    results = []
+    if "input" in tensors:
+        results.append(judge_input(golden, tensors["input"]))
+    if not golden.detector:
+        return results
+    if all(k in tensors for k in STAGE_KEYS["decode"]):
+        results.append(judge_decode(golden, tensors["decode.scores"], tensors["decode.boxes"],
+                                    output=tensors.get("output")))
+    if all(k in tensors for k in STAGE_KEYS["detections"]):
+        results.append(judge_detections(golden, {k: tensors[k] for k in STAGE_KEYS["detections"]}))
+    return results
