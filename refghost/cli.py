@@ -268,7 +268,10 @@ def _kernels_to_compile(intermediates: bool, impl: str, dtype: str) -> str | Non
     """Which compiled path this run needs and Numba's on-disk cache lacks for ``dtype`` ("engine",
     "interpreter"), or None: nothing to compile (or the cache state cannot be told). The engine
     (no intermediates) is one program, :func:`refghost.engine.run.run_program`; the fast
-    interpreter compiles its depthwise convolution; "plain" compiles nothing."""
+    interpreter compiles its depthwise convolution; "plain" compiles nothing. The interpreter's
+    depthwise has four variants (serial or parallel, blocked or not), of which a run compiles only
+    those its threads and shapes pick: the path counts as cached when any variant is, else a
+    variant no run ever picks would announce a compile on every run."""
     from .kernels._jit import compiled_on_disk
 
     if impl == "plain":
@@ -282,7 +285,7 @@ def _kernels_to_compile(intermediates: bool, impl: str, dtype: str) -> str | Non
 
         path, kernels = "interpreter", (depthwise.depthwise, depthwise.depthwise_parallel,
                                         depthwise.depthwise_blocked, depthwise.depthwise_blocked_parallel)
-    return path if any(compiled_on_disk(k, dtype) is False for k in kernels) else None
+    return path if all(compiled_on_disk(k, dtype) is False for k in kernels) else None
 
 
 def _announce_compile(path: str | None, dtype: str) -> None:

@@ -34,6 +34,8 @@ def describe(path: str, *, timeout: float | None = None) -> dict:
         return call_isolated(read_file, path, who="HDF5", doing=f"reading {path}",
                              timeout=READ_TIMEOUT if timeout is None else timeout, memory=READ_MEMORY)
     except RefghostError as exc:
+        if printable(str(exc)) == str(exc):
+            raise
         raise type(exc)(printable(str(exc))) from None
 
 

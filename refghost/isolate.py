@@ -21,7 +21,13 @@ How
   shared-memory segments it thinks leaked); "spawn"/"forkserver" would re-import refghost and
   the runtime in a fresh interpreter (seconds) and pickle every argument. The cost of fork: only
   the calling thread exists in the child, so a lock another thread held at the fork stays held
-  there (a call that needs it hangs, and ends as a timeout, never as a hang of refghost).
+  there (a call that needs it hangs, and ends as a timeout, never as a hang of refghost), and a
+  GNU OpenMP thread pool the parent started cannot be used in the child: Numba's "omp" layer
+  ends a child that launches a parallel kernel (SIGTERM, "fork() called from a process already
+  using GNU OpenMP"), and ncnn run with 2 threads in a child hangs when ncnn (or PyTorch, which
+  ships the same libgomp) ran multi-threaded in the parent first. So run refghost's own kernels
+  in the parent, and a runtime only ever in children (Numba's pool in the parent does not
+  touch ncnn's libgomp: measured).
 * **limits**: the wall time is measured by the parent, which kills the child's whole process
   group (SIGKILL) when it passes; the memory limit is ``RLIMIT_AS`` set in the child to the
   address space it inherited plus ``memory`` bytes, so an allocation past it fails (a Python or
@@ -31,6 +37,9 @@ How
   the parent maps the file (copy-on-write, :data:`mmap.ACCESS_COPY`) and the unpickled arrays are
   views of that mapping, writable and never copied again. Small results take the same path (a few
   hundred bytes).
+* **what it was doing**: a call that goes through stages names the one it is in with
+  :func:`now_doing` (``"running model.mnn"`` after ``"loading model.mnn"``), written to a small
+  page shared with the parent, which the messages then name.
 * **nothing left behind**: the memory file has no name (it is freed with its last descriptor and
   mapping); the child is in its own process group, which the parent kills and reaps on every
   path (result, error, timeout, and the parent's own KeyboardInterrupt or exception); a child
@@ -38,11 +47,13 @@ How
 
 Overhead (measured on this project's 2-vCPU machine, 2026-12-08, another agent's work on the
 other core, 5 runs each): a call that returns nothing costs 5-12 ms (the fork of a 400 MB
-process and the wait). Returning 300 MB of float32 arrays (8 of 37.5 MB,
-a golden's worth) costs 0.19-0.33 s more than returning them in process (the child's copy into
-the memory file), plus 0.02-0.06 s when they are first read (the mapping's page faults), about
-a quarter of pickling and unpickling the same arrays (1.07 s, before any pipe). The arrays come
-back bit for bit.
+process and the wait). Returning 300 MB of float32 arrays (8 of 37.5 MB, a golden's worth)
+costs 0.19-0.33 s more than returning them in process (the child's copy into the memory file),
+plus 0.02-0.06 s when they are first read (the mapping's page faults): a quarter of what
+pickling and unpickling the same arrays costs (1.07 s, before any pipe). The arrays come back
+bit for bit. A runtime adapter's whole ``observe`` (GhostNet 0.5x at 64x64, every tensor
+exposed, 1-2 MB of them, the runtime already imported) takes 0.05-0.1 s longer isolated: ONNX
+Runtime, MNN, ncnn, LiteRT and OpenVINO alike.
 """
 
 from __future__ import annotations
@@ -109,13 +120,12 @@ def call_isolated(fn, *args, who: str, doing: str, timeout: float, memory: int |
             os.setpgid(pid, pid)  # also done by the child: whichever runs first
         except OSError:
             pass
-        status = _wait(pid, timeout)
-        _kill_group(pid)  # anything the child left running
-        if status is None:
-            os.waitpid(pid, 0)
-            reaped = True
-            raise IsolationError(f"{who} did not finish {_doing(page, doing)} within {timeout:g} s (killed)")
+        ended = _wait(pid, timeout)
+        _kill_group(pid)  # the child past its time, or what it left running (its group outlives it)
+        status = os.waitpid(pid, 0)[1]
         reaped = True
+        if not ended:
+            raise IsolationError(f"{who} did not finish {_doing(page, doing)} within {timeout:g} s (killed)")
         return _outcome(fd, status, who, _doing(page, doing), memory)
     finally:
         if pid is not None and not reaped:  # the parent was interrupted or failed while waiting
@@ -239,25 +249,25 @@ def _flush(stream) -> None:
 # ------------------------------------------------------------------------------------------------
 # the parent
 # ------------------------------------------------------------------------------------------------
-def _wait(pid: int, timeout: float):
-    """The child's wait status, or None if it is still running after ``timeout`` seconds."""
+def _wait(pid: int, timeout: float) -> bool:
+    """Whether the child ended within ``timeout`` seconds. It is left unreaped, so that its
+    process id, and the id of its group, cannot be reused before the group is killed."""
     deadline = time.monotonic() + timeout
     try:
         pidfd = os.pidfd_open(pid)
     except (AttributeError, OSError):  # a kernel older than 5.3: poll
         while time.monotonic() < deadline:
-            done, status = os.waitpid(pid, os.WNOHANG)
-            if done:
-                return status
+            if os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None:
+                return True
             time.sleep(0.01)
-        return None
+        return False
     try:
         while not select.select([pidfd], [], [], max(deadline - time.monotonic(), 0))[0]:
             if time.monotonic() >= deadline:
-                return None
+                return False
     finally:
         os.close(pidfd)
-    return os.waitpid(pid, 0)[1]
+    return True
 
 
 def _kill_group(pid: int) -> None:
@@ -277,7 +287,8 @@ def _outcome(fd: int, status: int, who: str, doing: str, memory):
     code = os.waitstatus_to_exitcode(status)
     size = os.fstat(fd).st_size
     if code != 0 or size < _TRAILER.size:
-        raise IsolationError(f"{who} ended its process (exit status {code}) {doing}" + ("" if code else ", with no result"))
+        raise IsolationError(f"{who} ended its process (exit status {code}) {doing}"
+                             + ("" if code else ", with no result"))
     kind, value = _read(fd, size)
     if kind == "value":
         return value

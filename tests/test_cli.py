@@ -53,6 +53,19 @@ def test_plain_run_announces_no_compile(monkeypatch, capsys):
     assert "compiling" not in captured.err and "including loading compiled kernels" in captured.out
 
 
+@pytest.mark.parametrize("cached, announced", [(set(), "interpreter"), ({"depthwise_parallel"}, None),
+                                               ({"depthwise_parallel", "depthwise_blocked_parallel"}, None)])
+def test_the_interpreter_announces_a_compile_only_when_nothing_of_it_is_cached(monkeypatch, cached, announced):
+    """After a first compare with two threads, only the parallel depthwise variants are in the
+    cache (measured with an empty NUMBA_CACHE_DIR): the next compare compiles nothing and must
+    not announce a compile."""
+    from refghost.cli import _kernels_to_compile
+    from refghost.kernels import _jit
+
+    monkeypatch.setattr(_jit, "compiled_on_disk", lambda dispatcher, dtype=None: dispatcher.__name__ in cached)
+    assert _kernels_to_compile(True, "interpreter", "float64") == announced
+
+
 def test_compiled_on_disk_tells_a_cached_kernel_from_a_new_one(tmp_path, monkeypatch):
     import importlib
 

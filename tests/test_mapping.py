@@ -147,3 +147,51 @@ def test_map_without_a_golden_for_every_format(port, key, tmp_path, capsys):
     out = capsys.readouterr().out.splitlines()
     assert out[0].startswith(str(files.files[key])) and " exposed tensors mapped to layers " in out[1]
     assert int(out[1].split()[0]) > 150 and len(out) == 2 + int(out[1].split()[0])
+
+
+# --- whole-detector graphs (NanoDet's module paths; tests/test_compare_detector.py runs real exports) ---
+def _detector_graph():
+    from refghost.detector.graph import build_detector_graph
+    from refghost.detector.spec import PRESETS
+
+    return build_detector_graph(PRESETS["nanodet-plus-m_320"])
+
+
+def test_a_shuffle_block_is_its_shuffled_tensor_and_its_halves_map_by_what_they_read():
+    """A stride-1 ShuffleNetV2 block as TorchScript exports it: the chunk's split points computed
+    from the input's shape (Shape, Gather, Div: never a layer), two Slices, the branch, a Concat,
+    and the channel shuffle (Reshape, Transpose, Reshape): the block's value is the shuffled one."""
+    b1, b2 = "backbone.stage2.1", "backbone.stage2.2"
+    ops = [Op("Concat", "cat1", b1, ("x1", "y1")), Op("Constant", "k", b1), Op("Reshape", "r1", b1, ("cat1", "k")),
+           Op("Transpose", "t1", b1, ("r1",)), Op("Reshape", "out1", b1, ("t1", "k")),
+           Op("Shape", "s", b2, ("out1",)), Op("Gather", "g", b2, ("s",)), Op("Div", "d", b2, ("g",)),
+           Op("Slice", "h0", b2, ("out1", "d")), Op("Slice", "h1", b2, ("out1", "d")),
+           Op("LeakyRelu", "y2", f"{b2}.branch2.7", ("h1",)), Op("Concat", "cat2", b2, ("h0", "y2")),
+           Op("Reshape", "r2", b2, ("cat2", "k")), Op("Transpose", "t2", b2, ("r2",)),
+           Op("Reshape", "out2", b2, ("t2", "k"))]
+    mapping, how = map_ops(ops, _detector_graph())
+    assert how == BY_SCOPE
+    assert mapping["t1"] == b1 and mapping["t2"] == b2  # not the Concat before the shuffle
+    assert (mapping["h0"], mapping["h1"], mapping["cat2"]) == (f"{b2}.chunk.0", f"{b2}.chunk.1", f"{b2}.cat")
+    assert "d" not in mapping and "g" not in mapping  # shape arithmetic is no layer
+
+
+def test_a_module_called_twice_maps_each_call_and_the_export_form_head_is_the_output():
+    act = "head.cls_convs.0.0.act"
+    sigmoided = [Op("Slice", "c", "head", ("g",)), Op("Slice", "r", "head", ("g",)), Op("Sigmoid", "s", "head", ("c",)),
+                 Op("Concat", "l", "head", ("s", "r")), Op("Reshape", "f", "head", ("l",)),
+                 Op("Concat", "all", "head", ("f",)), Op("Transpose", "out", "head", ("all",))]
+    ops = [Op("LeakyRelu", "a0", act, ("p",)), Op("LeakyRelu", "a1", f"{act}_1", ("q",)),
+           Op("Add", "sum", "fpn", ("u", "v")), *sigmoided]
+    mapping, _ = map_ops(ops, _detector_graph())
+    assert (mapping["a0"], mapping["a1"]) == (f"{act}.0", f"{act}.1")
+    assert "sum" not in mapping  # the neck's own ops are no call of the neck: fpn is not fpn.0
+    assert mapping["out"] == "output"  # the head's module returns the sigmoided output: the raw head is not exposed
+    raw = [op for op in ops if op.kind != "Sigmoid"]
+    assert map_ops(raw, _detector_graph())[0]["out"] == "head"
+
+
+def test_the_structure_matcher_names_a_detector_op_it_has_no_pattern_for():
+    ops = [Op("Conv", "c"), Op("LeakyRelu", "a"), Op("MaxPool", "m"), Op("Conv", "c2")]
+    with pytest.raises(MappingError, match=r"backbone\.maxpool is a max_pool"):
+        map_ops(ops, _detector_graph())

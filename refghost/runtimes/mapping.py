@@ -31,7 +31,7 @@ adapter's :class:`~refghost.runtimes.Observed` run to refghost graph nodes
 from __future__ import annotations
 
 import ast
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -167,7 +167,26 @@ def map_ops(ops: list[Op], network: Graph, *, fused_activations: bool = False) -
     by_scope = _by_scope(ops)
     if any(scope in layers for scope in by_scope):
         return map_by_scope(ops, network), BY_SCOPE
+    rebased = _rebased(ops, layers)
+    if rebased is not None:
+        return map_by_scope(rebased, network), BY_SCOPE
     return map_by_structure(ops, network, fused_activations=fused_activations), BY_STRUCTURE
+
+
+def _rebased(ops: list[Op], layers) -> list[Op] | None:
+    """The ops of a whole detector's graph matched to a GhostNet backbone's layers (``backbone.``
+    taken off their scopes), or of a backbone's graph to a detector's (``backbone.`` put on); None
+    if neither names a layer."""
+    from ..detector.graph import BACKBONE
+
+    prefix = BACKBONE + "."
+    if any(layer.startswith(prefix) for layer in layers):
+        rebase = {op.scope: prefix + op.scope for op in ops if op.scope is not None}
+    else:
+        rebase = {op.scope: op.scope[len(prefix):] for op in ops if op.scope and op.scope.startswith(prefix)}
+    if not any(scope in layers for scope in rebase.values()):
+        return None
+    return [replace(op, scope=rebase.get(op.scope)) for op in ops]
 
 
 def shape_tensors(ops: list[Op]) -> set[str]:
@@ -265,7 +284,9 @@ def map_by_scope(ops: list[Op], network: Graph) -> dict[str, str]:
         exported = _export_output(layer, network, scope_ops)
         if exported is not None:
             name = exported.name
-        mapping[_module_output(scope_ops).output] = name
+        # the head's flatten ends with its permute to (N, priors, C): its last op, whatever it is
+        output = scope_ops[-1] if layer.op == "flatten_levels" else _module_output(scope_ops)
+        mapping[output.output] = name
     return _map_by_inputs(ops, network, mapping)
 
 
@@ -278,7 +299,9 @@ _BY_INPUTS = {
 def _map_by_inputs(ops: list[Op], network: Graph, mapping: dict[str, str]) -> dict[str, str]:
     """``mapping`` completed with the layers it lacks whose inputs it holds: each is the first
     unmapped op of a kind that computes it (:data:`_BY_INPUTS`) reading exactly the tensors of its
-    inputs, in order (a sum's in any order), through copies that keep the order of the values.
+    inputs, in order, through copies that keep the order of the values; else, for a sum or a
+    concatenation, the first reading them in another order (a concatenation's order is then its
+    bug, for the comparison to find).
     The two halves of a ``chunk`` read the same tensor: the first such op is the first half."""
     if not any(op.inputs for op in ops):
         return mapping  # the adapter gives no data flow
@@ -298,14 +321,15 @@ def _map_by_inputs(ops: list[Op], network: Graph, mapping: dict[str, str]) -> di
         if node.name in value or node.op not in _BY_INPUTS or not all(i in value for i in node.inputs):
             continue
         wanted = [value[i] for i in node.inputs]
-        for op in ops:
-            if op.kind not in _BY_INPUTS[node.op] or op.output in mapping or op.output in shape:
-                continue
-            reads = [origin(t) for t in op.inputs if t not in shape]
-            if reads == wanted or (node.op == "add" and sorted(reads) == sorted(wanted)):
-                mapping[op.output] = node.name
-                value[node.name] = origin(op.output)
-                break
+        fits = [op for op in ops if op.kind in _BY_INPUTS[node.op] and op.output not in mapping
+                and op.output not in shape]
+        reads = {op.output: [origin(t) for t in op.inputs if t not in shape] for op in fits}
+        found = next((op for op in fits if reads[op.output] == wanted), None)
+        if found is None and node.op in ("add", "concat"):  # a concat in another order computes the layer wrongly
+            found = next((op for op in fits if sorted(reads[op.output]) == sorted(wanted)), None)
+        if found is not None:
+            mapping[found.output] = node.name
+            value[node.name] = origin(found.output)
     return mapping
 
 
@@ -688,12 +712,41 @@ def match(observed, golden) -> tuple[dict[str, np.ndarray], dict[str, tuple[str,
     else:
         raise ValueError(f"matcher must be one of {MATCHERS}, got {observed.matcher!r}")
     outputs = observed.outputs
+    by_layer = {layer: t for t, layer in names.items()}
     if outputs is None:  # the outputs are the tensors of the layers the golden's outputs name
-        by_layer = {layer: t for t, layer in names.items()}
         outputs = [observed.values[by_layer[node]] for node in network.outputs.values()]
+    elif len(outputs) != len(network.outputs) and any(op.scope for op in observed.ops):
+        outputs = _other_model(observed, golden, names, by_layer)
     tensors = collect(golden, outputs, observed.values, names)
     labels = observed.labels or {}
     return tensors, {labels.get(t, t): (layer, hows[t]) for t, layer in names.items()}
+
+
+def _other_model(observed, golden, names: dict[str, str], by_layer: dict[str, str]) -> dict[str, np.ndarray]:
+    """The golden's outputs a model with other outputs computes (a whole detector judged on a
+    backbone's golden, a backbone on a detector's): the exposed tensors of the layers they name,
+    judged as the model computes them; a note in ``observed.notes`` says what was not judged."""
+    from ..detector.graph import PARTS
+
+    network = golden.weights.graph
+    found = {name: observed.values[by_layer[node]] for name, node in network.outputs.items()
+             if node in by_layer and by_layer[node] in observed.values}
+    missing = [name for name in network.outputs if name not in found]
+    scopes = {op.scope.split(".", 1)[0] for op in observed.ops if op.scope}
+    if not names:
+        raise MappingError(f"the model has {len(observed.outputs)} outputs, the golden has {len(network.outputs)} "
+                           f"({', '.join(network.outputs)}), and no layer of the model was matched to the golden's")
+    if missing:  # a backbone's model on a detector's golden
+        parts = [p for p in PARTS if not any(part_of(n.name) == p for n in network.nodes if n.name in by_layer)]
+        observed.notes.append(f"the model computes only part of the golden's network: {', '.join(missing)} and "
+                              f"the layers of {', '.join(parts) or 'its last layers'} were not judged (the model "
+                              f"has none of them); judged: the {len(names)} layers it computes")
+    else:  # a whole detector's model on a backbone's golden
+        others = sorted(scopes & set(PARTS) - {PARTS[0]}) or sorted(scopes - {PARTS[0]})
+        observed.notes.append(f"the model is larger than the golden's network: only the golden's layers were "
+                              f"judged (its outputs {', '.join(found)} from the model's intermediates); "
+                              f"{' and '.join(others) or 'the rest'} of the model were not judged")
+    return found
 
 
 def part_of(layer: str) -> str | None:
@@ -724,23 +777,26 @@ def part_counts(observed, golden, mapping: dict[str, tuple[str, str]]) -> dict[s
     scoped = _by_scope(observed.ops) if observed.matcher == "names" else {}
     if scoped:
         exposed = {t: part_of(layer) for t, layer in by_tensor.items()}
-        for scope, scope_ops in scoped.items():
-            exposed.setdefault(_module_output(scope_ops).output, part_of(scope))
+        layer_names = set(layers)
+        for scope, scope_ops in scoped.items():  # a module that is a layer has its output mapped (map_by_scope)
+            if _layer_of_scope(scope, layer_names, scoped) is None:
+                exposed.setdefault(_module_output(scope_ops).output, part_of(scope))
         for part in PARTS:
             counts[part][1] = sum(p == part for p in exposed.values())
     return counts
 
 
-def collect(golden, outputs: list[np.ndarray], values: dict[str, np.ndarray],
-            mapping: dict[str, str]) -> dict[str, np.ndarray]:
+def collect(golden, outputs, values: dict[str, np.ndarray], mapping: dict[str, str]) -> dict[str, np.ndarray]:
     """The tensors of a run, each in the golden's shape: every mapped runtime tensor of ``values``
-    (NCHW) under its module path, in the order of ``mapping``, then the deployed ``outputs`` (in
-    the model's output order) under the golden's output names (an output's name that is also a
-    layer's holds the deployed output)."""
+    (NCHW) under its module path, in the order of ``mapping``, then the deployed ``outputs`` (a
+    list in the model's output order, or a dict of some of the golden's outputs by name) under the
+    golden's output names (an output's name that is also a layer's holds the deployed output)."""
     from . import layer_shapes, to_golden_shape
 
     names = list(golden.outputs)
-    if len(outputs) != len(names):
+    if isinstance(outputs, dict):  # those of the golden's outputs the model computes, by name
+        names, outputs = list(outputs), list(outputs.values())
+    elif len(outputs) != len(names):
         raise MappingError(f"the model has {len(outputs)} outputs, the golden has {len(names)} ({names})")
     shape_of = layer_shapes(golden)
     tensors = {}
