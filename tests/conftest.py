@@ -33,6 +33,20 @@ def numba_threads(n: int):
         numba.set_num_threads(saved)
 
 
+@pytest.fixture
+def one_torch_thread():
+    """PyTorch on one thread in a test (use it, or ``pytestmark = pytest.mark.usefixtures(...)``).
+    Numba's OpenMP layer shares PyTorch's OpenMP runtime and sets it back to every core after each
+    parallel kernel; on a loaded machine PyTorch's spinning threads then make small float64 runs
+    up to 100 times slower. Call ``torch.set_num_threads(1)`` again after a refghost kernel ran."""
+    import torch
+
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
 @pytest.fixture(scope="session")
 def weights_file(tmp_path_factory):
     """A valid NanoDet GhostNet 1.0x weights file with random weights."""

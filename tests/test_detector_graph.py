@@ -64,15 +64,7 @@ VARIANTS = {
 }
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """PyTorch on one thread in these tests. Numba's OpenMP layer shares PyTorch's OpenMP runtime
-    and sets it back to every core after each parallel kernel; on a loaded machine PyTorch's
-    spinning threads then make these small float64 runs 100 times slower."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def state_dict_shapes(model) -> dict[str, tuple[int, ...]]:

@@ -25,6 +25,8 @@ from refghost.detector.spec import PRESETS
 from refghost.errors import RefghostError, WeightsError
 from refghost.weights import NANODET_PREPROCESSING, from_tensors, load_weights, save_weights
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 REPO = Path(__file__).resolve().parent.parent
 SHIPPED = REPO / "weights" / "nanodet-plus-m_320.h5"
 CONFIGS = Path(__file__).resolve().parent / "data" / "nanodet_configs"
@@ -40,6 +42,7 @@ def few_candidates(model, config, x: np.ndarray) -> None:
     input ``x`` pass the 0.05 threshold (random init makes every class score about sigmoid(0);
     a trained head starts at NanoDet's -4.595 and learns to pass a handful)."""
     biases = [m.bias for name, m in model.named_modules() if name.startswith("head.gfl_cls.")]
+    torch.set_num_threads(1)
     with torch.no_grad():
         for b in biases:
             b[:config.num_classes] = 0
@@ -105,6 +108,7 @@ def torch_detections(model, config, batch):
     """The independent implementation's detections of a prepared batch, in float64: the export
     output, NanoDet's decode and multiclass NMS, boxes warped back with inv(M) and clipped."""
     x = torch.from_numpy(batch.x).double()
+    torch.set_num_threads(1)  # again: refghost's kernels may have reset it (conftest.one_torch_thread)
     with torch.no_grad():
         output = model.double()(x, export=True)
     h, w = x.shape[2:]
@@ -124,24 +128,26 @@ def torch_detections(model, config, batch):
     return output.numpy(), result
 
 
-@pytest.mark.parametrize("preset, keep_ratio", [
-    ("nanodet-plus-m_320", False),
-    ("nanodet-plus-m_320", True),
-    ("nanodet-m", True),
-    ("ghostnet-ghostpan-plus", False),
+@pytest.mark.parametrize("preset, keep_ratio, size", [
+    ("nanodet-plus-m_320", False, 320),
+    ("nanodet-plus-m_320", True, 320),
+    ("nanodet-plus-m_416", False, 416),
+    ("nanodet-m", True, 320),
+    ("ghostnet-ghostpan-plus", False, 320),
 ])
-def test_image_to_detections_agrees_with_pytorch(preset, keep_ratio):
+def test_image_to_detections_agrees_with_pytorch(preset, keep_ratio, size):
     """float64 both sides, the same prepared input: the export output within 1e-10 of its scale,
     every kept detection the same (label, order) with box and score equal to 1e-9 relative.
     (Both compute the same float64 functions in other summation orders; 1e-10 is ~10^6 ulps,
     far below any decision margin, and far above their rounding differences.)"""
     config = PRESETS[preset]
-    pre = replace(NANODET_PREPROCESSING, keep_ratio=keep_ratio)
+    pre = replace(NANODET_PREPROCESSING, keep_ratio=keep_ratio, input_size=(size, size))
     _, w = torch_weights(config, seed=3, preprocessing=pre)
     image = np.asarray(Image.open(SAMPLE_IMAGE).convert("RGB"))[::-1, :, ::-1]  # BGR, upside down, 480x360
     batch = prepare_batch([np.ascontiguousarray(image), str(SAMPLE_IMAGE)], w, "float64")
     model, w = torch_weights(config, seed=3, preprocessing=pre, x=batch.x)
-    assert batch.x.shape == ((2, 3, 256, 320) if keep_ratio else (2, 3, 320, 320))
+    fit = (size, size * 360 // 480)  # the 480x360 image fit into size x size, then padded to 32
+    assert batch.x.shape == ((2, 3, -(-fit[1] // 32) * 32, size) if keep_ratio else (2, 3, size, size))
     ours = refghost.run(batch.x, w, dtype="float64")  # the float input: identity matrices
     expected_output, _ = torch_detections(model, config, batch)
     scale = np.abs(expected_output).max()

@@ -33,7 +33,8 @@ from ..arch import output_shapes
 from ..errors import CompareError
 
 __all__ = ["EXTENSIONS", "RUNTIMES", "Observed", "Precision", "RuntimeFailed", "RuntimeMissing", "RuntimeRun",
-           "format_parts", "input_shape", "layer_shapes", "nchw", "require", "run_model", "runtime_for", "to_golden_shape"]
+           "format_parts", "input_shape", "layer_shapes", "nchw", "require", "run_model", "runtime_for",
+           "to_golden_shape"]
 
 #: Runtime name -> the module of this package that runs it.
 RUNTIMES = {

@@ -15,10 +15,18 @@ adapter's :class:`~refghost.runtimes.Observed` run to refghost graph nodes
    dynamo exporter records it in node metadata ``pkg.torch.onnx.name_scopes``. A module's output
    is its last op's output; inside an SE, the hard-sigmoid's last op (``Div`` or ``HardSigmoid``)
    is ``<se>.gate``. Exporters fold BatchNorm into the Conv before it, so a Conv with no
-   BatchNormalization of its own stands for the conv+BN pair and maps to the BN. When names are
-   missing (simplified or renamed graphs): by **structure**, aligning the ops in topological
-   order with the refghost layers in forward order (:data:`PATTERNS`: the op sequences that may
-   implement each layer);
+   BatchNormalization of its own stands for the conv+BN pair and maps to the BN. Shape arithmetic
+   (:func:`shape_tensors`) is never a module's output, and a module's trailing reshapes hold its
+   value (a channel shuffle's is the Transpose between its reshapes); the k-th call of a module
+   called more than once (scope ``<path>_<k>``) is layer ``<path>.<k>``; a NanoDet head whose
+   scope sigmoids the class scores (the export form) returns the network's ``output``. The layers
+   no module returns (a concatenation or sum in a ``forward``, a ``chunk``'s halves) are then
+   matched by the tensors they read. A whole detector's graph on a GhostNet's network (or back)
+   is matched with ``backbone.`` taken off (put on) its scopes. When names are missing
+   (simplified or renamed graphs): by **structure**, aligning the ops in topological order with
+   the refghost layers in forward order (:data:`PATTERNS`: the op sequences that may implement
+   each layer), else, where the adapter gives each op's inputs, by data flow from the input
+   (:func:`map_by_flow`: a whole detector);
 2. ``dataflow`` (:func:`map_by_dataflow`), for runtimes that reorder and fuse ops and keep no
    names (LiteRT): each conv by its weights (BN folded in), every other layer by its inputs;
 3. ``attributes`` (:func:`map_by_attributes`), for runtimes that keep the order and every op's
@@ -39,14 +47,15 @@ from ..arch import Graph, SqueezeExcite
 from ..errors import CompareError
 from ..ops import BN_EPS, fold_batch_norm
 
-__all__ = ["BY_ATTRIBUTES", "BY_SCOPE", "BY_STRUCTURE", "BY_WEIGHTS", "CONSTANTS", "COPIES", "FlowOp", "MATCHERS",
-           "MappingError", "Op", "PASS_THROUGH", "PATTERNS", "PLUMBING", "VOCABULARY", "activation_name", "collect",
-           "folded_conv_weight", "map_by_attributes", "map_by_dataflow", "map_by_scope", "map_by_structure",
-           "map_onnx", "map_ops", "match", "onnx_ops", "part_counts", "part_of", "scope_of_name",
+__all__ = ["BY_ATTRIBUTES", "BY_FLOW", "BY_SCOPE", "BY_STRUCTURE", "BY_WEIGHTS", "CONSTANTS", "COPIES", "FlowOp",
+           "MATCHERS", "MappingError", "Op", "PASS_THROUGH", "PATTERNS", "PLUMBING", "VOCABULARY", "activation_name",
+           "collect", "folded_conv_weight", "map_by_attributes", "map_by_dataflow", "map_by_flow", "map_by_scope",
+           "map_by_structure", "map_onnx", "map_ops", "match", "onnx_ops", "part_counts", "part_of", "scope_of_name",
            "shape_tensors"]
 
 BY_SCOPE = "by exporter scope names"
 BY_STRUCTURE = "by structure (the graph has no scope names)"
+BY_FLOW = "by structure (data flow, attributes; the graph has no scope names)"
 
 #: Ops that pass a tensor on unchanged in value: a copy, a change of layout or of type.
 COPIES = frozenset({"Identity", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose", "Cast", "Dropout"})
@@ -143,14 +152,21 @@ def onnx_ops(graph) -> list[Op]:
     """The ops of an ONNX GraphProto, in its (topological) node order, each with the tensors it
     reads (initializers and absent optional inputs left out). A node with several outputs (a
     ``Split``) is one op per output, in output order (``attrs["output_index"]``)."""
-    constants = {i.name for i in graph.initializer}
+    constants = {i.name: tuple(i.dims) for i in graph.initializer}
     ops = []
     for node in graph.node:
         scope = _onnx_scope(node)
         inputs = tuple(t for t in node.input if t and t not in constants)
         outputs = [t for t in node.output if t] if node.op_type == "Split" else node.output[:1]
+        attrs = {}
+        if node.op_type == "Conv" and len(node.input) > 1 and len(constants.get(node.input[1], ())) == 4:
+            values = {a.name: list(a.ints) if a.ints else a.i for a in node.attribute}
+            dims = constants[node.input[1]]
+            attrs = {"out_channels": dims[0], "kernel": dims[2:], "stride": tuple(values.get("strides", (1, 1))),
+                     "groups": values.get("group", 1) or 1}
         for k, out in enumerate(outputs):
-            ops.append(Op(node.op_type, out, scope, inputs, attrs={"output_index": k} if len(outputs) > 1 else {}))
+            ops.append(Op(node.op_type, out, scope, inputs, attrs={**attrs, "output_index": k} if len(outputs) > 1
+                          else attrs))
     return ops
 
 
@@ -170,7 +186,12 @@ def map_ops(ops: list[Op], network: Graph, *, fused_activations: bool = False) -
     rebased = _rebased(ops, layers)
     if rebased is not None:
         return map_by_scope(rebased, network), BY_SCOPE
-    return map_by_structure(ops, network, fused_activations=fused_activations), BY_STRUCTURE
+    try:
+        return map_by_structure(ops, network, fused_activations=fused_activations), BY_STRUCTURE
+    except MappingError:
+        if fused_activations or not any(op.inputs for op in ops):
+            raise
+        return map_by_flow(ops, network), BY_FLOW
 
 
 def _rebased(ops: list[Op], layers) -> list[Op] | None:
@@ -296,13 +317,41 @@ _BY_INPUTS = {
     "act": {"Relu", "LeakyRelu", "Clip", "Elu", "Selu", "PRelu", "HardSwish", "Gelu", "Sigmoid"},
     "max_pool": {"MaxPool"}, "scale": {"Mul"}, "global_avg_pool": {"GlobalAveragePool", "ReduceMean"},
 }
-def _map_by_inputs(ops: list[Op], network: Graph, mapping: dict[str, str]) -> dict[str, str]:
+
+#: What :func:`map_by_flow` matches besides: the convs (by their attributes), the BatchNorms, the
+#: channel shuffle (the Transpose between its reshapes).
+_BY_FLOW = {**_BY_INPUTS, "conv": {"Conv"}, "batch_norm": {"BatchNormalization"}, "channel_shuffle": {"Transpose"},
+            "hard_sigmoid": {"HardSigmoid"}}
+#: Layers of the export form that no tensor of an exported graph holds but the output itself.
+_EXPORT_TAIL = ("flatten_levels", "sigmoid_classes")
+
+
+def map_by_flow(ops: list[Op], network: Graph) -> dict[str, str]:
+    """Map a graph without scope names by its data flow: from the input, each layer in forward
+    order to the first unmapped op of a kind that computes it reading the tensors of its inputs (a
+    conv's kernel, stride, groups and output channels must fit; a Conv with no BatchNormalization
+    after it where the network has one stands for both). Raises :class:`MappingError` naming the
+    first layer no op computes (the export form's head, whose value is the output, excepted)."""
+    mapping = _map_by_inputs(ops, network, {}, kinds=_BY_FLOW)
+    mapped = set(mapping.values())
+    folded = {n.inputs[0] for n in network.nodes if n.op == "batch_norm" and n.name in mapped}
+    missing = [n for n in network.nodes if n.name not in mapped and n.name not in folded and n.op not in _EXPORT_TAIL]
+    if missing:
+        raise MappingError(f"cannot match the graph to the network by structure: no op reading the tensors of its "
+                           f"inputs computes layer {missing[0].name} ({missing[0].op}); export with the module paths "
+                           f"as node names (TorchScript's default) or dump the tensors to .npz")
+    return mapping
+
+
+def _map_by_inputs(ops: list[Op], network: Graph, mapping: dict[str, str], kinds=None) -> dict[str, str]:
     """``mapping`` completed with the layers it lacks whose inputs it holds: each is the first
     unmapped op of a kind that computes it (:data:`_BY_INPUTS`) reading exactly the tensors of its
     inputs, in order, through copies that keep the order of the values; else, for a sum or a
     concatenation, the first reading them in another order (a concatenation's order is then its
     bug, for the comparison to find).
-    The two halves of a ``chunk`` read the same tensor: the first such op is the first half."""
+    The two halves of a ``chunk`` read the same tensor: the first such op is the first half.
+    ``kinds``: the op kinds of each refghost op (default :data:`_BY_INPUTS`)."""
+    kinds = _BY_INPUTS if kinds is None else kinds
     if not any(op.inputs for op in ops):
         return mapping  # the adapter gives no data flow
     shape = shape_tensors(ops)
@@ -317,19 +366,34 @@ def _map_by_inputs(ops: list[Op], network: Graph, mapping: dict[str, str]) -> di
     graph_inputs = [t for op in ops for t in op.inputs if t not in producer]
     if graph_inputs:
         value.setdefault("input", graph_inputs[0])
+    readers: dict[str, set[str]] = {}
+    for op in ops:
+        for t in op.inputs:
+            readers.setdefault(origin(t), set()).add(op.kind)
+    consumers: dict[str, list] = {}
     for node in network.nodes:
-        if node.name in value or node.op not in _BY_INPUTS or not all(i in value for i in node.inputs):
+        for src in node.inputs:
+            consumers.setdefault(src, []).append(node)
+    for node in network.nodes:
+        if node.name in value or node.op not in kinds or not all(i in value for i in node.inputs):
             continue
         wanted = [value[i] for i in node.inputs]
-        fits = [op for op in ops if op.kind in _BY_INPUTS[node.op] and op.output not in mapping
-                and op.output not in shape]
+        fits = [op for op in ops if op.kind in kinds[node.op] and op.output not in mapping and op.output not in shape
+                and (node.op != "conv" or "out_channels" not in op.attrs or _attrs_fit(op, node, network) is None)]
         reads = {op.output: [origin(t) for t in op.inputs if t not in shape] for op in fits}
         found = next((op for op in fits if reads[op.output] == wanted), None)
         if found is None and node.op in ("add", "concat"):  # a concat in another order computes the layer wrongly
             found = next((op for op in fits if sorted(reads[op.output]) == sorted(wanted)), None)
-        if found is not None:
-            mapping[found.output] = node.name
+        if found is None:
+            continue
+        name = node.name
+        after = consumers.get(node.name, [])
+        if node.op == "conv" and len(after) == 1 and after[0].op == "batch_norm" \
+                and "BatchNormalization" not in readers.get(origin(found.output), ()):
+            name = after[0].name  # BatchNorm folded into this Conv
             value[node.name] = origin(found.output)
+        mapping[found.output] = name
+        value[name] = origin(found.output)
     return mapping
 
 
