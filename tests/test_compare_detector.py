@@ -67,12 +67,12 @@ def plus320(tmp_path_factory):
     return made(tmp_path_factory.mktemp("plus320"), load_weights(PLUS_M), 320, "plus320")
 
 
-def _judge(golden, path):
-    return judge(Candidate(str(path)), golden)
+def _judge(golden, path, **settings):
+    return judge(Candidate(str(path), **settings), golden)
 
 
-def assert_honest_pass(golden, path):
-    j = _judge(golden, path)
+def assert_honest_pass(golden, path, **settings):
+    j = _judge(golden, path, **settings)
     bad = [(t.name, t.accumulated_ratio, t.isolated_ratio) for t in j.report.tensors if t.status != "ok"]
     assert j.passed, bad[:3]
     parts = j.run.parts
@@ -93,9 +93,10 @@ def assert_honest_pass(golden, path):
 # --------------------------------------------------------------------------------------------
 # honest exports
 # --------------------------------------------------------------------------------------------
-def test_honest_plus_m_export_passes_with_every_part_mapped(plus320):
+@pytest.mark.parametrize("optimization, threads", [("all", 1), ("none", 1), ("all", 2)])
+def test_honest_plus_m_export_passes_with_every_part_mapped(plus320, optimization, threads):
     golden, path = plus320
-    j = assert_honest_pass(golden, path)
+    j = assert_honest_pass(golden, path, optimization=optimization, threads=threads)
     by_name = {t.name: t for t in j.report.tensors}
     # a ShuffleNetV2 stride-1 block's output (after the channel shuffle) and its parts, by scope and by data flow
     for name in ("backbone.stage4.2", "backbone.stage4.2.chunk.0", "backbone.stage4.2.chunk.1",

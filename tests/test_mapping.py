@@ -195,3 +195,16 @@ def test_the_structure_matcher_names_a_detector_op_it_has_no_pattern_for():
     ops = [Op("Conv", "c"), Op("LeakyRelu", "a"), Op("MaxPool", "m"), Op("Conv", "c2")]
     with pytest.raises(MappingError, match=r"backbone\.maxpool is a max_pool"):
         map_ops(ops, _detector_graph())
+
+
+def test_data_flow_matching_names_the_first_layer_no_op_computes():
+    """A graph without names whose ops give their inputs is matched by data flow (conv attributes
+    checked); where it stops fitting, the error names the layer."""
+    conv = {"out_channels": 24, "kernel": (3, 3), "stride": (2, 2), "groups": 1}
+    ops = [Op("Conv", "c", None, ("data",), attrs=conv), Op("LeakyRelu", "a", None, ("c",)),
+           Op("AveragePool", "p", None, ("a",))]
+    with pytest.raises(MappingError, match=r"computes layer backbone\.maxpool \(max_pool\)"):
+        map_ops(ops, _detector_graph())
+    wrong = [dataclasses.replace(ops[0], attrs={**conv, "stride": (1, 1)}), *ops[1:]]
+    with pytest.raises(MappingError, match=r"computes layer backbone\.conv1\.0 \(conv\)"):
+        map_ops(wrong, _detector_graph())
