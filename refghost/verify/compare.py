@@ -509,9 +509,16 @@ def format_report(report: Report, *, verbose: bool = False) -> str:
         elif first.status in ("shape", "nan"):
             lines.append(f"  {first.name}: {first.note}")
         else:
-            lines.append(f"  {first.name} is further from the oracle than honest rounding explains "
-                         f"({first.accumulated_ratio:.3g}x its bound); provide the inputs of this layer to tell "
-                         f"whether it or an earlier layer is at fault.")
+            earlier = report.tensors[:report.tensors.index(first)]
+            if earlier and all(t.status == "ok" for t in earlier):
+                lines.append(f"  {first.name} is further from the oracle than honest rounding explains "
+                             f"({first.accumulated_ratio:.3g}x its bound) while every tensor before it passes: the "
+                             f"difference arises in {first.name} or in what is computed between it and the last "
+                             f"tensor before it (no isolated check was possible for it)")
+            else:
+                lines.append(f"  {first.name} is further from the oracle than honest rounding explains "
+                             f"({first.accumulated_ratio:.3g}x its bound); provide the inputs of this layer to tell "
+                             f"whether it or an earlier layer is at fault.")
     lines += [f"  {d}" for d in report.diagnosis]
     rows = _rows_to_show(report, verbose)
     if rows:
