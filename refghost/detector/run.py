@@ -64,20 +64,20 @@ def prepare_batch(items: list, weights, dtype, warp_kernel: str | None = None, *
     identity matrix), each prepared as the weights' preprocessing says (stretch, or NanoDet's
     keep_ratio resize), stacked as NanoDet's ``stack_batch_img`` does: every input zero-padded
     at the bottom and right to the largest height and width of the batch."""
-    from ..preprocess import DEFAULT_WARP_KERNEL, prepare_image_and_matrix
+    from ..preprocess import DEFAULT_WARP_KERNEL, prepare_image_and_matrix, read_image
     from ..runner import _prepare_one
 
     pre = weights.preprocessing
     parts, matrices, sizes = [], [], []
     for i, item in enumerate(items):
         if isinstance(item, (str, os.PathLike)) or (isinstance(item, np.ndarray) and item.dtype == np.uint8):
+            image = read_image(item, pre.channel_order) if isinstance(item, (str, os.PathLike)) else item
             part, matrix = prepare_image_and_matrix(
-                item, mean=pre.mean, std=pre.std, channel_order=pre.channel_order, input_size=pre.input_size,
+                image, mean=pre.mean, std=pre.std, channel_order=pre.channel_order, input_size=pre.input_size,
                 warp_kernel=DEFAULT_WARP_KERNEL if warp_kernel is None else warp_kernel, keep_ratio=pre.keep_ratio)
-            size = _original_size(item)
             parts.append(part.astype(dtype))
             matrices.append(matrix)
-            sizes.append(size)
+            sizes.append((image.shape[1], image.shape[0]))  # (width, height) as read: EXIF orientation applied
         else:
             part = _prepare_one(item, weights, dtype)  # a float network input, checked
             parts.append(part)
@@ -97,18 +97,6 @@ def prepare_batch(items: list, weights, dtype, warp_kernel: str | None = None, *
         x[row:row + p.shape[0], :, :p.shape[2], :p.shape[3]] = p
         row += p.shape[0]
     return PreparedBatch(x, np.stack(matrices), tuple(sizes))
-
-
-def _original_size(item) -> tuple[int, int]:
-    """(width, height) of an image file or uint8 array, as :func:`refghost.preprocess.read_image`
-    gives it (EXIF orientation applied)."""
-    if isinstance(item, np.ndarray):
-        return item.shape[1], item.shape[0]
-    from ..runner import describe_image
-
-    size, _ = describe_image(item, (0, 0))
-    width, height = size.split("x")
-    return int(width), int(height)
 
 
 def head_settings(config) -> dict:
