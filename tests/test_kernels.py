@@ -373,3 +373,20 @@ def test_erf_shapes_and_special_values(dtype):
 def test_erf_rejects_non_float():
     with pytest.raises(ValueError):
         erf(np.arange(3))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_leaky_relu_fast_form_keeps_every_bit(dtype):
+    """kernels.activation's LeakyReLU, max(x, 0.1x), against ops' where(x > 0, x, 0.1x): the same
+    bits for signed zeros, subnormals, infinities, the largest values and random ones; NaN where
+    the input is NaN."""
+    info = np.finfo(dtype)
+    special = np.array([0.0, -0.0, np.inf, -np.inf, info.tiny, -info.tiny, info.tiny / 4, -info.tiny / 4,
+                        info.max, -info.max, 1.0, -1.0, np.nan], dtype=dtype)
+    x = np.concatenate([special, np.random.default_rng(7).standard_normal(4099).astype(dtype) * 30])
+    fast, plain = kernels.activation("LeakyReLU", x), ops.leaky_relu(x)
+    assert fast.dtype == plain.dtype == np.dtype(dtype)
+    nan = np.isnan(x)
+    np.testing.assert_array_equal(np.isnan(fast), nan)
+    bits = {np.dtype(np.float32): np.uint32, np.dtype(np.float64): np.uint64}[np.dtype(dtype)]
+    np.testing.assert_array_equal(fast[~nan].view(bits), plain[~nan].view(bits))
