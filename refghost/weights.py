@@ -8,8 +8,9 @@ architecture and its config, the preprocessing and the provenance.
 Two kinds of network: a GhostNet (``arch`` "nanodet" or "ghostnet", :class:`refghost.arch.Config`)
 and a whole NanoDet detector (``arch`` "detector", :class:`refghost.detector.spec.DetectorConfig`
 stored as JSON in the root attribute ``detector``). Loading is strict, by name and shape, against
-the graph of the recorded config (:func:`network_graph`): a missing, unexpected or mis-shaped key, a non-float or non-finite tensor, a wrong
-format name or schema version is a :class:`~refghost.errors.WeightsError` naming the problem.
+the graph of the recorded config (:func:`network_graph`): a missing, unexpected or mis-shaped
+key, a non-float or non-finite tensor, a wrong format name or schema version is a
+:class:`~refghost.errors.WeightsError` naming the problem.
 ``num_batches_tracked`` keys (BatchNorm's training counter) are accepted and ignored.
 """
 
@@ -37,7 +38,8 @@ SCHEMA_VERSION = 1
 IGNORED_SUFFIX = ".num_batches_tracked"
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 #: The ``arch`` of a whole NanoDet detector (backbone, neck, head): its architecture is the JSON
-#: attribute ``detector`` instead of :data:`GHOSTNET_ATTRS`.
+#: attribute ``detector`` instead of a GhostNet's ``width``, ``activation``, ``out_stages`` and
+#: ``num_classes``.
 DETECTOR_ARCH = "detector"
 #: Root attributes every weights file must have: name -> what it holds.
 REQUIRED_ATTRS = {
@@ -54,9 +56,6 @@ REQUIRED_ATTRS = {
     "input_size": "2 ints, [width, height]",
     "detector": f"JSON object of DetectorConfig's fields (arch {DETECTOR_ARCH!r} only)",
 }
-#: The attributes of REQUIRED_ATTRS that only a GhostNet has, and the one only a detector has.
-GHOSTNET_ATTRS = ("width", "activation", "out_stages", "num_classes")
-DETECTOR_ATTRS = ("detector",)
 #: Optional root attributes with their default: ``folded`` = 1 when BatchNorm is folded into the
 #: convolutions (``<conv>.weight`` + ``<conv>.bias``, no BN keys), as in weights imported from ONNX
 #: (GhostNet only: a detector's ``folded`` is a field of its config); ``keep_ratio`` = 1 when the
@@ -370,7 +369,8 @@ def read_weights_group(group, where: str) -> Weights:
 
 
 def _ghostnet_config(attr, where: str) -> Config:
-    """The GhostNet config of a weights file's root attributes (:data:`GHOSTNET_ATTRS`, ``folded``)."""
+    """The GhostNet config of a weights file's root attributes (``arch``, ``width``, ``activation``,
+    ``out_stages``, ``num_classes``, ``folded``)."""
     arch, width, activation = attr("arch", "str"), attr("width", "float"), attr("activation", "str")
     out_stages, num_classes = attr("out_stages", "ints"), attr("num_classes", "int")
     folded = attr("folded", "int", default=OPTIONAL_ATTRS["folded"])
