@@ -81,8 +81,8 @@ def make_parser() -> argparse.ArgumentParser:
     det.add_argument("--json", help="write the detections to this JSON file: a list of {image, box, score, label, "
                                     "class}, box [x1, y1, x2, y2] in original-image pixels")
     det.add_argument("--draw", metavar="OUT.png", help="draw the detections on the image (one image file) and write it")
-    det.add_argument("--score-threshold", type=float, help=f"keep scores above this (default {DEFAULT_SCORE_THRESHOLD}, "
-                                                          f"NanoDet's; its C++ demos use 0.4)")
+    det.add_argument("--score-threshold", type=float,
+                     help=f"keep scores above this (default {DEFAULT_SCORE_THRESHOLD}, NanoDet's; its C++ demos use 0.4)")
     det.add_argument("--iou-threshold", type=float, help=f"NMS suppresses a box overlapping a kept one of its class "
                                                         f"by more than this IoU (default {DEFAULT_IOU_THRESHOLD}; "
                                                         f"the demos: 0.5)")

@@ -126,7 +126,8 @@ def _feed(interpreter, path, x):
         interpreter.set_tensor(details[0]["index"], value)
         interpreter.invoke()
     except Exception as exc:
-        raise RuntimeFailed(f"{path}: LiteRT could not run it on the golden input: {str(exc).splitlines()[0]}") from None
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise RuntimeFailed(f"{path}: LiteRT could not run it on the golden input: {first}") from None
     return layout
 
 
