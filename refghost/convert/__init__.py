@@ -99,16 +99,17 @@ def convert_checkpoint(src, out, *, arch=None, width=None, activation=None, out_
         weights = _with_preprocessing(weights, channel_order, mean, std)
         save_weights(out, weights)
         return Converted(weights)
-    left = split_backbone(read_state_dict(src), arch or DEFAULTS["arch"])[1]
+    state_dict = read_state_dict(src)  # read once: the checks below and the conversion share it
+    left = split_backbone(state_dict, arch or DEFAULTS["arch"])[1]
     backbone_options = any(v is not None for v in (width, activation, out_stages))
     if arch is None and not backbone_options and any(part in left for part in DETECTOR_PARTS):
-        return convert_detector(src, out, channel_order=channel_order, mean=mean, std=std)
+        return convert_detector(src, out, channel_order=channel_order, mean=mean, std=std, state_dict=state_dict)
     arch = DEFAULTS["arch"] if arch is None else arch
     width = DEFAULTS["width"] if width is None else width
     activation = DEFAULTS["activation"] if activation is None else activation
     out_stages = DEFAULTS["out_stages"] if out_stages is None else out_stages
     weights = weights_from_state_dict(src, arch=arch, width=width, activation=activation, out_stages=out_stages,
-                                      preprocessing=preprocessing)
+                                      preprocessing=preprocessing, state_dict=state_dict)
     weights = _with_preprocessing(weights, channel_order, mean, std)
     save_weights(out, weights)
     notes = ()
@@ -119,27 +120,31 @@ def convert_checkpoint(src, out, *, arch=None, width=None, activation=None, out_
     return Converted(weights, notes)
 
 
-def convert_detector(src, out, *, config_file=None, channel_order=None, mean=None, std=None) -> Converted:
+def convert_detector(src, out, *, config_file=None, channel_order=None, mean=None, std=None,
+                     state_dict: dict | None = None) -> Converted:
     """A NanoDet checkpoint as a whole detector's weights file (see the module docstring).
 
     With ``config_file``, the architecture, input size, keep_ratio, mean/std and class names are
     NanoDet's config's (``channel_order``/``mean``/``std`` given here override them); without
     one, the architecture is inferred from the shapes, the preprocessing is NanoDet's default
     (:data:`refghost.weights.NANODET_PREPROCESSING`: BGR, 320x320, stretch) and the notes say so.
+    ``state_dict``: the checkpoint's tensors when the caller has read them already.
     """
-    from .detector import read_detector_checkpoint
+    from .detector import detector_from_state_dict
     from .nanodet_config import read_nanodet_config
+    from .state_dict import read_state_dict
 
     notes = []
-    if config_file is not None:
-        settings = read_nanodet_config(config_file)
-        checkpoint = read_detector_checkpoint(src, settings.detector)
+    settings = read_nanodet_config(config_file) if config_file is not None else None
+    tensors = read_state_dict(src) if state_dict is None else state_dict
+    config = None if settings is None else settings.detector
+    checkpoint = detector_from_state_dict(tensors, config, where=os.fspath(src))
+    if settings is not None:
         pre = Preprocessing(tuple(settings.mean), tuple(settings.std), "BGR", tuple(settings.input_size),
                             settings.keep_ratio)
         class_names = tuple(settings.class_names)
         notes.append(f"architecture, input size, keep_ratio, mean/std and class names from {config_file}")
     else:
-        checkpoint = read_detector_checkpoint(src)
         pre, class_names = NANODET_PREPROCESSING, ()
         notes.append("architecture inferred from the tensors' shapes; input size 320x320, stretch (keep_ratio "
                      "False), NanoDet's mean/std and unnamed classes assumed: pass --config with the model's "

@@ -78,13 +78,14 @@ def split_backbone(state_dict: dict, arch: str) -> tuple[dict, dict[str, int]]:
 
 
 def weights_from_state_dict(src, *, arch: str, width: float, activation: str, out_stages,
-                            preprocessing: Preprocessing | None = None) -> Weights:
+                            preprocessing: Preprocessing | None = None, state_dict: dict | None = None) -> Weights:
     """The GhostNet ``arch`` weights of checkpoint or ``.npz`` file ``src``, validated.
 
-    ``preprocessing`` defaults to the arch's (:func:`refghost.weights.default_preprocessing`).
+    ``preprocessing`` defaults to the arch's (:func:`refghost.weights.default_preprocessing`);
+    ``state_dict``: the file's tensors when the caller has read them already (:func:`read_state_dict`).
     Raises WeightsError.
     """
-    state_dict = select_backbone(read_state_dict(src), arch)
+    state_dict = select_backbone(read_state_dict(src) if state_dict is None else state_dict, arch)
     num_classes = 0
     if arch == "ghostnet":
         if "classifier.weight" not in state_dict:
