@@ -46,6 +46,7 @@ __all__ = [
     "center_priors",
     "decode",
     "detect",
+    "detections_of_decoded",
     "distance2bbox",
     "head_level_sizes",
     "integral",
@@ -506,8 +507,18 @@ def detect(
         raise RefghostError(f"original_size must be (width, height) or {batch} such pairs, got {original_size!r}")
 
     scores, boxes = decode(output, num_classes, reg_max, level_sizes, strides, prior_offset, input_size)
+    return detections_of_decoded(scores, boxes, matrices, sizes, score_threshold, iou_threshold, max_detections)
+
+
+def detections_of_decoded(scores: np.ndarray, boxes: np.ndarray, matrices: np.ndarray, sizes,
+                          score_threshold: float = DEFAULT_SCORE_THRESHOLD,
+                          iou_threshold: float = DEFAULT_IOU_THRESHOLD,
+                          max_detections: int = DEFAULT_MAX_DETECTIONS) -> list[Detections]:
+    """The second half of :func:`detect`: per image, :func:`multiclass_nms` of the decoded
+    ``scores (N, P, C)`` and ``boxes (N, P, 4)``, then :func:`warp_boxes` with the inverse of its
+    ``matrices[n]`` (N, 3, 3) clipped to ``sizes[n]`` = (width, height)."""
     results = []
-    for n in range(batch):
+    for n in range(scores.shape[0]):
         det = multiclass_nms(boxes[n], scores[n], score_threshold, iou_threshold, max_detections)
         width, height = _size(sizes[n], "original_size")
         try:

@@ -29,7 +29,7 @@ from ..errors import ImageError, RefghostError
 from ..forward import execute
 from ..threads import single_threaded_blas
 from .decode import (DEFAULT_IOU_THRESHOLD, DEFAULT_MAX_DETECTIONS, DEFAULT_SCORE_THRESHOLD, PRIOR_OFFSETS,
-                     Detections, decode, detect)
+                     Detections, decode, detections_of_decoded)
 from .graph import OUTPUT
 from .spec import level_sizes
 
@@ -113,15 +113,11 @@ def postprocess(output: np.ndarray, config, batch: PreparedBatch, nms: NmsSettin
     n, _, height, width = batch.x.shape
     levels = [(level.height, level.width) for level in level_sizes(config, width, height)]
     settings = head_settings(config)
-    result = {}
-    if decoded:
-        scores, boxes = decode(output, settings["num_classes"], settings["reg_max"], levels, settings["strides"],
-                               settings["prior_offset"], (width, height))
-        result["decode.scores"], result["decode.boxes"] = scores, boxes
-    per_image = detect(output, **settings, input_size=(width, height), warp_matrix=batch.matrices,
-                       original_size=[list(s) for s in batch.original_sizes], level_sizes=levels,
-                       score_threshold=nms.score_threshold, iou_threshold=nms.iou_threshold,
-                       max_detections=nms.max_detections)
+    scores, boxes = decode(output, settings["num_classes"], settings["reg_max"], levels, settings["strides"],
+                           settings["prior_offset"], (width, height))
+    result = {"decode.scores": scores, "decode.boxes": boxes} if decoded else {}
+    per_image = detections_of_decoded(scores, boxes, batch.matrices, batch.original_sizes, nms.score_threshold,
+                                      nms.iou_threshold, nms.max_detections)
     result.update(flatten_detections(per_image, output.dtype))
     return result
 
